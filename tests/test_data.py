@@ -1,0 +1,186 @@
+"""Reader on real HDF5 files in PDEBench's three layouts, generators' physics, splits, stats."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ups.data.generate import generate, ns_rhs
+from ups.data.pdebench import DataError, PDEBenchFile
+from ups.data.splits import NormStats, split_trajectories
+
+RNG = np.random.default_rng(0)
+
+
+def write_1d(path, n=3, t=5, x=16, t_entries=None):
+    with h5py.File(path, "w") as f:
+        f["tensor"] = RNG.normal(size=(n, t, x)).astype(np.float32)
+        f["x-coordinate"] = np.linspace(0, 1, x, dtype=np.float32)
+        f["t-coordinate"] = np.arange(t_entries or t + 1, dtype=np.float32) * 0.05
+    return path
+
+
+def write_cfd(path, n=2, t=4, h=8, w=6):
+    with h5py.File(path, "w") as f:
+        for key in ("density", "pressure", "Vx", "Vy"):
+            f[key] = RNG.normal(size=(n, t, h, w)).astype(np.float32)
+        f["x-coordinate"] = np.linspace(0, 1, h, dtype=np.float32)
+        f["y-coordinate"] = np.linspace(0, 1, w, dtype=np.float32)
+        f["t-coordinate"] = np.arange(t + 1, dtype=np.float32) * 0.01
+    return path
+
+
+def write_grouped(path, n=3, t=4, h=8, w=8, c=2):
+    with h5py.File(path, "w") as f:
+        for i in range(n):
+            g = f.create_group(f"{i:04d}")
+            g["data"] = RNG.normal(size=(t, h, w, c)).astype(np.float32)
+            g["grid/x"] = np.linspace(0, 1, h, dtype=np.float32)
+            g["grid/y"] = np.linspace(0, 1, w, dtype=np.float32)
+            g["grid/t"] = np.arange(t, dtype=np.float32) * 0.5
+    return path
+
+
+def test_1d_layout(tmp_path):
+    path = write_1d(tmp_path / "b.hdf5")
+    src = PDEBenchFile(path)
+    assert src.layout == "1d"
+    assert src.info.grid == (16,) and src.info.channels == ("u",) and src.info.num_steps == 5
+    assert src.info.dt == pytest.approx(0.05) and len(src) == 3
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(src.trajectory(2)[:, 0], f["tensor"][2])
+    # PDEBench ships T+1 time coordinates; T entries are accepted too
+    assert PDEBenchFile(write_1d(tmp_path / "t.hdf5", t_entries=5)).info.num_steps == 5
+
+
+def test_cfd_layout_channel_first_x_first(tmp_path):
+    path = write_cfd(tmp_path / "cfd.hdf5")
+    src = PDEBenchFile(path)
+    assert src.layout == "cfd" and src.info.channels == ("density", "pressure", "Vx", "Vy")
+    assert src.info.grid == (8, 6)
+    traj = src.trajectory(1)
+    assert traj.shape == (4, 4, 8, 6)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(traj[:, 3], f["Vy"][1])
+
+
+def test_grouped_layout(tmp_path):
+    path = write_grouped(tmp_path / "g.h5")
+    src = PDEBenchFile(path)
+    assert src.layout == "grouped" and src.info.grid == (8, 8) and src.info.channels == ("c0", "c1")
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(src.trajectory(1), np.moveaxis(f["0001/data"][()], -1, 1))
+    assert src.info.dt == 0.5
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda f: f.__delitem__("x-coordinate"), r"missing key 'x-coordinate'"),
+        (
+            lambda f: (f.__delitem__("tensor"), f.create_dataset("tensor", data=np.zeros((2, 3)))),
+            r"key 'tensor' has shape \(2, 3\); expected rank 3 \(N, T, X\)",
+        ),
+        (
+            lambda f: (
+                f.__delitem__("t-coordinate"),
+                f.create_dataset("t-coordinate", data=np.zeros(9)),
+            ),
+            r"t-coordinate has 9 entries; expected 5 or 6",
+        ),
+        (
+            lambda f: (f.__delitem__("tensor"), f.create_dataset("other", data=np.zeros(3))),
+            r"unrecognised HDF5 layout",
+        ),
+    ],
+)
+def test_bad_layouts_fail_with_one_clear_message(tmp_path, mutate, message):
+    path = write_1d(tmp_path / "bad.h5")
+    with h5py.File(path, "a") as f:
+        mutate(f)
+    with pytest.raises(DataError, match=message) as err:
+        PDEBenchFile(path)
+    assert str(path) in str(err.value)
+
+
+def test_nan_is_reported_with_file_key_and_index(tmp_path):
+    path = write_1d(tmp_path / "nan.h5")
+    with h5py.File(path, "a") as f:
+        f["tensor"][1, 3, 4] = np.nan
+    src = PDEBenchFile(path)
+    src.trajectory(0)
+    with pytest.raises(DataError, match=r"nan.h5: key 'tensor', trajectory 1, time 3: NaN or Inf"):
+        src.trajectory(1)
+
+
+def test_missing_file_and_not_hdf5(tmp_path):
+    with pytest.raises(DataError, match="no such HDF5 file"):
+        PDEBenchFile(tmp_path / "nope.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(DataError, match="not a readable HDF5 file"):
+        PDEBenchFile(tmp_path / "text.h5")
+
+
+def test_generated_burgers_through_the_reader_is_physical(burgers_file):
+    src = PDEBenchFile(burgers_file)
+    assert src.layout == "1d" and src.info.params == {"nu": 0.01} and src.info.periodic == (True,)
+    with h5py.File(burgers_file) as f:
+        assert f["t-coordinate"].shape == (21,)  # PDEBench's T+1 convention
+    u = np.stack([src.trajectory(i)[:, 0] for i in range(len(src))]).astype(np.float64)  # (N, T, X)
+    energy = (u**2).mean(-1)
+    assert (np.diff(energy, axis=1) < 0).all(), "energy must decay under viscosity"
+    mean = u.mean(-1)  # (N, T): conserved by the periodic Burgers flux
+    np.testing.assert_allclose(mean, np.broadcast_to(mean[:, :1], mean.shape), atol=1e-6)
+
+
+def test_generated_ns_is_mean_free_and_solves_the_vorticity_equation(tmp_path):
+    path = generate(
+        "ns2d",
+        tmp_path / "ns.h5",
+        trajectories=2,
+        steps=3,
+        resolution=32,
+        seed=1,
+        dt=0.01,
+        progress=False,
+    )
+    src = PDEBenchFile(path)
+    assert (
+        src.layout == "grouped"
+        and src.info.channels == ("vorticity",)
+        and src.info.grid == (32, 32)
+    )
+    w = torch.from_numpy(src.trajectory(0)[:, 0]).double()  # (T, R, R)
+    assert w.mean((-1, -2)).abs().max() < 1e-5
+    # centred difference in time vs the right-hand side at the middle snapshot
+    dwdt = (w[2] - w[0]) / (2 * 0.01)
+    rhs = torch.fft.irfft2(ns_rhs(torch.fft.rfft2(w[1]), nu=1e-3), s=(32, 32))
+    rel = (dwdt - rhs).norm() / rhs.norm()
+    assert rel < 0.005, f"vorticity-equation residual {rel:.3f}"
+
+
+def test_generators_are_deterministic_for_a_seed(tmp_path):
+    a = generate("burgers1d", tmp_path / "a.h5", 3, 5, 32, seed=7, progress=False)
+    b = generate("burgers1d", tmp_path / "b.h5", 3, 5, 32, seed=7, progress=False)
+    c = generate("burgers1d", tmp_path / "c.h5", 3, 5, 32, seed=8, progress=False)
+    ta, tb, tc = (PDEBenchFile(p).trajectory(0) for p in (a, b, c))
+    assert ta.tobytes() == tb.tobytes() and ta.tobytes() != tc.tobytes()
+
+
+def test_splits_are_trajectory_disjoint_and_stats_come_from_train(burgers_file):
+    splits = split_trajectories(12, 0.2, 0.2, seed=0)
+    sets = [set(v) for v in splits.values()]
+    assert sum(map(len, sets)) == 12 and set.union(*sets) == set(range(12))
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    assert split_trajectories(12, 0.2, 0.2, seed=0) == splits
+    src = PDEBenchFile(burgers_file)
+    stats = NormStats.from_trajectories(src, splits["train"], progress=False)
+    train = np.stack([src.trajectory(i) for i in splits["train"]])
+    assert stats.mean[0] == pytest.approx(train.mean(), abs=1e-6)
+    assert stats.std[0] == pytest.approx(train.std(), rel=1e-5)
+    x = torch.from_numpy(train[0])
+    torch.testing.assert_close(stats.denormalize(stats.normalize(x)), x)
+    with pytest.raises(DataError, match="cannot give non-empty train/val/test"):
+        split_trajectories(2, 0.1, 0.1, seed=0)

@@ -1,0 +1,245 @@
+"""Lazy reader for PDEBench's HDF5 layouts.
+
+Three layouts are understood (the ones PDEBench ships and our generators write):
+
+* ``1d``: ``tensor`` (N, T, X) with ``x-coordinate`` (X) and ``t-coordinate`` (T or T+1).
+* ``cfd``: ``density``, ``pressure``, ``Vx`` [, ``Vy``] (N, T, *grid) with ``x-coordinate``
+  [, ``y-coordinate``] and ``t-coordinate`` (1D and 2D compressible-flow files).
+* ``grouped``: one group per sample, ``0000/data`` (T, *grid, C) with ``0000/grid/x``
+  [, ``0000/grid/y``] and ``0000/grid/t``.
+
+Trajectories are read one at a time as float32 arrays shaped (T, C, *grid) -- channel first,
+``x`` the first grid axis -- so an 8 GB file is never loaded into memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+CFD_FIELDS = ("density", "pressure", "Vx", "Vy")
+AXIS_NAMES = ("x", "y", "z")
+
+
+class DataError(ValueError):
+    """An HDF5 file that does not hold what the reader expects."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model and a shard set need to know about the data, independent of its values."""
+
+    channels: tuple[str, ...]
+    grid: tuple[int, ...]  # (X,) or (X, Y), x first
+    dt: float
+    num_steps: int  # snapshots per trajectory
+    num_trajectories: int
+    periodic: tuple[bool, ...]  # per grid axis
+    params: dict[str, float] = field(default_factory=dict)  # PDE parameters (e.g. viscosity)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.grid)
+
+    @property
+    def num_points(self) -> int:
+        return int(np.prod(self.grid))
+
+
+class PDEBenchFile:
+    """One PDEBench-layout HDF5 file; metadata is read eagerly, trajectories lazily."""
+
+    def __init__(self, path: str | Path, boundary: str = "auto"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such HDF5 file")
+        self._handle: h5py.File | None = None
+        self._pid = -1
+        f = self._file()
+        self.layout = _detect_layout(f, self.path)
+        self._read_metadata(f, boundary)
+
+    # -- file handle (h5py handles must not cross a fork: reopen per process) --
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            try:
+                self._handle = h5py.File(self.path, "r")
+            except OSError as err:
+                raise DataError(f"{self.path}: not a readable HDF5 file ({err})") from None
+            self._pid = os.getpid()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> PDEBenchFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_pid": -1}
+
+    # -- metadata --
+    def _read_metadata(self, f: h5py.File, boundary: str) -> None:
+        if self.layout == "grouped":
+            self._groups = sorted(k for k in f if isinstance(f[k], h5py.Group))
+            first = f[self._groups[0]]
+            _require(first, "data", self.path, f"{self._groups[0]}/data (T, *grid, C)")
+            data_shape = first["data"].shape
+            ndim = len(data_shape) - 2
+            if ndim not in (1, 2):
+                raise DataError(
+                    f"{self.path}: key '{self._groups[0]}/data' has shape {data_shape}; "
+                    "expected (T, X, C) or (T, X, Y, C)"
+                )
+            coords = [_read_1d(first, f"grid/{a}", self.path) for a in AXIS_NAMES[:ndim]]
+            t = _read_1d(first, "grid/t", self.path)
+            num_traj, num_steps, grid = len(self._groups), data_shape[0], tuple(data_shape[1:-1])
+            n_ch = data_shape[-1]
+            names = f.attrs.get("channels")
+            channels = (
+                tuple(str(c) for c in names)
+                if names is not None
+                else tuple(f"c{i}" for i in range(n_ch))
+            )
+            if len(channels) != n_ch:
+                raise DataError(
+                    f"{self.path}: attribute 'channels' names {len(channels)} channels, data has {n_ch}"
+                )
+            for g in self._groups:
+                if f[g]["data"].shape != data_shape:
+                    raise DataError(
+                        f"{self.path}: key '{g}/data' has shape {f[g]['data'].shape}; expected {data_shape} like '{self._groups[0]}/data'"
+                    )
+        else:
+            keys = ("tensor",) if self.layout == "1d" else tuple(k for k in CFD_FIELDS if k in f)
+            shape = f[keys[0]].shape
+            want_rank = (
+                3 if self.layout == "1d" else len(keys)
+            )  # (N, T, X) with Vx; (N, T, X, Y) with Vy
+            if len(shape) != want_rank:
+                axes = ", ".join(["N", "T", *[a.upper() for a in AXIS_NAMES[: want_rank - 2]]])
+                raise DataError(
+                    f"{self.path}: key '{keys[0]}' has shape {shape}; expected rank {want_rank} ({axes})"
+                )
+            for k in keys:
+                if f[k].shape != shape:
+                    raise DataError(
+                        f"{self.path}: key '{k}' has shape {f[k].shape}; expected {shape} like '{keys[0]}'"
+                    )
+            self._keys = keys
+            num_traj, num_steps, grid = shape[0], shape[1], tuple(shape[2:])
+            coords = [_read_1d(f, f"{a}-coordinate", self.path) for a in AXIS_NAMES[: len(grid)]]
+            t = _read_1d(f, "t-coordinate", self.path)
+            channels = ("u",) if self.layout == "1d" else keys
+        for axis, (c, n) in enumerate(zip(coords, grid, strict=True)):
+            if len(c) != n:
+                raise DataError(
+                    f"{self.path}: '{AXIS_NAMES[axis]}' coordinate has {len(c)} entries; the grid has {n} along that axis"
+                )
+        if len(t) not in (num_steps, num_steps + 1) or num_steps < 2:
+            raise DataError(
+                f"{self.path}: t-coordinate has {len(t)} entries; expected {num_steps} or {num_steps + 1} (T >= 2)"
+            )
+        self.coordinates = coords  # physical coordinates per axis
+        periodic = _boundary(f.attrs.get("boundary", "periodic"), boundary, self.path)
+        params = {
+            str(k): float(v)
+            for k, v in f.attrs.items()
+            if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+        }
+        self.info = DataInfo(
+            channels=channels,
+            grid=grid,
+            dt=float(f"{t[1] - t[0]:.7g}"),  # coordinates are often float32
+            num_steps=int(num_steps),
+            num_trajectories=int(num_traj),
+            periodic=(periodic,) * len(grid),
+            params=dict(sorted(params.items())),
+        )
+
+    def __len__(self) -> int:
+        return self.info.num_trajectories
+
+    def trajectory(self, i: int) -> np.ndarray:
+        """Trajectory ``i`` as float32 (T, C, *grid); raises on NaN/Inf naming file, key and index."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.path}: trajectory {i} out of range [0, {len(self)})")
+        f = self._file()
+        if self.layout == "grouped":
+            key = f"{self._groups[i]}/data"
+            traj = np.moveaxis(
+                np.asarray(f[key][()], dtype=np.float32), -1, 1
+            )  # (T,*grid,C) -> (T,C,*grid)
+        else:
+            key = "/".join(self._keys)
+            traj = np.stack([np.asarray(f[k][i], dtype=np.float32) for k in self._keys], axis=1)
+        if not np.isfinite(traj).all():
+            t_bad = int(np.argwhere(~np.isfinite(traj))[0, 0])
+            raise DataError(
+                f"{self.path}: key '{key}', trajectory {i}, time {t_bad}: NaN or Inf in the fields"
+            )
+        return np.ascontiguousarray(traj)
+
+    def grid_coordinates(self) -> np.ndarray:
+        """Normalised query coordinates of every grid point, (N, d) float32 in [0, 1], C order."""
+        return grid_coordinates(self.info.grid)
+
+
+def grid_coordinates(grid: tuple[int, ...]) -> np.ndarray:
+    """Coordinates in [0, 1] per axis (x first) of every point of ``grid``, (N, d) float32, C order."""
+    axes = [np.linspace(0.0, 1.0, n, dtype=np.float64) for n in grid]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return np.stack([m.reshape(-1) for m in mesh], axis=-1).astype(np.float32)
+
+
+def _detect_layout(f: h5py.File, path: Path) -> str:
+    keys = list(f.keys())
+    if "tensor" in f:
+        return "1d"
+    if all(k in f for k in CFD_FIELDS[:3]):
+        return "cfd"
+    if keys and all(isinstance(f[k], h5py.Group) for k in keys):
+        return "grouped"
+    raise DataError(
+        f"{path}: unrecognised HDF5 layout (top-level keys: {keys[:8]}); expected one of: "
+        "'tensor' (N, T, X) with 'x-coordinate' and 't-coordinate'; "
+        "'density', 'pressure', 'Vx'[, 'Vy'] (N, T, *grid) with coordinates; "
+        "per-sample groups '0000/data' (T, *grid, C) with '0000/grid/x' and '0000/grid/t'"
+    )
+
+
+def _require(group: h5py.Group, key: str, path: Path, expected: str) -> None:
+    if key not in group:
+        raise DataError(
+            f"{path}: missing key '{group.name.strip('/') + '/' if group.name != '/' else ''}{key}'; expected {expected}"
+        )
+
+
+def _read_1d(group: h5py.Group, key: str, path: Path) -> np.ndarray:
+    _require(group, key, path, "a 1-D coordinate array")
+    arr = np.asarray(group[key][()], dtype=np.float64)
+    if arr.ndim != 1:
+        raise DataError(
+            f"{path}: key '{group[key].name.strip('/')}' has shape {arr.shape}; expected a 1-D array"
+        )
+    return arr
+
+
+def _boundary(attr: object, override: str, path: Path) -> bool:
+    if override != "auto":
+        return override == "periodic"
+    value = attr.decode() if isinstance(attr, bytes) else str(attr)
+    if value not in ("periodic", "nonperiodic"):
+        raise DataError(
+            f"{path}: attribute 'boundary' is {value!r}; expected 'periodic' or 'nonperiodic'"
+        )
+    return value == "periodic"

@@ -1,0 +1,73 @@
+"""Trajectory-disjoint splits and train-only normalisation statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ups.data.pdebench import DataError, PDEBenchFile
+
+SPLITS = ("train", "val", "test")
+
+
+def split_trajectories(
+    num_trajectories: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[int]]:
+    """Assign whole trajectories to train/val/test (never snapshots of one trajectory to two splits)."""
+    n_val = max(1, round(val_fraction * num_trajectories))
+    n_test = max(1, round(test_fraction * num_trajectories))
+    if num_trajectories - n_val - n_test < 1:
+        raise DataError(
+            f"{num_trajectories} trajectories cannot give non-empty train/val/test splits "
+            f"(val_fraction={val_fraction}, test_fraction={test_fraction})"
+        )
+    order = np.random.default_rng(seed).permutation(num_trajectories)
+    return {
+        "train": sorted(order[n_val + n_test :].tolist()),
+        "val": sorted(order[:n_val].tolist()),
+        "test": sorted(order[n_val : n_val + n_test].tolist()),
+    }
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Per-channel mean and std of the training split, used to normalise model inputs and targets."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_trajectories(
+        cls, source: PDEBenchFile, train_ids: list[int], progress: bool = True
+    ) -> NormStats:
+        """Streamed float64 sums over the training trajectories only."""
+        n_ch = len(source.info.channels)
+        total, total_sq, count = np.zeros(n_ch), np.zeros(n_ch), 0
+        for i in tqdm(train_ids, desc="norm stats", disable=not progress, leave=False):
+            traj = source.trajectory(i).astype(np.float64)  # (T, C, *grid)
+            axes = (0, *range(2, traj.ndim))
+            total += traj.sum(axis=axes)
+            total_sq += (traj**2).sum(axis=axes)
+            count += traj.size // n_ch
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        std = np.where(std > 1e-12, std, 1.0)  # a constant channel stays unscaled
+        return cls(tuple(mean.tolist()), tuple(std.tolist()))
+
+    def _shape(self, x: torch.Tensor, channel_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = [1] * x.ndim
+        shape[channel_axis] = -1
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return mean, std
+
+    def normalize(self, x: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
+        mean, std = self._shape(x, channel_axis)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
+        mean, std = self._shape(x, channel_axis)
+        return x * std + mean
