@@ -1,0 +1,470 @@
+"""Query-point samplers: which k of a snapshot's N grid points an epoch's losses are evaluated at.
+
+Every sampler splits its work in two (DESIGN.md section 5):
+
+- ``probabilities(fields, periodic)`` -> q (B, N): the per-snapshot, epoch-independent sampling
+  distribution. It is stored with the snapshot in the shards.
+- ``sample(q, k, keys, grid)`` -> (B, k) distinct sorted flat indices, a pure function of q, k and
+  the snapshot's key (``pipeline.keys``), so a batch gives the same sets as one snapshot at a time.
+
+Each draw includes point i with probability exactly ``inclusion_probabilities(q, k)[i]``, so the
+weights w_i = k / (N pi_i) follow from the stored q and k_e alone and the estimate of the dense mean
+(1/N) sum_i l_i is the plain mean of w * l over the k points, unbiased (Horvitz-Thompson).
+
+Reproducibility: every sum that decides q or a draw is taken in int64 fixed point, which is exact
+and so independent of reduction order, batch size, thread count and device; everything else is
+integer or elementwise IEEE arithmetic. So the same fields and key give byte-identical q and sets
+in any batch and, by construction, on CPU and CUDA (tests/test_samplers.py checks it on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from pipeline.keys import random_bits, snapshot_keys
+from ups.config import ConfigError, check
+
+# Independent random streams of one snapshot key (pipeline.keys.random_bits).
+_STREAM_UNIFORM = 0
+_STREAM_EXTRA_BLOCKS = 1
+_STREAM_WITHIN_BLOCK = 2
+_STREAM_PPS_ORDER = 3
+_STREAM_PPS_OFFSET = 4
+
+# Systematic PPS works in integer units of 2^-32 of a point, so its cumulative sums are exact.
+_UNIT_BITS = 32
+_UNIT = 1 << _UNIT_BITS
+# pi within 2^-24 of 1 counts as 1: this keeps every other point's share of units below one unit
+# of spacing despite float64 rounding (and is below float32 weight resolution anyway).
+_CAP = 1.0 - 2.0**-24
+_MAX_K = 1 << 26  # keeps k * _UNIT and the rounding margin of the fixed point within bounds
+
+DEFAULT_BLOCK = {1: (16,), 2: (8, 8), 3: (4, 4, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inclusion probabilities and weights: shared by every sampler, the loader and the losses.
+
+
+def _fixed_point(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] (B, N) as int64 multiples of 2^-F, F chosen so a row sums without overflow."""
+    frac_bits = 62 - x.shape[1].bit_length()
+    return torch.round(x.to(torch.float64) * 2.0**frac_bits).to(torch.int64)
+
+
+class _Capping(NamedTuple):
+    pi: torch.Tensor  # (B, N) float64 inclusion probabilities
+    capped: torch.Tensor  # (B, N) bool, pi == 1
+    mass: torch.Tensor  # (B, N) int64, q in fixed point, 0 where capped
+    total: torch.Tensor  # (B,) int64, sum of mass
+    remaining: torch.Tensor  # (B,) int64, k minus the number of capped points
+
+
+def _cap(q: torch.Tensor, k: int) -> _Capping:
+    """pi = min(1, k q) with the excess of capped points redistributed over the rest, repeated
+    until no point exceeds 1, so that sum(pi) = k."""
+    fixed = _fixed_point(q)
+    # k == N: every point with q > 0 is certain (shortcut of the iteration below)
+    capped = fixed > 0 if k == q.shape[1] else torch.zeros_like(fixed, dtype=torch.bool)
+    while True:
+        mass = fixed.masked_fill(capped, 0)
+        total = mass.sum(1)  # exact: integer
+        remaining = k - capped.sum(1)
+        pi = remaining[:, None] * mass.double() / total.clamp(min=1)[:, None].double()
+        newly = pi >= _CAP
+        if not newly.any():
+            break
+        capped |= newly
+    if ((remaining > 0) & (total == 0)).any():
+        raise ValueError(f"q has fewer than k={k} points with positive probability; use alpha > 0")
+    return _Capping(pi.masked_fill(capped, 1.0), capped, mass, total, remaining)
+
+
+def _check_q(q: torch.Tensor, k: int) -> None:
+    if q.ndim != 2 or not q.is_floating_point():
+        raise ValueError(f"q: expected a float tensor (B, N), got {tuple(q.shape)} {q.dtype}")
+    n = q.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, _MAX_K):
+        raise ValueError(f"k: expected an integer in [1, N={n}], got {k!r}")
+    if not torch.isfinite(q).all() or (q < 0).any():
+        raise ValueError("q: expected finite, non-negative probabilities")
+    sums = q.double().sum(1)
+    if ((sums - 1).abs() > 1e-3).any():
+        raise ValueError(
+            f"q: each row must sum to 1, got sums in [{sums.min():.6g}, {sums.max():.6g}]"
+        )
+
+
+def inclusion_probabilities(q: torch.Tensor, k: int) -> torch.Tensor:
+    """pi (B, N) float64: each point's probability to be among k drawn from q; sum(pi) = k, pi <= 1.
+
+    q is resolved to 2^-(62 - bit_length(N)) absolute in int64 fixed point, so its row sums are
+    exact; uniform q gives pi = k/N exactly.
+    """
+    _check_q(q, k)
+    return _cap(q, k).pi
+
+
+def weights(q: torch.Tensor, k: int, indices: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Loss weights (B, k) float32: (k / (N pi_i))**beta at the drawn points.
+
+    beta = 1 is the unbiased Horvitz-Thompson weight; beta = 0 gives w = 1, a deliberate focus on
+    the points q favours. Uniform sampling gives w == 1 exactly.
+    """
+    pi = inclusion_probabilities(q, k).gather(1, indices)  # (B, k)
+    if (pi == 0).any():
+        raise ValueError("indices include points with zero inclusion probability: not drawn from q")
+    return ((k / q.shape[1]) / pi).pow(beta).float()
+
+
+def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2 over the last dim: k for equal weights, smaller the more they vary."""
+    w = w.double()
+    return w.sum(-1) ** 2 / (w * w).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing helpers.
+
+
+def _random_order(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:
+    """A uniformly random permutation of range(n) per key (B, n); ties (p ~ n^2 / 2^64) go by index."""
+    return torch.sort(random_bits(keys, n, stream), dim=1, stable=True).indices
+
+
+def _mask_to_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) bool with k True per row -> their indices (B, k) int64, ascending."""
+    counts = mask.sum(1)
+    assert bool((counts == k).all()), f"a draw selected {counts.tolist()} points instead of {k}"
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], k)  # nonzero is row-major: sorted per row
+
+
+def _scatter_picks(order: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Picks given in visiting order (B, N) -> a mask in grid order (B, N)."""
+    return torch.zeros_like(picked).scatter_(1, order, picked)
+
+
+def _check_fields(fields: torch.Tensor, periodic: Sequence[bool]) -> None:
+    if fields.ndim < 3 or not fields.is_floating_point():
+        raise ValueError(
+            f"fields: expected a float tensor (B, C, *grid), got {tuple(fields.shape)}"
+        )
+    if len(periodic) != fields.ndim - 2:
+        raise ValueError(
+            f"periodic: expected one flag per grid axis ({fields.ndim - 2}), got {periodic!r}"
+        )
+    bad = (~torch.isfinite(fields)).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"fields: NaN or Inf in snapshot(s) at batch position(s) {bad[:8]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers.
+
+
+class Sampler:
+    """Interface of every sampler: per-snapshot q from fields, then keyed fixed-size draws from q."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, beta: float = 1.0) -> None:
+        self.beta = beta
+
+    def probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        """q (B, N) float32, rows summing to 1, on the device of fields (B, C, *grid)."""
+        _check_fields(fields, periodic)
+        return self._probabilities(fields, periodic)
+
+    def sample(
+        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: Sequence[int]
+    ) -> torch.Tensor:
+        """k distinct flat indices per snapshot, ascending (B, k) int64; k == N gives all points."""
+        _check_q(q, k)
+        grid = tuple(grid)
+        if math.prod(grid) != q.shape[1] or keys.shape != (q.shape[0],):
+            raise ValueError(
+                f"sample: q {tuple(q.shape)}, keys {tuple(keys.shape)} and grid {grid} disagree"
+            )
+        if k == q.shape[1]:  # the dense case: every point, weight 1
+            return torch.arange(k, device=q.device).expand(q.shape[0], k).clone()
+        return self._draw(q, k, keys, grid)
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _draw(
+        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _per_snapshot(q: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+    """A grid-only q (N,) repeated for each snapshot of fields: (B, N)."""
+    return q.expand(fields.shape[0], -1).clone()
+
+
+def _require_q(q: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
+    """A grid-only sampler's draw has the inclusion probabilities of its own q only."""
+    if not torch.equal(q, expected.expand_as(q)):
+        raise ValueError(
+            f"{kind}: q is not this sampler's distribution, so weights would not match the draw"
+        )
+
+
+class UniformSampler(Sampler):
+    """k distinct points uniformly at random: the k smallest of per-point hash values."""
+
+    kind = "uniform"
+
+    @staticmethod
+    def grid_q(grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """q = 1/N for every point (N,) float32."""
+        n = math.prod(grid)
+        return torch.full((n,), 1.0 / n, dtype=torch.float32, device=device)
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
+
+    def _draw(
+        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+    ) -> torch.Tensor:
+        _require_q(q, self.grid_q(grid, q.device), self.kind)
+        first_k = _random_order(keys, q.shape[1], _STREAM_UNIFORM)[:, :k]
+        return first_k.sort(dim=1).values
+
+
+class _BlockLayout(NamedTuple):
+    block_of: torch.Tensor  # (N,) int64, block id of each flat grid index
+    sizes: torch.Tensor  # (nblocks,) int64, points per block
+
+
+def _axis_blocks(n: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an axis of n points into max(1, n // b) blocks of near-equal size (>= b when b <= n)."""
+    m = max(1, n // b)
+    sizes = torch.full((m,), n // m, dtype=torch.int64, device=device)
+    sizes[: n % m] += 1
+    ends = sizes.cumsum(0)
+    block = torch.searchsorted(ends, torch.arange(n, device=device), right=True)  # (n,)
+    return block, sizes
+
+
+def _block_layout(
+    grid: tuple[int, ...], block: Sequence[int], device: torch.device
+) -> _BlockLayout:
+    block_of = torch.zeros((), dtype=torch.int64, device=device)
+    sizes = torch.ones((), dtype=torch.int64, device=device)
+    for n, b in zip(grid, block, strict=True):  # C order: later axes vary fastest
+        axis_block, axis_sizes = _axis_blocks(n, b, device)
+        block_of = block_of[..., None] * len(axis_sizes) + axis_block
+        sizes = sizes[..., None] * axis_sizes
+    return _BlockLayout(block_of.reshape(-1), sizes.reshape(-1))
+
+
+class StratifiedSampler(Sampler):
+    """Equal allocation over blocks of the grid, uniform within a block.
+
+    Each block gets floor(k / nblocks) points and the k mod nblocks extra points go to blocks
+    chosen uniformly without replacement, so a block expects k / nblocks points and
+    pi_i = k / (nblocks * n_block(i)) = k q_i. A grid axis of n points that the block length b does
+    not divide is cut into n // b blocks of near-equal size (b or more points each). A k that would
+    put more points in a block than it holds is an error.
+    """
+
+    kind = "stratified"
+
+    def __init__(self, block: Sequence[int] | None = None, beta: float = 1.0) -> None:
+        super().__init__(beta)
+        self.block = None if block is None else tuple(block)
+
+    def _layout(self, grid: tuple[int, ...], device: torch.device) -> _BlockLayout:
+        block = DEFAULT_BLOCK.get(len(grid)) if self.block is None else self.block
+        if block is None or len(block) != len(grid):
+            raise ConfigError(
+                f"option 'sampler.block': expected {len(grid)} block lengths for grid {grid}, got {block!r}"
+            )
+        return _block_layout(grid, block, device)
+
+    def grid_q(self, grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """q_i = 1 / (nblocks * n_block(i)) (N,) float32: each block holds 1/nblocks of the mass."""
+        layout = self._layout(grid, device)
+        return (1.0 / (len(layout.sizes) * layout.sizes[layout.block_of].double())).float()
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
+
+    def _draw(
+        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+    ) -> torch.Tensor:
+        _require_q(q, self.grid_q(grid, q.device), self.kind)
+        block_of, sizes = self._layout(grid, q.device)
+        nblocks = len(sizes)
+        base, extra = divmod(k, nblocks)
+        most = base + (extra > 0)
+        if most > int(sizes.min()):
+            raise ValueError(
+                f"stratified: k={k} over {nblocks} blocks puts {most} points in a block of "
+                f"{int(sizes.min())}; use a smaller ratio or larger sampler.block"
+            )
+        extra_blocks = _random_order(keys, nblocks, _STREAM_EXTRA_BLOCKS)[:, :extra]  # (B, extra)
+        count = torch.full((len(keys), nblocks), base, dtype=torch.int64, device=q.device)
+        count.scatter_(1, extra_blocks, base + 1)  # (B, nblocks)
+        # Visit the points block by block, in random order within a block: the sort key is the
+        # block id in the high bits and random bits below; take the first count[b] of block b.
+        block_bits = max(1, (nblocks - 1).bit_length())
+        rand = random_bits(keys, len(block_of), _STREAM_WITHIN_BLOCK) >> block_bits
+        order = torch.sort((block_of << (63 - block_bits)) | rand, dim=1, stable=True).indices
+        block_at = torch.repeat_interleave(torch.arange(nblocks, device=q.device), sizes)  # (N,)
+        rank_in_block = (
+            torch.arange(len(block_of), device=q.device) - (sizes.cumsum(0) - sizes)[block_at]
+        )
+        picked = rank_in_block < count[:, block_at]  # (B, N) in visiting order
+        return _mask_to_indices(_scatter_picks(order, picked), k)
+
+
+def _derivative(u: torch.Tensor, dim: int, periodic: bool) -> torch.Tensor:
+    """du/dx along dim of a grid with coordinates in [0, 1] (spacing 1/n), central differences;
+    periodic wraps around, otherwise one-sided at the two boundaries."""
+    n = u.shape[dim]
+    if periodic:
+        return (u.roll(-1, dim) - u.roll(1, dim)) * (0.5 * n)
+    return torch.gradient(u, dim=dim, edge_order=1)[0] * n
+
+
+def gradient_magnitude(fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+    """|grad u| (B, N) float32: sqrt of the sum of squared derivatives over channels and axes."""
+    grid = fields.shape[2:]
+    if min(grid) < 2:
+        raise ValueError(f"gradient: every grid axis needs >= 2 points, got grid {tuple(grid)}")
+    total = torch.zeros_like(fields[:, 0])  # (B, *grid)
+    for axis, wraps in enumerate(periodic):
+        d = _derivative(fields, 2 + axis, bool(wraps))  # (B, C, *grid)
+        for c in range(fields.shape[1]):  # a fixed summation order: same bits on every device
+            total = total + d[:, c] * d[:, c]
+    return total.sqrt().reshape(fields.shape[0], -1)
+
+
+def _pps_units(c: _Capping) -> torch.Tensor:
+    """pi in integer units of 2^-32 (B, N): exact total k * UNIT, each <= UNIT, within one unit of pi.
+
+    The running share of the uncapped mass (exact int64) is scaled to units and floored; the floor
+    of a nondecreasing sequence is nondecreasing and the last value is exactly remaining * UNIT.
+    """
+    share = c.mass.cumsum(1).double() / c.total.clamp(min=1)[:, None].double()  # (B, N), ends at 1
+    ends = torch.floor(share * (c.remaining * _UNIT)[:, None].double()).to(torch.int64)
+    units = torch.diff(ends, dim=1, prepend=torch.zeros_like(ends[:, :1]))
+    return units.masked_fill(c.capped, _UNIT)
+
+
+class GradientSampler(Sampler):
+    """Importance sampling towards sharp features: q = alpha/N + (1 - alpha) |grad u| / sum |grad u|.
+
+    alpha is the uniform share: each weight is at most 1/alpha. alpha in [0.2, 1] is sensible;
+    smaller alpha is accepted, but alpha = 0 never samples points with zero gradient (the estimate is
+    then unbiased only where the loss vanishes there). An all-zero gradient gives uniform q.
+
+    Draw: randomised systematic PPS (Hartley & Rao 1962) over pi = inclusion_probabilities(q, k):
+    the points are visited in a random order from the key, pi is laid out on a line in integer
+    units, and the k points u, u + 1, ..., u + k - 1 (one random offset u) pick the points whose
+    stretch they fall in. Each point is picked with probability pi_i (to 2^-32) and exactly k
+    distinct points come out. The random order makes sets vary across epochs, where a fixed order
+    would only shift one lattice.
+    """
+
+    kind = "gradient"
+
+    def __init__(self, alpha: float = 0.3, beta: float = 1.0) -> None:
+        super().__init__(beta)
+        check(0.0 <= alpha <= 1.0, "sampler.alpha", "a number in [0, 1]", alpha)
+        self.alpha = alpha
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        s = gradient_magnitude(fields, periodic).double()  # (B, N)
+        peak = s.amax(1, keepdim=True)
+        share = torch.where(peak > 0, s / peak.clamp(min=1e-300), 1.0)  # all-zero -> uniform
+        fixed = _fixed_point(share)  # exact row sums, whatever the batch or device
+        focus = fixed.double() / fixed.sum(1, keepdim=True).double()
+        n = s.shape[1]
+        return (self.alpha / n + (1.0 - self.alpha) * focus).float()
+
+    def _draw(
+        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+    ) -> torch.Tensor:
+        units = _pps_units(_cap(q, k))  # (B, N) int64, sum k * _UNIT, each <= _UNIT
+        order = _random_order(keys, q.shape[1], _STREAM_PPS_ORDER)
+        ends = units.gather(1, order).cumsum(1)  # exact
+        # one random offset per snapshot, (B, 1) in [0, UNIT)
+        offset = random_bits(keys, 1, _STREAM_PPS_OFFSET) >> (63 - _UNIT_BITS)
+        # number of the points offset + j * UNIT (j >= 0) below each end: ceil((end - offset) / UNIT)
+        passed = (ends - offset + (_UNIT - 1)) >> _UNIT_BITS
+        picked = torch.diff(passed, dim=1, prepend=torch.zeros_like(passed[:, :1])) > 0
+        return _mask_to_indices(_scatter_picks(order, picked), k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, registry and the one call the pipeline makes.
+
+_FACTORIES: dict[str, Callable[[SamplerConfig], Sampler]] = {
+    "uniform": lambda cfg: UniformSampler(beta=cfg.beta),
+    "stratified": lambda cfg: StratifiedSampler(block=cfg.block, beta=cfg.beta),
+    "gradient": lambda cfg: GradientSampler(alpha=cfg.alpha, beta=cfg.beta),
+}
+SAMPLER_KINDS = tuple(_FACTORIES)
+
+
+@dataclass
+class SamplerConfig:
+    """Which sampler draws the query sets. alpha: gradient's uniform share; beta: weight exponent;
+    block: stratified block lengths per grid axis (default 16 in 1D, 8x8 in 2D, 4x4x4 in 3D)."""
+
+    kind: str = "uniform"
+    alpha: float = 0.3
+    beta: float = 1.0
+    block: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check(self.kind in _FACTORIES, "sampler.kind", f"one of {list(SAMPLER_KINDS)}", self.kind)
+        check(
+            0.0 <= self.alpha <= 1.0,
+            "sampler.alpha",
+            "a number in [0, 1] ([0.2, 1] is sensible)",
+            self.alpha,
+        )
+        check(
+            0.0 <= self.beta <= 1.0, "sampler.beta", "a number in [0, 1] (1 = unbiased)", self.beta
+        )
+        check(
+            self.block is None
+            or (len(self.block) > 0 and all(isinstance(b, int) and b >= 1 for b in self.block)),
+            "sampler.block",
+            "null or a list of positive integers, one per grid axis",
+            self.block,
+        )
+
+
+def make_sampler(cfg: SamplerConfig) -> Sampler:
+    """The sampler a config names."""
+    check(cfg.kind in _FACTORIES, "sampler.kind", f"one of {list(SAMPLER_KINDS)}", cfg.kind)
+    return _FACTORIES[cfg.kind](cfg)
+
+
+def sample_query_sets(
+    sampler: Sampler,
+    q: torch.Tensor,
+    k: int,
+    seed: int,
+    snapshot_ids: torch.Tensor | Sequence[int],
+    epoch: int,
+    grid: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's query sets: indices (B, k) int64 ascending and weights (B, k) float32.
+
+    The key of each snapshot is (seed, snapshot id, epoch); k == N gives every point with weight 1.
+    """
+    keys = snapshot_keys(seed, snapshot_ids, epoch, device=q.device)
+    indices = sampler.sample(q, k, keys, grid)
+    return indices, weights(q, k, indices, sampler.beta)
