@@ -49,7 +49,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
             name, eq, value = arg[2:].partition("=")
             if not eq:
                 if i + 1 >= len(argv):
-                    _fail(f"flag {arg} needs a value")
+                    fail(f"flag {arg} needs a value")
                 value, i = argv[i + 1], i + 1
             if name == "config":
                 config_path = value
@@ -58,14 +58,14 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         elif "=" in arg:
             overrides.append(arg)
         else:
-            _fail(f"unexpected argument {arg!r}; expected --config FILE, --key value or key=value")
+            fail(f"unexpected argument {arg!r}; expected --config FILE, --key value or key=value")
         i += 1
     try:
         return load_config(cls, config_path, overrides)
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

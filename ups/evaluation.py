@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ups.data.pdebench import PDEBenchFile
 from ups.data.splits import NormStats
 from ups.models.codec import Codec
 
@@ -26,38 +25,44 @@ def nrmse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
 def evaluate(
     codec: Codec,
     norm: NormStats,
-    source: PDEBenchFile,
-    trajectory_ids: Sequence[int],
+    trajectories: Iterable[np.ndarray],
+    dt: float,
+    params: Sequence[float] = (),
     operator: torch.nn.Module | None = None,
     horizons: Sequence[int] = (1, 4, 16),
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Dense-grid nRMSE over whole trajectories.
+    """Dense-grid nRMSE over whole trajectories, each (T, C, *grid) in physical units.
 
     Reports the codec's reconstruction error (decode(encode(u_t)) vs u_t) and, per horizon h,
     persistence (u_t vs u_{t+h}) and -- when an operator is given -- the latent rollout
     (decode(op^h(encode(u_t))) vs u_{t+h}), averaged over all start times with t + h < T.
     Horizons longer than the trajectories are skipped.
     """
+    was_training = codec.training
     codec.eval()
     if operator is not None:
         operator.eval()
-    info = source.info
-    params = torch.tensor([list(info.params.values())], dtype=torch.float32, device=device)
     sums: dict[str, list[float]] = {}
-    for traj_id in trajectory_ids:
-        true = torch.from_numpy(source.trajectory(traj_id)).to(device)  # (T, C, *grid), physical
+    for trajectory in trajectories:
+        true = (
+            torch.from_numpy(np.asarray(trajectory)).float().to(device)
+        )  # (T, C, *grid), physical
         z = codec.encode(norm.normalize(true))  # (T, tokens, D)
         recon = norm.denormalize(codec.decode_grid(z))
         sums.setdefault("recon_nrmse", []).extend(nrmse(recon, true).tolist())
         steps = true.shape[0]
-        rolled, dt = z, torch.full((steps,), info.dt, device=device)
+        step_dt = torch.full((steps,), dt, device=device)
+        step_params = torch.tensor([list(params)], dtype=torch.float32, device=device).expand(
+            steps, -1
+        )
+        rolled = z
         for h in range(1, max(horizons) + 1):
             if h >= steps:
                 break
             if operator is not None:
                 rolled = operator(
-                    rolled[: steps - h], dt[: steps - h], params.expand(steps - h, -1)
+                    rolled[: steps - h], step_dt[: steps - h], step_params[: steps - h]
                 )
             if h in horizons:
                 sums.setdefault(f"persistence_h{h}", []).extend(
@@ -66,4 +71,21 @@ def evaluate(
                 if operator is not None:
                     pred = norm.denormalize(codec.decode_grid(rolled))
                     sums.setdefault(f"model_h{h}", []).extend(nrmse(pred, true[h:]).tolist())
+    codec.train(was_training)
+    if operator is not None:
+        operator.train(was_training)
     return {key: float(np.mean(values)) for key, values in sums.items()}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A small table: reconstruction, then model vs persistence per horizon."""
+    lines = [f"reconstruction nRMSE  {metrics['recon_nrmse']:.4f}"]
+    horizons = sorted(int(k.split("_h")[1]) for k in metrics if k.startswith("persistence_h"))
+    if horizons:
+        lines.append(f"{'horizon':>8} {'model':>10} {'persistence':>12}")
+        for h in horizons:
+            model = metrics.get(f"model_h{h}")
+            lines.append(
+                f"{h:>8} {'-' if model is None else f'{model:.4f}':>10} {metrics[f'persistence_h{h}']:>12.4f}"
+            )
+    return "\n".join(lines)

@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ups.config import check
 from ups.data.pdebench import DataError, PDEBenchFile
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataConfig:
+    """Which HDF5 file, and how its trajectories are split."""
+
+    path: str = "data/burgers1d.h5"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    boundary: Literal["auto", "periodic", "nonperiodic"] = (
+        "auto"  # auto: the file's 'boundary' attribute
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            check(0.0 < value < 0.5, f"data.{name}", "a number in (0, 0.5)", value)
+
+    def open(self) -> tuple[PDEBenchFile, dict[str, list[int]]]:
+        """The source file and its trajectory-disjoint splits."""
+        source = PDEBenchFile(self.path, boundary=self.boundary)
+        return source, split_trajectories(
+            len(source), self.val_fraction, self.test_fraction, self.split_seed
+        )
 
 
 def split_trajectories(

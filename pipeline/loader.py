@@ -1,0 +1,286 @@
+"""The streaming loader: a torchdata.nodes graph from a shard set to SparseBatch.
+
+    ShardStream (owns the order; reads shards; pairs/windows; seeded shuffle buffer)
+      -> ParallelMapper(QueryGather)   this epoch's query coords, targets, weights
+      -> Batcher -> Mapper(collate)    SparseBatch
+      -> PinMemory (CUDA only) -> Prefetcher -> Loader
+
+Order. An epoch's examples are (shard, example-in-shard) pairs: a global permutation of the
+split's shards from (seed, epoch), each shard's examples in place. That global stream is cut
+into ``world_size`` contiguous, equal slices of floor(M / world_size) examples (the remainder of
+M is dropped: every rank sees the same number of examples, so DDP never hangs). A rank's slice
+is read in groups of ``shuffle_shards`` shard segments whose examples are permuted from
+(seed, epoch, rank, group): the shuffle buffer. Workers parallelise the per-example gather, in
+order, so the batches do not depend on the number of workers.
+
+The loader's state is (epoch, batches delivered): resuming seeks to that example, re-reads one
+group and skips within it; it never replays the epoch, and the state does not depend on the
+number of workers or the prefetch depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
+
+from pipeline.collate import QueryGather, SparseBatch, collate
+from pipeline.records import ShardError
+from pipeline.shards import ShardSet
+from ups.config import check
+from ups.data.pdebench import grid_coordinates
+
+_ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
+
+
+@dataclass
+class LoaderConfig:
+    seed: int = 0  # data order (shard permutation, shuffle buffer); independent of the model seed
+    workers: int = 2  # parallel per-example gather; 0 = inline
+    method: Literal["thread", "process"] = "thread"
+    prefetch: int = 4  # batches prepared ahead
+    shuffle_shards: int = 4  # shard segments mixed by the shuffle buffer
+    format: Literal["auto", "zarr", "wds"] = "auto"
+    wrap_epochs: bool = False  # reuse the precomputed query sets cyclically beyond their epochs
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
+        check(self.prefetch >= 1, "loader.prefetch", "an integer >= 1", self.prefetch)
+        check(
+            self.shuffle_shards >= 1,
+            "loader.shuffle_shards",
+            "an integer >= 1",
+            self.shuffle_shards,
+        )
+
+
+def _rng(*key: int) -> np.random.Generator:
+    """A generator keyed by integers only (no global state)."""
+    return np.random.default_rng(np.random.SeedSequence(list(key)))
+
+
+class ShardStream(BaseNode[dict]):
+    """Source node: yields the examples of this rank's slice of an epoch, in a seeded order.
+
+    An example is a window of ``window + 1`` consecutive snapshots of one trajectory (window 0:
+    single snapshots for the codec; 1: pairs (u_t, u_{t+1}); h: rollout windows).
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        seed: int,
+        window: int,
+        shuffle_shards: int,
+        rank: int,
+        world_size: int,
+        wrap_epochs: bool,
+    ):
+        super().__init__()
+        steps = shards.manifest["splits"][shards.split]["snapshots_per_trajectory"]
+        if window >= steps:
+            raise ShardError(
+                f"{shards.location}: windows of {window + 1} snapshots need trajectories of at least {window + 1}; these have {steps}"
+            )
+        self.shards, self.seed, self.window = shards, seed, window
+        self.shuffle_shards, self.rank, self.world_size, self.wrap_epochs = (
+            shuffle_shards,
+            rank,
+            world_size,
+            wrap_epochs,
+        )
+        self.steps = steps
+        self.per_trajectory = steps - window  # examples per trajectory
+        self.examples_per_shard = [s["count"] // steps * self.per_trajectory for s in shards.shards]
+        self.per_rank = sum(self.examples_per_shard) // world_size
+        self.epoch, self._start = 0, (0, 0)
+
+    # -- the plan of an epoch: which (shard, example range) segments, in which groups
+    def _segments(self, epoch: int) -> list[tuple[int, int, int]]:
+        order = _rng(self.seed, epoch, _ORDER_STREAM).permutation(len(self.shards.shards))
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        segments, offset = [], 0
+        for shard in order.tolist():
+            n = self.examples_per_shard[shard]
+            start, stop = max(lo, offset), min(hi, offset + n)
+            if start < stop:
+                segments.append((shard, start - offset, stop - offset))
+            offset += n
+        return segments
+
+    def _plan(self, epoch: int) -> None:
+        segments = self._segments(epoch)
+        self._groups = [
+            segments[i : i + self.shuffle_shards]
+            for i in range(0, len(segments), self.shuffle_shards)
+        ]
+
+    def _load_group(self) -> None:
+        """Read this group's shard segments and fix their shuffled order."""
+        self._plan(self.epoch)
+        self._examples, self._order = [], np.zeros(0, dtype=np.int64)
+        if self._group >= len(self._groups):
+            return
+        group = self._groups[self._group]
+        stored_epoch, k = self.shards.k_for_epoch(self.epoch, self.wrap_epochs)
+        self._examples = []
+        for shard, start, stop in group:
+            block = self.shards.read_shard(shard)
+            for e in range(start, stop):
+                first = (e // self.per_trajectory) * self.steps + e % self.per_trajectory
+                rows = slice(first, first + self.window + 1)
+                self._examples.append(
+                    {
+                        "snapshot_id": int(block.snapshot_id[first]),
+                        "epoch": self.epoch,
+                        "k": k,
+                        "fields": block.fields[rows],
+                        "importance": block.importance[rows],
+                        "queries": block.queries[rows, stored_epoch],
+                        "latent": None if block.latent is None else block.latent[rows],
+                    }
+                )
+        self._order = _rng(
+            self.seed, self.epoch, self.rank, self._group, _SHUFFLE_STREAM
+        ).permutation(len(self._examples))
+
+    def start(self, epoch: int, skip: int) -> None:
+        """Where the next reset(None) begins: ``skip`` examples into ``epoch`` (no replay)."""
+        self.shards.k_for_epoch(epoch, self.wrap_epochs)  # epochs beyond the query sets fail here
+        self._start = (epoch, skip)
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is not None:
+            self.epoch, self._group, self._offset = (
+                initial_state["epoch"],
+                initial_state["group"],
+                initial_state["offset"],
+            )
+        else:
+            self.epoch, skip = self._start
+            self._group, self._offset = self._seek(skip)
+        self._load_group()
+
+    def _seek(self, skip: int) -> tuple[int, int]:
+        """(group, offset) of the example ``skip`` positions into this rank's slice of the epoch."""
+        self._plan(self.epoch)
+        for group, segments in enumerate(self._groups):
+            size = sum(stop - start for _, start, stop in segments)
+            if skip < size:
+                return group, skip
+            skip -= size
+        return len(self._groups), 0
+
+    def next(self) -> dict:
+        while self._offset >= len(self._order):
+            if self._group + 1 >= len(self._groups):
+                raise StopIteration
+            self._group, self._offset = self._group + 1, 0
+            self._load_group()
+        example = self._examples[self._order[self._offset]]
+        self._offset += 1
+        return example
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "group": self._group, "offset": self._offset}
+
+
+class ShardLoader:
+    """A ``torchdata.nodes.Loader`` over a shard set plus what the training loop needs to know."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        cfg: LoaderConfig,
+        batch_size: int,
+        window: int,
+        sparse_steps: tuple[int, ...],
+        dense_steps: tuple[int, ...],
+        latents: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if latents and shards.manifest["latent"] is None:
+            raise ShardError(
+                f"{shards.location}: field-only shards (built with encoder: null) hold no latents"
+            )
+        self.source = ShardStream(
+            shards, cfg.seed, window, cfg.shuffle_shards, rank, world_size, cfg.wrap_epochs
+        )
+        self.batches_per_epoch = self.source.per_rank // batch_size
+        if self.batches_per_epoch < 1:
+            raise ShardError(
+                f"batch_size {batch_size} is larger than a rank's slice of {self.source.per_rank} examples "
+                f"({shards.location}, split '{shards.split}', world size {world_size})"
+            )
+        data = shards.manifest["data"]
+        gather = QueryGather(
+            grid_coordinates(tuple(data["grid"])),
+            np.asarray(data["norm"]["mean"]),
+            np.asarray(data["norm"]["std"]),
+            shards.beta,
+            sparse_steps,
+            dense_steps,
+            latents,
+        )
+        node: BaseNode = (
+            ParallelMapper(
+                self.source, gather, num_workers=cfg.workers, in_order=True, method=cfg.method
+            )
+            if cfg.workers > 0
+            else Mapper(self.source, gather)
+        )
+        node = Batcher(node, batch_size, drop_last=True)
+        node = Mapper(
+            node, partial(collate, dt=float(data["dt"]), params=list(data["params"].values()))
+        )
+        if torch.cuda.is_available():
+            node = PinMemory(node)
+        node = Prefetcher(node, cfg.prefetch)
+        self.loader: Loader[SparseBatch] = Loader(node)
+        self.batch_size = batch_size
+        self.epoch, self._batches = 0, 0  # position: batches delivered in ``epoch``
+
+    def __iter__(self) -> Iterator[SparseBatch]:
+        """One epoch (the rest of it, after a resume) of batches."""
+        if self._batches >= self.batches_per_epoch:
+            self.epoch, self._batches = self.epoch + 1, 0
+        self.source.start(self.epoch, self._batches * self.batch_size)
+        for batch in self.loader:
+            self._batches += 1
+            yield batch
+            if self._batches >= self.batches_per_epoch:
+                return
+
+    def close(self) -> None:
+        """Stop the graph's background threads (torchdata stops them only on garbage collection)."""
+        node = self.loader.root
+        while node is not None:
+            it = getattr(node, "_it", None)
+            while it is not None:
+                if hasattr(it, "_shutdown"):
+                    it._shutdown()
+                it = getattr(it, "_it", None)
+            node = getattr(node, "source", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last delivered batch; independent of workers and prefetch depth."""
+        return {
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["batches_per_epoch"] != self.batches_per_epoch:
+            raise ShardError(
+                f"loader state has {state['batches_per_epoch']} batches per epoch, this loader "
+                f"{self.batches_per_epoch}: resume with the same batch_size and world size"
+            )
+        self.epoch, self._batches = state["epoch"], state["batches"]

@@ -1,0 +1,49 @@
+"""The logical record of a shard set (DESIGN.md section 6), shared by both formats.
+
+Per snapshot: ids (snapshot_id, trajectory, time), the cached latent (absent in field-only
+shards), the full target fields in physical units, the sampling distribution q over grid points
+(``importance``; inclusion probabilities for an epoch follow from q and k_e) and the E query
+sets as bitmasks (bit i of row e set <=> flat grid point i is queried in epoch e).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+ID_ARRAYS = ("snapshot_id", "trajectory", "time")
+
+
+class ShardError(ValueError):
+    """A shard set or shard file that is missing, corrupt or incompatible."""
+
+
+@dataclass
+class ShardBlock:
+    """A contiguous block of snapshots, as written to and read from one shard."""
+
+    snapshot_id: np.ndarray  # (S,) int64, trajectory * steps + time
+    trajectory: np.ndarray  # (S,) int64, index into the source file
+    time: np.ndarray  # (S,) int64
+    fields: np.ndarray  # (S, C, *grid) float32, physical units
+    importance: np.ndarray  # (S, N) float32, q: sums to 1 per snapshot
+    queries: np.ndarray  # (S, E, ceil(N/8)) uint8, packed bitmasks
+    latent: np.ndarray | None = None  # (S, T, D) float16/float32
+
+    def __len__(self) -> int:
+        return len(self.snapshot_id)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays present in this block, by record name."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+    def select(self, rows: slice | np.ndarray) -> ShardBlock:
+        return ShardBlock(**{name: value[rows] for name, value in self.arrays().items()})
+
+
+def array_names(has_latent: bool) -> tuple[str, ...]:
+    names = (*ID_ARRAYS, "fields", "importance", "queries")
+    return (*names, "latent") if has_latent else names

@@ -1,0 +1,225 @@
+"""The streaming loader on real shard sets: pairs, query gathering, order, resume, rank slices."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_codec_checkpoint
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.records import ShardError
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig
+from pipeline.shards import open_shards
+from ups.data.generate import generate
+from ups.data.pdebench import grid_coordinates
+from ups.data.splits import DataConfig
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    data = generate(
+        "burgers1d", root / "b.h5", trajectories=14, steps=10, resolution=64, seed=3, progress=False
+    )
+    codec = tiny_codec_checkpoint(data, root / "codec.pt")
+    cfg = BuildConfig(
+        data=DataConfig(path=str(data), val_fraction=0.1, test_fraction=0.1),
+        out=str(root / "shards"),
+        encoder=str(codec),
+        epochs=3,
+        sampler=SamplerConfig(kind="gradient"),
+        schedule=ScheduleConfig(start_ratio=0.25, multiple=8),
+        trajectories_per_shard=2,
+        progress=False,
+    )
+    run_build(cfg)
+    return Path(cfg.out)
+
+
+def make_loader(
+    location,
+    batch_size=8,
+    window=1,
+    workers=0,
+    fmt="auto",
+    rank=0,
+    world=1,
+    wrap=False,
+    split="train",
+):
+    shards = open_shards(str(location), split, fmt)
+    cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=wrap, shuffle_shards=2)
+    sparse = (0, 1) if window else (0,)
+    return ShardLoader(
+        shards, cfg, batch_size, window, sparse, (), latents=True, rank=rank, world_size=world
+    )
+
+
+def run_epochs(loader, epochs):
+    out = []
+    for _ in range(epochs):
+        out += [
+            (b.epoch, b.snapshot_id.tolist(), b.coords.numpy().copy(), b.coords_next.numpy().copy())
+            for b in loader
+        ]
+    loader.close()
+    return out
+
+
+def same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x[0] == y[0] and x[1] == y[1]
+        np.testing.assert_array_equal(x[2], y[2])
+        np.testing.assert_array_equal(x[3], y[3])
+
+
+def by_snapshot_id(shards):
+    return {shards.snapshot(i)["snapshot_id"]: i for i in range(len(shards))}
+
+
+def test_pairs_latents_and_queries_come_from_the_shards(latent_shards):
+    shards = open_shards(str(latent_shards))
+    index = by_snapshot_id(shards)
+    coords = grid_coordinates(shards.grid)
+    mean = np.asarray(shards.manifest["data"]["norm"]["mean"], dtype=np.float32)
+    std = np.asarray(shards.manifest["data"]["norm"]["std"], dtype=np.float32)
+    loader = make_loader(latent_shards, workers=2)
+    batch = next(iter(loader))
+    loader.close()
+    assert batch.epoch == 0 and batch.z.shape == (8, 8, 16) and batch.z_next.shape == (8, 1, 8, 16)
+    for b, sid in enumerate(batch.snapshot_id.tolist()):
+        now, nxt = shards.snapshot(index[sid]), shards.snapshot(index[sid + 1])
+        assert nxt["trajectory"] == now["trajectory"] and nxt["time"] == now["time"] + 1
+        np.testing.assert_array_equal(batch.z[b].numpy(), now["latent"])
+        np.testing.assert_array_equal(batch.z_next[b, 0].numpy(), nxt["latent"])
+        for step, snap, pos in ((0, now, index[sid]), (1, nxt, index[sid + 1])):
+            idx, w = shards.query_set(pos, epoch=0)
+            suffix = "" if step == 0 else "_next"
+            np.testing.assert_array_equal(getattr(batch, f"coords{suffix}")[b].numpy(), coords[idx])
+            np.testing.assert_array_equal(getattr(batch, f"weights{suffix}")[b].numpy(), w)
+            expected = (snap["fields"].reshape(1, -1)[:, idx].T - mean) / std
+            np.testing.assert_allclose(
+                getattr(batch, f"targets{suffix}")[b].numpy(), expected, rtol=1e-6
+            )
+
+
+def test_every_pair_once_per_epoch_and_epochs_differ(latent_shards):
+    loader = make_loader(latent_shards, batch_size=1)
+    epochs = run_epochs(loader, 2)
+    shards = open_shards(str(latent_shards))
+    steps = shards.manifest["splits"]["train"]["snapshots_per_trajectory"]
+    expected = sorted(
+        i for i in by_snapshot_id(shards) if i % steps != steps - 1
+    )  # every u_t with a u_{t+1}
+    for epoch in (0, 1):
+        ids = [sid for e, ids, *_ in epochs if e == epoch for sid in ids]
+        assert sorted(ids) == expected
+    first = [ids for e, ids, *_ in epochs if e == 0]
+    second = [ids for e, ids, *_ in epochs if e == 1]
+    assert first != second, "each epoch has its own order"
+
+
+def test_resume_mid_epoch_is_exact_and_independent_of_workers_and_format(latent_shards):
+    full = make_loader(latent_shards, workers=2)
+    reference, state = [], None
+    for epoch in range(3):
+        for i, b in enumerate(full):
+            reference.append(
+                (
+                    b.epoch,
+                    b.snapshot_id.tolist(),
+                    b.coords.numpy().copy(),
+                    b.coords_next.numpy().copy(),
+                )
+            )
+            if epoch == 1 and i == 2:
+                state, cut = full.state_dict(), len(reference)
+    full.close()
+    resumed = make_loader(latent_shards, workers=0, fmt="wds")
+    resumed.load_state_dict(state)
+    same_batches(reference[cut:], run_epochs(resumed, 2))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_slices_are_disjoint_equal_and_drop_only_the_remainder(latent_shards, world):
+    total = len(run_epochs(make_loader(latent_shards, batch_size=1), 1))
+    per_rank = [
+        [
+            sid
+            for _, ids, *_ in run_epochs(
+                make_loader(latent_shards, batch_size=1, rank=r, world=world), 1
+            )
+            for sid in ids
+        ]
+        for r in range(world)
+    ]
+    assert len({len(ids) for ids in per_rank}) == 1, "every rank gets the same number of examples"
+    union = set().union(*map(set, per_rank))
+    assert sum(map(len, per_rank)) == len(union), "rank slices are disjoint"
+    assert len(union) == total - total % world, "only the remainder of M / world is dropped"
+
+
+def test_epochs_beyond_the_query_sets_need_wrap(latent_shards):
+    loader = make_loader(latent_shards)
+    loader.load_state_dict(
+        {"epoch": 3, "batches": 0, "batches_per_epoch": loader.batches_per_epoch}
+    )
+    with pytest.raises(
+        ShardError, match=r"epoch 3 is beyond the 3 precomputed query sets.*wrap_epochs=true"
+    ):
+        next(iter(loader))
+    shards = open_shards(str(latent_shards))
+    index = by_snapshot_id(shards)
+    wrapped = make_loader(latent_shards, wrap=True)
+    wrapped.load_state_dict(
+        {"epoch": 3, "batches": 0, "batches_per_epoch": wrapped.batches_per_epoch}
+    )
+    batch = next(iter(wrapped))
+    wrapped.close()
+    assert batch.epoch == 3
+    idx, _ = shards.query_set(index[batch.snapshot_id[0].item()], epoch=0)
+    np.testing.assert_array_equal(batch.coords[0].numpy(), grid_coordinates(shards.grid)[idx])
+
+
+def test_batch_larger_than_a_rank_slice(latent_shards):
+    with pytest.raises(
+        ShardError, match=r"batch_size 1000 is larger than a rank's slice of \d+ examples"
+    ):
+        make_loader(latent_shards, batch_size=1000)
+
+
+def test_windows_longer_than_the_trajectories(latent_shards):
+    assert (
+        make_loader(latent_shards, batch_size=2, window=9).batches_per_epoch >= 1
+    )  # one window per trajectory
+    with pytest.raises(
+        ShardError, match="windows of 11 snapshots need trajectories of at least 11; these have 10"
+    ):
+        make_loader(latent_shards, window=10)
+
+
+def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(latent_shards, copy)
+    tar = sorted((copy / "wds").glob("train-*.tar"))[-1]
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    loader = make_loader(copy, fmt="wds")
+    with pytest.raises(ShardError, match=rf"{tar.name}: checksum mismatch"):
+        run_epochs(loader, 1)
+
+
+def test_gathered_targets_are_normalised_float32(latent_shards):
+    loader = make_loader(latent_shards, workers=1)
+    batch = next(iter(loader))
+    loader.close()
+    assert batch.targets.dtype == torch.float32 and batch.weights.dtype == torch.float32
+    assert batch.coords.min() >= 0 and batch.coords.max() <= 1

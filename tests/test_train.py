@@ -1,0 +1,434 @@
+"""Training streamed from shards: both stages, sparse vs dense, exact resume, DDP, HTTP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import serve_directory
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.records import ShardError
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig
+from pipeline.shards import open_shards
+from ups.config import load_config
+from ups.data.generate import generate
+from ups.data.splits import DataConfig
+from ups.models.checkpoint import CheckpointError, load_checkpoint
+from ups.training.train import TrainConfig, Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = [
+    "codec.encoder.patch=8",
+    "codec.encoder.dim=32",
+    "codec.encoder.depth=1",
+    "codec.encoder.num_tokens=8",
+    "codec.encoder.latent_dim=16",
+    "codec.decoder.dim=32",
+    "codec.decoder.depth=1",
+    "operator.dim=32",
+    "operator.depth=1",
+]
+
+
+def config(*overrides: str) -> TrainConfig:
+    base = [
+        *SMALL_MODEL,
+        "progress=false",
+        "loader.workers=1",
+        "log_every=5",
+        "eval_trajectories=1",
+        "optim.warmup_steps=5",
+    ]
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
+def build(
+    data: Path,
+    out: Path,
+    encoder: Path | None = None,
+    epochs: int = 4,
+    kind: str = "uniform",
+    ratio: float = 0.25,
+) -> Path:
+    run_build(
+        BuildConfig(
+            data=DataConfig(path=str(data), val_fraction=0.13, test_fraction=0.13),
+            out=str(out),
+            encoder=None if encoder is None else str(encoder),
+            epochs=epochs,
+            sampler=SamplerConfig(kind=kind),
+            schedule=ScheduleConfig(start_ratio=ratio, multiple=8),
+            trajectories_per_shard=2,
+            progress=False,
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Generated Burgers data -> field shards -> a codec -> latent shards."""
+    root = tmp_path_factory.mktemp("flow")
+    data = generate(
+        "burgers1d", root / "b.h5", trajectories=15, steps=12, resolution=64, seed=1, progress=False
+    )
+    fields = build(data, root / "fields")
+    train(
+        config(
+            "stage=codec", f"shards={fields}", f"out={root / 'codec'}", "epochs=2", "batch_size=8"
+        )
+    )
+    codec = root / "codec" / "codec.pt"
+    latents = build(data, root / "latents", encoder=codec, kind="gradient", ratio=0.1)
+    return {"root": root, "data": data, "fields": fields, "codec": codec, "latents": latents}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_codec_then_operator_streaming_from_shards(flow, tmp_path):
+    codec_run = flow["root"] / "codec"
+    metrics = read_jsonl(codec_run / "metrics.jsonl")
+    assert any("train/reconstruction" in m for m in metrics) and any(
+        "val/recon_nrmse" in m for m in metrics
+    )
+    assert (codec_run / "tb").is_dir() and json.loads(
+        (codec_run / "test_metrics.json").read_text()
+    )["recon_nrmse"] > 0
+    payload = load_checkpoint(flow["codec"], "codec")
+    assert payload["sample_set_id"] == open_shards(str(flow["fields"])).sample_set_id
+    final = train(
+        config(
+            "stage=operator",
+            f"shards={flow['latents']}",
+            f"codec_checkpoint={flow['codec']}",
+            f"out={tmp_path}",
+            "epochs=2",
+            "batch_size=8",
+            "loss.rollout_steps=2",
+        )
+    )
+    for key in ("recon_nrmse", "model_h1", "persistence_h1", "model_h4", "persistence_h4"):
+        assert np.isfinite(final[key])
+    assert "train/rollout" in read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert (
+        load_checkpoint(tmp_path / "operator.pt", "operator")["sample_set_id"]
+        == open_shards(str(flow["latents"])).sample_set_id
+    )
+
+
+def test_operator_decoder_calls_see_at_most_k_points(flow, tmp_path):
+    trainer = Trainer(
+        config(
+            "stage=operator",
+            f"shards={flow['latents']}",
+            f"codec_checkpoint={flow['codec']}",
+            f"out={tmp_path}",
+            "max_steps=3",
+            "batch_size=8",
+        )
+    )
+    k = max(trainer.shards.k_per_epoch)
+    assert k < 64 * 0.2, "the shards really sample"
+    sizes = []
+    trainer.models.codec.decoder.register_forward_pre_hook(
+        lambda mod, args: sizes.append(args[1].shape[1])
+    )
+    trainer.fit()
+    training_calls = sizes[
+        : 2 * 3
+    ]  # forward + inverse loss per step, before validation decodes the dense grid
+    assert training_calls and max(training_calls) <= k
+
+
+def test_sparse_operator_loss_matches_the_dense_loss_in_expectation(flow, tmp_path):
+    """Over many epochs' precomputed gradient-importance sets the sparse loss averages to the dense loss."""
+    shards_dir = build(
+        flow["data"],
+        tmp_path / "many",
+        encoder=flow["codec"],
+        epochs=300,
+        kind="gradient",
+        ratio=0.1,
+    )
+    trainer = Trainer(
+        config(
+            "stage=operator",
+            f"shards={shards_dir}",
+            f"codec_checkpoint={flow['codec']}",
+            f"out={tmp_path / 'run'}",
+            "epochs=300",
+        )
+    )
+    torch.nn.init.normal_(
+        trainer.models.operator.out.weight, std=0.05
+    )  # a fixed, non-trivial model
+    shards = open_shards(str(shards_dir))
+    slice_size = ShardLoader(
+        shards, LoaderConfig(workers=0), 1, 1, (0, 1), (), True
+    ).batches_per_epoch
+    sparse = ShardLoader(shards, LoaderConfig(workers=0), slice_size, 1, (0, 1), (), True)
+    dense = ShardLoader(shards, LoaderConfig(workers=0), slice_size, 1, (), (0, 1), True)
+    gen = torch.Generator()
+    with torch.no_grad():
+        dense_cfg = config("stage=operator", "loss.mode=dense", f"codec_checkpoint={flow['codec']}")
+        reference = trainer.models(next(iter(dense)), dense_cfg, gen)
+        estimates = {name: [] for name in ("forward", "inverse")}
+        for _ in range(300):
+            terms = trainer.models(
+                next(iter(sparse)), trainer.cfg, gen
+            )  # one batch = the whole epoch
+            for name in estimates:
+                estimates[name].append(float(terms[name]))
+    for name, values in estimates.items():
+        values = np.asarray(values)
+        stderr = values.std() / np.sqrt(len(values))
+        assert 4 * stderr < 0.03 * float(reference[name]), "enough draws to resolve 3 %"
+        assert abs(values.mean() - float(reference[name])) < 4 * stderr, (
+            name,
+            values.mean(),
+            float(reference[name]),
+        )
+
+
+def test_model_seed_does_not_change_the_batches(flow, tmp_path):
+    for seed in (0, 1):
+        train(
+            config(
+                "stage=codec",
+                f"shards={flow['fields']}",
+                f"out={tmp_path / str(seed)}",
+                f"seed={seed}",
+                "max_steps=12",
+                "batch_size=8",
+                "log_batches=true",
+            )
+        )
+    a, b = (read_jsonl(tmp_path / s / "batches-rank0.jsonl") for s in ("0", "1"))
+    assert a == b and len(a) == 12
+    pa, pb = (
+        load_checkpoint(tmp_path / s / "checkpoint.pt", "train")["models"] for s in ("0", "1")
+    )
+    assert not torch.equal(pa["codec.decoder.out.weight"], pb["codec.decoder.out.weight"])
+
+
+def run_train_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_sigkill_and_resume_sees_the_same_batches_and_parameters(flow, tmp_path):
+    args = [
+        *SMALL_MODEL,
+        "stage=codec",
+        f"shards={flow['fields']}",
+        "batch_size=8",
+        "epochs=4",
+        "checkpoint_every=5",
+        "log_batches=true",
+        "progress=false",
+        "loader.workers=2",
+        "eval_every=1000",
+    ]
+    done = run_train_cli(*args, f"out={tmp_path / 'full'}")
+    assert done.returncode == 0, done.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "train.py"), *args, f"out={tmp_path / 'cut'}"],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run was killed before it finished"
+    stopped_at = load_checkpoint(ckpt, "train")["step"]
+    full_total = len(read_jsonl(tmp_path / "full" / "batches-rank0.jsonl"))
+    assert 0 < stopped_at < full_total
+    resumed = run_train_cli(*args, f"out={tmp_path / 'cut'}", f"resume={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr
+    reference = {r["step"]: r for r in read_jsonl(tmp_path / "full" / "batches-rank0.jsonl")}
+    after = [
+        r for r in read_jsonl(tmp_path / "cut" / "batches-rank0.jsonl") if r["step"] > stopped_at
+    ][-(full_total - stopped_at) :]
+    assert [r["step"] for r in after] == list(range(stopped_at + 1, full_total + 1))
+    assert all(r == reference[r["step"]] for r in after)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt", "train")["models"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt", "train")["models"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("trajectories", "batch"), [(15, 6), (14, 5)])
+def test_ddp_two_gloo_ranks_stream_disjoint_equal_slices(tmp_path, trajectories, batch):
+    data = generate(
+        "burgers1d",
+        tmp_path / "b.h5",
+        trajectories=trajectories,
+        steps=11,
+        resolution=64,
+        seed=2,
+        progress=False,
+    )
+    shards = build(data, tmp_path / "fields", epochs=2)
+    total = len(open_shards(str(shards)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "tools" / "train.py"), *SMALL_MODEL, "stage=codec", f"shards={shards}", f"out={tmp_path / 'run'}",
+        f"batch_size={batch}", "epochs=2", "log_batches=true", "progress=false", "loader.workers=1", "eval_trajectories=1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [read_jsonl(tmp_path / "run" / f"batches-rank{r}.jsonl") for r in (0, 1)]
+    per_rank = total // 2
+    for epoch in (0, 1):
+        ids = [
+            [sid for rec in log if rec["epoch"] == epoch for sid in rec["snapshot_id"]]
+            for log in logs
+        ]
+        assert len(ids[0]) == len(ids[1]) == per_rank // batch * batch
+        assert not set(ids[0]) & set(ids[1])
+        if total % 2 == 0 and per_rank % batch == 0:
+            assert len(set(ids[0]) | set(ids[1])) == total, (
+                "an evenly divisible split is covered exactly"
+            )
+    assert total % 2 == (trajectories - 4) * 11 % 2  # the second case leaves a remainder, dropped
+    assert (tmp_path / "run" / "codec.pt").exists() and not (
+        tmp_path / "run" / "batches-rank2.jsonl"
+    ).exists()
+
+
+def test_training_over_http_sees_the_same_batches(flow, tmp_path):
+    with serve_directory(flow["fields"]) as url:
+        train(
+            config(
+                "stage=codec",
+                f"shards={url}",
+                f"out={tmp_path / 'http'}",
+                "max_steps=6",
+                "batch_size=8",
+                "log_batches=true",
+            )
+        )
+    train(
+        config(
+            "stage=codec",
+            f"shards={flow['fields']}",
+            f"out={tmp_path / 'local'}",
+            "max_steps=6",
+            "batch_size=8",
+            "log_batches=true",
+        )
+    )
+    assert read_jsonl(tmp_path / "http" / "batches-rank0.jsonl") == read_jsonl(
+        tmp_path / "local" / "batches-rank0.jsonl"
+    )
+
+
+def test_resume_on_other_shards_is_refused(flow, tmp_path):
+    train(
+        config(
+            "stage=codec",
+            f"shards={flow['fields']}",
+            f"out={tmp_path}",
+            "max_steps=3",
+            "batch_size=8",
+        )
+    )
+    with pytest.raises(CheckpointError, match=r"made on other shards \(sample_set_id"):
+        Trainer(
+            config(
+                "stage=codec",
+                f"shards={flow['latents']}",
+                f"out={tmp_path / 'x'}",
+                "batch_size=8",
+                f"resume={tmp_path / 'checkpoint.pt'}",
+            )
+        )
+
+
+def test_bad_training_inputs(flow, tmp_path):
+    with pytest.raises(ShardError, match=r"epoch 4 is beyond the 4 precomputed query sets"):
+        Trainer(config("stage=codec", f"shards={flow['fields']}", "epochs=5"))
+    with pytest.raises(ShardError, match=r"batch_size 4096 is larger than a rank's slice"):
+        Trainer(config("stage=codec", f"shards={flow['fields']}", "batch_size=4096"))
+    with pytest.raises(CheckpointError, match="field-only shards"):
+        Trainer(
+            config(
+                "stage=operator", f"shards={flow['fields']}", f"codec_checkpoint={flow['codec']}"
+            )
+        )
+    other = tmp_path / "other.pt"
+    other.write_bytes(flow["codec"].read_bytes() + b"x")
+    with pytest.raises(
+        CheckpointError, match="differs from the encoder the shards were built with"
+    ):
+        Trainer(config("stage=operator", f"shards={flow['latents']}", f"codec_checkpoint={other}"))
+    result = run_train_cli("stage=codec", f"shards={flow['fields']}", "loss.query_sample_ratio=1.5")
+    assert result.returncode == 2 and "loss.query_sample_ratio" in result.stderr
+
+
+def test_corrupt_shard_mid_run_stops_with_its_name_and_keeps_the_checkpoint(flow, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(flow["fields"], copy)
+    run = tmp_path / "run"
+    train(
+        config(
+            "stage=codec",
+            f"shards={copy}",
+            f"out={run}",
+            "max_steps=4",
+            "batch_size=8",
+            "loader.format=wds",
+        )
+    )
+    good = (run / "checkpoint.pt").read_bytes()
+    for tar in sorted((copy / "wds").glob("train-*.tar")):
+        data = bytearray(tar.read_bytes())
+        data[1500] ^= 0xFF
+        tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-\d+\.tar: checksum mismatch"):
+        train(
+            config(
+                "stage=codec",
+                f"shards={copy}",
+                f"out={run}",
+                "batch_size=8",
+                "loader.format=wds",
+                f"resume={run / 'checkpoint.pt'}",
+            )
+        )
+    assert (run / "checkpoint.pt").read_bytes() == good

@@ -1,0 +1,57 @@
+"""Build a shard set: encode full grids, importance maps, every epoch's query sets -> zarr / tars.
+
+python tools/build_shards.py --config configs/burgers1d_shards.yaml [key=value ...]
+    e.g. data.path=data/burgers1d.h5 out=shards/b format=both encoder=runs/codec/codec.pt
+         epochs=20 sampler.kind=gradient schedule.kind=cosine seed=0
+Several processes: --rank R --world-size W (or torchrun's environment); rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.records import ShardError
+from ups.cli import fail, parse_config
+from ups.config import ConfigError
+from ups.data.pdebench import DataError
+from ups.models.checkpoint import CheckpointError
+
+
+def print_summary(summary: dict) -> None:
+    seconds = summary.get("seconds", {})
+    snaps = summary.get("snapshots", 0)
+    print(
+        f"rank {summary.get('rank', 0)}/{summary.get('world_size', 1)} on {summary.get('device', '-')}: "
+        f"{summary.get('shards', 0)} shards ({summary.get('skipped', 0)} already done), {snaps} snapshots built"
+    )
+    if seconds:
+        print(f"{'stage':<12}{'seconds':>10}{'snapshots/s':>14}")
+        for stage in ("read", "encode", "importance", "query plan", "write", "total"):
+            if stage in seconds:
+                rate = snaps / seconds[stage] if seconds[stage] > 0 else float("inf")
+                print(f"{stage:<12}{seconds[stage]:>10.2f}{rate:>14.1f}")
+    manifest = summary.get("manifest")
+    if manifest:
+        files = manifest["files"]
+        for fmt, prefix in (("zarr", "zarr/"), ("wds", "wds/")):
+            if fmt in manifest["formats"]:
+                total = sum(v["bytes"] for k, v in files.items() if k.startswith(prefix))
+                print(f"{fmt:<5} {total / 1e6:10.2f} MB")
+        q = manifest["query_bytes"]
+        stored = ", ".join(f"{fmt} {q[fmt]:.0f}" for fmt in ("zarr", "tar") if fmt in q)
+        print(
+            f"query sets, bytes per snapshot-epoch: {stored}; entropy bound {q['entropy_bound']:.0f}"
+        )
+        print(f"sample_set_id {manifest['sample_set_id']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(BuildConfig, argv, __doc__)
+    try:
+        summary = run_build(cfg)
+    except (ShardError, ConfigError, DataError, CheckpointError) as err:
+        fail(str(err))
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()

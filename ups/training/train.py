@@ -1,0 +1,551 @@
+"""One readable training loop for both stages, streaming from shards.
+
+* ``stage=codec``: GridEncoder + AnyPointDecoder. The encoder reads the full grid; the decoder's
+  loss is evaluated at the epoch's precomputed query points (or densely, or on points drawn on
+  the fly inside the loss -- ``loss.mode``), importance-weighted.
+* ``stage=operator``: LatentOperator + decoder fine-tuning from cached latents (frozen encoder):
+  latent one-step (and optional rollout) loss + forward physical loss at u_{t+1}'s query points
+  + inverse-encoding loss at u_t's query points.
+
+Runs on one process or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs; every rank streams
+its own equal slice; only rank 0 writes). Checkpoints hold the models, optimizer, scheduler,
+step, every rank's loader position, the on-the-fly sampling RNG, and the shard set's identity;
+``resume=PATH`` continues exactly where the run stopped and refuses other shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.shards import ShardSet, open_shards
+from ups.config import check, from_dict, to_dict
+from ups.data.pdebench import DataInfo
+from ups.data.splits import NormStats
+from ups.evaluation import evaluate
+from ups.models.checkpoint import (
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    require_match,
+    save_checkpoint,
+)
+from ups.models.codec import Codec, CodecConfig, load_codec, save_codec
+from ups.models.operator import LatentOperator, OperatorConfig
+from ups.training.losses import (
+    check_query_sample_ratio,
+    forward_physical_loss,
+    inverse_encoding_loss,
+    latent_one_step_loss,
+    latent_rollout_loss,
+    sample_in_loss,
+)
+
+
+@dataclass
+class LossConfig:
+    mode: Literal["sparse", "dense", "on_the_fly"] = (
+        "sparse"  # sparse: the shards' precomputed query sets
+    )
+    query_sample_ratio: float = 1.0  # on_the_fly: uniform share of points drawn inside the loss
+    latent: float = 1.0  # operator: latent one-step loss weight
+    forward: float = 1.0  # operator: forward physical loss weight (decode predicted z_{t+1})
+    inverse: float = 0.5  # operator: inverse-encoding loss weight (decode z_t)
+    rollout_steps: int = 0  # operator: extra latent rollout loss over this many steps (0 = off)
+    rollout: float = 0.5  # its weight
+
+    def __post_init__(self) -> None:
+        check_query_sample_ratio(self.query_sample_ratio)
+        check(self.rollout_steps >= 0, "loss.rollout_steps", "an integer >= 0", self.rollout_steps)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["codec", "operator"] = "codec"
+    shards: str = "shards/burgers1d-fields"  # path or URL of a shard set
+    out: str = "runs/codec"
+    codec: CodecConfig = field(default_factory=CodecConfig)  # stage=codec: the model to train
+    codec_checkpoint: str | None = None  # stage=operator: the trained codec the latents came from
+    operator: OperatorConfig = field(default_factory=OperatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    epochs: int | None = None  # None: as many as the shards have query sets
+    batch_size: int = 32
+    max_steps: int = 0  # stop early after this many steps (0: all epochs)
+    seed: int = 0  # model init and on-the-fly sampling; data order is loader.seed, query sets come from the shards
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # steps between validations; 0: at the end of every epoch
+    eval_trajectories: int = 8  # validation trajectories per evaluation
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
+    resume: str | None = None
+    overwrite: bool = False  # allow an ``out`` that already holds a run (without resume)
+    log_batches: bool = (
+        False  # every rank writes each batch's snapshot ids and query hash to batches-rank{r}.jsonl
+    )
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(
+            self.epochs is None or self.epochs >= 1,
+            "epochs",
+            "null or an integer >= 1",
+            self.epochs,
+        )
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        check(
+            self.stage == "codec" or self.codec_checkpoint is not None,
+            "codec_checkpoint",
+            "a codec checkpoint for stage=operator",
+            None,
+        )
+        check(
+            self.loss.mode == "on_the_fly" or self.loss.query_sample_ratio == 1.0,
+            "loss.query_sample_ratio",
+            "1.0 unless loss.mode=on_the_fly",
+            self.loss.query_sample_ratio,
+        )
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if cuda:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu" if device == "auto" else device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, dev
+
+
+def data_info(shards: ShardSet) -> DataInfo:
+    data = shards.manifest["data"]
+    split = shards.manifest["splits"][shards.split]
+    return DataInfo(
+        channels=tuple(data["channels"]),
+        grid=tuple(data["grid"]),
+        dt=float(data["dt"]),
+        num_steps=split["snapshots_per_trajectory"],
+        num_trajectories=len(split["trajectories"]),
+        periodic=tuple(data["periodic"]),
+        params=dict(data["params"]),
+    )
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Models(nn.Module):
+    """What a stage trains, in one module so DDP and the optimizer see one parameter set.
+
+    Its forward is the stage's loss, so DDP wraps the whole step (gradients of every rank are
+    averaged in backward) and ``torch.compile`` sees one graph.
+    """
+
+    def __init__(self, codec: Codec, operator: LatentOperator | None):
+        super().__init__()
+        self.codec, self.operator = codec, operator
+
+    def forward(self, batch, cfg: TrainConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return compute_losses(self, batch, cfg, gen)
+
+
+def build_models(cfg: TrainConfig, shards: ShardSet) -> tuple[Models, NormStats]:
+    info = data_info(shards)
+    data = shards.manifest["data"]
+    norm = NormStats(tuple(data["norm"]["mean"]), tuple(data["norm"]["std"]))
+    if cfg.stage == "codec":
+        return Models(Codec(cfg.codec, info), None), norm
+    encoder = shards.manifest["encoder"]
+    if encoder is None:
+        raise CheckpointError(
+            f"{shards.location}: field-only shards (no latents); stage=operator needs shards built with encoder=..."
+        )
+    if file_sha256(cfg.codec_checkpoint) != encoder["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {cfg.codec_checkpoint}: its sha256 differs from the encoder the shards were built with ({encoder['path']})"
+        )
+    codec, norm, _ = load_codec(cfg.codec_checkpoint, info)
+    codec.encoder.requires_grad_(False)  # frozen: the cached latents came from it
+    latent = shards.manifest["latent"]
+    operator = LatentOperator(cfg.operator, latent["dim"], latent["tokens"], len(info.params))
+    return Models(codec, operator), norm
+
+
+# ---------------------------------------------------------------- the loss of one batch
+
+
+def compute_losses(
+    models: Models, batch, cfg: TrainConfig, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Every loss term of the stage; ``total`` is their weighted sum."""
+    codec, mode = models.codec, cfg.loss.mode
+
+    def points(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(coords, targets, weights) of window position ``step`` for the configured loss mode."""
+        if mode == "sparse":
+            suffix = "" if step == 0 else "_next"
+            return (
+                getattr(batch, f"coords{suffix}"),
+                getattr(batch, f"targets{suffix}"),
+                getattr(batch, f"weights{suffix}"),
+            )
+        fields = batch.fields if step == 0 else batch.fields_next
+        coords = codec.grid_coords.expand(fields.shape[0], -1, -1)  # (B, N, d)
+        targets = fields.flatten(2).transpose(1, 2)  # (B, C, *grid) -> (B, N, C)
+        if mode == "on_the_fly":
+            coords, targets = sample_in_loss(coords, targets, cfg.loss.query_sample_ratio, gen)
+        return coords, targets, None
+
+    if cfg.stage == "codec":
+        z = codec.encode(batch.fields)
+        loss = inverse_encoding_loss(codec.decoder, z, *points(0))
+        return {"total": loss, "reconstruction": loss}
+    w = cfg.loss
+    z_pred = models.operator(batch.z, batch.dt, batch.params)
+    terms = {
+        "latent": latent_one_step_loss(z_pred, batch.z_next[:, 0]),
+        "forward": forward_physical_loss(codec.decoder, z_pred, *points(1)),
+        "inverse": inverse_encoding_loss(codec.decoder, batch.z, *points(0)),
+    }
+    total = w.latent * terms["latent"] + w.forward * terms["forward"] + w.inverse * terms["inverse"]
+    if w.rollout_steps > 0:
+        window = torch.cat([batch.z[:, None], batch.z_next], dim=1)  # (B, h+1, T, D)
+        terms["rollout"] = latent_rollout_loss(models.operator, window, batch.dt, batch.params)
+        total = total + w.rollout * terms["rollout"]
+    return {"total": total, **terms}
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.shards = open_shards(cfg.shards, "train", cfg.loader.format)
+        self.models, self.norm = build_models(cfg, self.shards)
+        self.models.to(self.device)
+        window = (
+            0 if cfg.stage == "codec" else max(1, cfg.loss.rollout_steps)
+        )  # snapshots after u_t
+        steps = (0,) if cfg.stage == "codec" else (0, 1)
+        sparse = steps if cfg.loss.mode == "sparse" else ()
+        dense = (0,) if cfg.stage == "codec" else ((0, 1) if cfg.loss.mode != "sparse" else ())
+        self.loader = ShardLoader(
+            self.shards,
+            cfg.loader,
+            cfg.batch_size,
+            window,
+            sparse,
+            dense,
+            cfg.stage == "operator",
+            self.rank,
+            self.world,
+        )
+        epochs = cfg.epochs or self.shards.epochs
+        self.total_steps = epochs * self.loader.batches_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        last_epoch = (self.total_steps - 1) // self.loader.batches_per_epoch
+        self.shards.k_for_epoch(
+            last_epoch, cfg.loader.wrap_epochs
+        )  # epochs beyond the query sets: fail now
+        params = [p for p in self.models.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim, self.total_steps)
+        )
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.step = 0
+        self.out = Path(cfg.out)
+        if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint.pt").exists():
+            raise CheckpointError(
+                f"{self.out} already holds a run; pass resume={self.out / 'checkpoint.pt'} to continue it, or overwrite=true"
+            )
+        if cfg.overwrite:
+            (self.out / f"batches-rank{self.rank}.jsonl").unlink(missing_ok=True)
+            if self.rank == 0:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if cfg.resume:
+            self._resume(cfg.resume)
+        if cfg.compile:
+            self.models.compile()
+        self.step_fn = (
+            nn.parallel.DistributedDataParallel(
+                self.models, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.world > 1
+            else self.models
+        )
+
+    # -- checkpoints
+    def _identity(self) -> dict[str, str]:
+        return {
+            "sample_set_id": self.shards.sample_set_id,
+            "manifest_sha256": self.shards.manifest_sha256,
+        }
+
+    def save(self, path: Path) -> None:
+        loaders = [self.loader.state_dict()]
+        gens = [self.gen.get_state()]
+        if self.world > 1:
+            loaders, gens = [None] * self.world, [None] * self.world
+            dist.all_gather_object(loaders, self.loader.state_dict())
+            dist.all_gather_object(gens, self.gen.get_state())
+        if self.rank != 0:
+            return
+        save_checkpoint(
+            path,
+            {
+                "kind": "train",
+                "config": to_dict(self.cfg),
+                "step": self.step,
+                "models": self.models.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "loader": loaders,
+                "generator": gens,
+                **self._identity(),
+            },
+        )
+
+    def _resume(self, path: str) -> None:
+        ckpt = load_checkpoint(path, "train")
+        for key, value in self._identity().items():
+            if ckpt[key] != value:
+                raise CheckpointError(
+                    f"checkpoint {path}: made on other shards ({key} {ckpt[key][:12]} != {value[:12]} of {self.cfg.shards}); "
+                    "resume on the shard set the run started with"
+                )
+        saved = from_dict(TrainConfig, ckpt["config"])
+        for section in ("stage", "codec", "operator", "batch_size"):
+            require_match(
+                {section: to_dict(saved)[section]},
+                {section: to_dict(self.cfg)[section]},
+                "the training config",
+                path,
+            )
+        if len(ckpt["loader"]) != self.world:
+            raise CheckpointError(
+                f"checkpoint {path}: saved with {len(ckpt['loader'])} ranks, resuming with {self.world}"
+            )
+        self.models.load_state_dict(ckpt["models"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.loader.load_state_dict(ckpt["loader"][self.rank])
+        self.gen.set_state(ckpt["generator"][self.rank])
+        self.step = ckpt["step"]
+
+    # -- logging
+    def _log(self, record: dict[str, Any], writer) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    writer.add_scalar(key, value, record["step"])
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), device=self.device, dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist(), strict=True))
+
+    def validate(self, split: str = "val", limit: int | None = None) -> dict[str, float]:
+        shards = open_shards(self.cfg.shards, split, self.cfg.loader.format)
+        info = data_info(shards)
+        return evaluate(
+            self.models.codec,
+            self.norm,
+            shards.trajectories(limit),
+            info.dt,
+            list(info.params.values()),
+            self.models.operator,
+            device=self.device,
+        )
+
+    # -- the loop
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        writer = None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tb"))
+        per_epoch = self.loader.batches_per_epoch
+        eval_every = cfg.eval_every or per_epoch
+        ckpt_every = cfg.checkpoint_every or per_epoch
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.amp and self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"train {cfg.stage}",
+            disable=not cfg.progress or self.rank != 0,
+        )
+        seen, tick = 0, time.perf_counter()
+        self.models.train()
+        while self.step < self.total_steps:
+            for batch in self.loader:
+                if batch.epoch != self.step // per_epoch:
+                    raise RuntimeError(
+                        f"loader epoch {batch.epoch} out of step with training step {self.step}"
+                    )
+                batch = batch.to(self.device, non_blocking=True)
+                with autocast:
+                    terms = self.step_fn(batch, cfg, self.gen)
+                self.optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.models.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                seen += batch.snapshot_id.shape[0] * self.world
+                if cfg.log_batches:
+                    self._log_batch(batch)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    values = self._reduce({k: float(v.detach()) for k, v in terms.items()})
+                    rate = seen / (time.perf_counter() - tick)
+                    record = {
+                        "step": self.step,
+                        "epoch": batch.epoch,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "samples_per_s": rate,
+                    }
+                    self._log({**record, **{f"train/{k}": v for k, v in values.items()}}, writer)
+                    bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
+                    seen, tick = 0, time.perf_counter()
+                bar.update(1)
+                if self.step % ckpt_every == 0 or self.step == self.total_steps:
+                    self.save(self.out / "checkpoint.pt")
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    if self.rank == 0:
+                        metrics = self.validate("val", cfg.eval_trajectories)
+                        self._log(
+                            {"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}},
+                            writer,
+                        )
+                    if self.world > 1:
+                        dist.barrier()
+                if self.step >= self.total_steps:
+                    break
+        bar.close()
+        self.loader.close()
+        final = {}
+        if self.rank == 0:
+            final = self.validate("test")
+            self._save_model()
+            (self.out / "test_metrics.json").write_text(json.dumps(final, indent=1) + "\n")
+            self._log({"step": self.step, **{f"test/{k}": v for k, v in final.items()}}, writer)
+            writer.close()
+        if self.world > 1:
+            dist.barrier()
+        return final
+
+    def _log_batch(self, batch) -> None:
+        query = batch.coords if batch.coords is not None else batch.coords_next
+        digest = (
+            hashlib.sha256(query.cpu().numpy().tobytes()).hexdigest()[:16]
+            if query is not None
+            else None
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"batches-rank{self.rank}.jsonl", "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "step": self.step,
+                        "epoch": batch.epoch,
+                        "snapshot_id": batch.snapshot_id.tolist(),
+                        "queries": digest,
+                    }
+                )
+                + "\n"
+            )
+
+    def _save_model(self) -> None:
+        """The trained model file: codec.pt (stage codec) or operator.pt (stage operator)."""
+        identity = {
+            **self._identity(),
+            "splits": {s: v["trajectories"] for s, v in self.shards.manifest["splits"].items()},
+        }
+        if self.cfg.stage == "codec":
+            save_codec(self.out / "codec.pt", self.models.codec, self.norm, extra=identity)
+        else:
+            save_checkpoint(
+                self.out / "operator.pt",
+                {
+                    "kind": "operator",
+                    "config": to_dict(self.cfg.operator),
+                    "latent": self.shards.manifest["latent"],
+                    "num_params": self.models.operator.num_params,
+                    "state_dict": self.models.operator.state_dict(),
+                    "decoder": self.models.codec.decoder.state_dict(),
+                    "codec_checkpoint": self.cfg.codec_checkpoint,
+                    **identity,
+                },
+            )
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
