@@ -1,9 +1,9 @@
-"""The batch the losses see, and the per-example work that produces it.
+"""The batch the losses see, and the work that produces it from streamed examples.
 
-``QueryGather`` turns one streamed example (a snapshot, or a window of consecutive snapshots of
-one trajectory) into this epoch's query coordinates, normalised targets and weights;
-``collate`` stacks examples into a :class:`SparseBatch`. Dense fields travel only when a dense
-loss asks for them.
+An example is a snapshot, or a window of consecutive snapshots of one trajectory, as stored:
+fields in physical units, q, the epoch's query bitmask, latents. :class:`GatherCollate` turns a
+list of them into a :class:`SparseBatch` in a few vectorised passes. Dense fields travel only
+when a dense loss asks for them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.shards import query_set
+from pipeline.records import ShardError
+from pipeline.samplers import weights
 
 
 @dataclass
@@ -50,11 +51,13 @@ class SparseBatch:
         return self._map(lambda t: t.pin_memory())
 
 
-class QueryGather:
-    """Per example: decode this epoch's query set of each needed snapshot and gather its targets.
+class GatherCollate:
+    """A list of streamed examples -> one SparseBatch, vectorised over the batch.
 
-    ``sparse_steps`` lists the window positions (0 = u_t, 1 = u_{t+1}) that need sparse
-    (coords, targets, weights); ``dense_steps`` those whose full normalised fields travel.
+    Per window position: ``sparse_steps`` (0 = u_t, 1 = u_{t+1}) get this epoch's query
+    coordinates, normalised targets and weights; ``dense_steps`` get their full normalised
+    fields. Weights w = (k / (N pi))^beta are derived for the whole batch at once from the
+    stored q and k_e.
     """
 
     def __init__(
@@ -63,63 +66,56 @@ class QueryGather:
         mean: np.ndarray,
         std: np.ndarray,
         beta: float,
+        dt: float,
+        params: list[float],
         sparse_steps: tuple[int, ...],
         dense_steps: tuple[int, ...],
         latents: bool,
     ):
         self.grid_coords = grid_coords  # (N, d)
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)  # (C,)
-        self.beta, self.sparse_steps, self.dense_steps, self.latents = (
-            beta,
-            sparse_steps,
-            dense_steps,
-            latents,
-        )
+        self.beta, self.dt, self.params = beta, dt, list(params)
+        self.sparse_steps, self.dense_steps, self.latents = sparse_steps, dense_steps, latents
 
-    def __call__(self, ex: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"snapshot_id": ex["snapshot_id"], "epoch": ex["epoch"]}
+    def __call__(self, examples: list[dict[str, Any]]) -> SparseBatch:
+        b, k, n = len(examples), examples[0]["k"], self.grid_coords.shape[0]
         c = self.mean.shape[0]
+        batch: dict[str, Any] = {
+            "snapshot_id": torch.tensor([ex["snapshot_id"] for ex in examples], dtype=torch.int64),
+            "epoch": examples[0]["epoch"],
+            "dt": torch.full((b,), self.dt, dtype=torch.float32),
+            "params": torch.tensor([self.params] * b, dtype=torch.float32).reshape(
+                b, len(self.params)
+            ),
+        }
         for step in self.sparse_steps:
-            idx, w = query_set(ex["queries"][step], ex["importance"][step], ex["k"], self.beta)
-            flat = ex["fields"][step].reshape(c, -1)  # (C, N) physical
-            targets = (flat[:, idx].T - self.mean) / self.std  # (k, C)
             suffix = "" if step == 0 else "_next"
-            out[f"coords{suffix}"] = self.grid_coords[idx]
-            out[f"targets{suffix}"] = targets.astype(np.float32)
-            out[f"weights{suffix}"] = w
+            packed = np.stack([ex["queries"][step] for ex in examples])  # (B, ceil(N/8))
+            bits = np.unpackbits(packed, axis=1, count=n).view(bool)  # (B, N)
+            counts = bits.sum(axis=1, dtype=np.int64)
+            if (counts != k).any():
+                raise ShardError(
+                    f"query bitmasks hold {sorted(set(counts.tolist()))} points, the manifest says k={k}"
+                )
+            idx = np.nonzero(bits)[1].reshape(b, k)  # row-major: each row's indices ascending
+            flat = np.stack([ex["fields"][step] for ex in examples]).reshape(
+                b, c, n
+            )  # (B, C, N) physical
+            targets = np.take_along_axis(flat, idx[:, None, :], axis=2).transpose(
+                0, 2, 1
+            )  # (B, k, C)
+            q = torch.from_numpy(np.stack([ex["importance"][step] for ex in examples]))  # (B, N)
+            batch[f"coords{suffix}"] = torch.from_numpy(self.grid_coords[idx])  # (B, k, d)
+            batch[f"targets{suffix}"] = torch.from_numpy((targets - self.mean) / self.std)
+            batch[f"weights{suffix}"] = weights(q, k, torch.from_numpy(idx), self.beta)
         for step in self.dense_steps:
-            fields = ex["fields"][step]
-            shape = (c,) + (1,) * (fields.ndim - 1)
-            out["fields" if step == 0 else "fields_next"] = (
-                fields - self.mean.reshape(shape)
-            ) / self.std.reshape(shape)
+            fields = np.stack([ex["fields"][step] for ex in examples])  # (B, C, *grid)
+            shape = (1, c) + (1,) * (fields.ndim - 2)
+            normalised = (fields - self.mean.reshape(shape)) / self.std.reshape(shape)
+            batch["fields" if step == 0 else "fields_next"] = torch.from_numpy(normalised)
         if self.latents:
-            out["z"] = ex["latent"][0]
-            out["z_next"] = ex["latent"][1:]
-        return out
-
-
-def collate(examples: list[dict[str, Any]], dt: float, params: list[float]) -> SparseBatch:
-    """Stack gathered examples into one SparseBatch (latents as float32)."""
-    b = len(examples)
-    batch: dict[str, Any] = {
-        "snapshot_id": torch.tensor([ex["snapshot_id"] for ex in examples], dtype=torch.int64),
-        "epoch": examples[0]["epoch"],
-        "dt": torch.full((b,), dt, dtype=torch.float32),
-        "params": torch.tensor([params] * b, dtype=torch.float32).reshape(b, len(params)),
-    }
-    for name in (
-        "coords",
-        "targets",
-        "weights",
-        "coords_next",
-        "targets_next",
-        "weights_next",
-        "fields",
-        "fields_next",
-        "z",
-        "z_next",
-    ):
-        if name in examples[0]:
-            batch[name] = torch.from_numpy(np.stack([ex[name] for ex in examples])).float()
-    return SparseBatch(**batch)
+            latents = torch.from_numpy(
+                np.stack([ex["latent"] for ex in examples])
+            ).float()  # (B, h+1, T, D)
+            batch["z"], batch["z_next"] = latents[:, 0], latents[:, 1:]
+        return SparseBatch(**batch)

@@ -1,8 +1,8 @@
 """The streaming loader: a torchdata.nodes graph from a shard set to SparseBatch.
 
-    ShardStream (owns the order; reads shards; pairs/windows; seeded shuffle buffer)
-      -> ParallelMapper(QueryGather)   this epoch's query coords, targets, weights
-      -> Batcher -> Mapper(collate)    SparseBatch
+    ShardStream (owns the order; reads shards ahead; pairs/windows; seeded shuffle buffer)
+      -> Batcher
+      -> ParallelMapper(GatherCollate)   this epoch's query coords, targets, weights -> SparseBatch
       -> PinMemory (CUDA only) -> Prefetcher -> Loader
 
 Order. An epoch's examples are (shard, example-in-shard) pairs: a global permutation of the
@@ -10,7 +10,7 @@ split's shards from (seed, epoch), each shard's examples in place. That global s
 into ``world_size`` contiguous, equal slices of floor(M / world_size) examples (the remainder of
 M is dropped: every rank sees the same number of examples, so DDP never hangs). A rank's slice
 is read in groups of ``shuffle_shards`` shard segments whose examples are permuted from
-(seed, epoch, rank, group): the shuffle buffer. Workers parallelise the per-example gather, in
+(seed, epoch, rank, group): the shuffle buffer. Workers gather and collate whole batches, in
 order, so the batches do not depend on the number of workers.
 
 The loader's state is (epoch, batches delivered): resuming seeks to that example, re-reads one
@@ -21,15 +21,15 @@ number of workers or the prefetch depth.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
 
-from pipeline.collate import QueryGather, SparseBatch, collate
+from pipeline.collate import GatherCollate, SparseBatch
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet
 from ups.config import check
@@ -41,7 +41,7 @@ _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
 @dataclass
 class LoaderConfig:
     seed: int = 0  # data order (shard permutation, shuffle buffer); independent of the model seed
-    workers: int = 2  # parallel per-example gather; 0 = inline
+    workers: int = 2  # batches gathered in parallel; 0 = inline
     method: Literal["thread", "process"] = "thread"
     prefetch: int = 4  # batches prepared ahead
     shuffle_shards: int = 4  # shard segments mixed by the shuffle buffer
@@ -99,6 +99,8 @@ class ShardStream(BaseNode[dict]):
         self.examples_per_shard = [s["count"] // steps * self.per_trajectory for s in shards.shards]
         self.per_rank = sum(self.examples_per_shard) // world_size
         self.epoch, self._start = 0, (0, 0)
+        self._pool = ThreadPoolExecutor(max_workers=1)  # reads the next group ahead
+        self._ahead: dict[tuple[int, int], Future] = {}
 
     # -- the plan of an epoch: which (shard, example range) segments, in which groups
     def _segments(self, epoch: int) -> list[tuple[int, int, int]]:
@@ -120,6 +122,21 @@ class ShardStream(BaseNode[dict]):
             for i in range(0, len(segments), self.shuffle_shards)
         ]
 
+    def _read_group(self, epoch: int, group: int) -> list:
+        return [self.shards.read_shard(shard, cache=False) for shard, _, _ in self._groups[group]]
+
+    def _blocks(self, group: int) -> list:
+        """The group's shard blocks, read ahead in the background while the previous group streams."""
+        key = (self.epoch, group)
+        pending = self._ahead.pop(key, None)
+        blocks = pending.result() if pending is not None else self._read_group(*key)
+        self._ahead.clear()
+        if group + 1 < len(self._groups):
+            self._ahead[(self.epoch, group + 1)] = self._pool.submit(
+                self._read_group, self.epoch, group + 1
+            )
+        return blocks
+
     def _load_group(self) -> None:
         """Read this group's shard segments and fix their shuffled order."""
         self._plan(self.epoch)
@@ -129,8 +146,7 @@ class ShardStream(BaseNode[dict]):
         group = self._groups[self._group]
         stored_epoch, k = self.shards.k_for_epoch(self.epoch, self.wrap_epochs)
         self._examples = []
-        for shard, start, stop in group:
-            block = self.shards.read_shard(shard)
+        for (_, start, stop), block in zip(group, self._blocks(self._group), strict=True):
             for e in range(start, stop):
                 first = (e // self.per_trajectory) * self.steps + e % self.per_trajectory
                 rows = slice(first, first + self.window + 1)
@@ -220,26 +236,24 @@ class ShardLoader:
                 f"({shards.location}, split '{shards.split}', world size {world_size})"
             )
         data = shards.manifest["data"]
-        gather = QueryGather(
+        gather = GatherCollate(
             grid_coordinates(tuple(data["grid"])),
             np.asarray(data["norm"]["mean"]),
             np.asarray(data["norm"]["std"]),
             shards.beta,
+            float(data["dt"]),
+            list(data["params"].values()),
             sparse_steps,
             dense_steps,
             latents,
         )
-        node: BaseNode = (
-            ParallelMapper(
-                self.source, gather, num_workers=cfg.workers, in_order=True, method=cfg.method
+        node: BaseNode = Batcher(self.source, batch_size, drop_last=True)
+        if cfg.workers > 0:
+            node = ParallelMapper(
+                node, gather, num_workers=cfg.workers, in_order=True, method=cfg.method
             )
-            if cfg.workers > 0
-            else Mapper(self.source, gather)
-        )
-        node = Batcher(node, batch_size, drop_last=True)
-        node = Mapper(
-            node, partial(collate, dt=float(data["dt"]), params=list(data["params"].values()))
-        )
+        else:
+            node = Mapper(node, gather)
         if torch.cuda.is_available():
             node = PinMemory(node)
         node = Prefetcher(node, cfg.prefetch)

@@ -30,8 +30,7 @@ def query_set(
     The weights w_i = (k / (N pi_i))^beta follow from the stored q and k_e (pi = inclusion
     probabilities), so they are not stored per epoch.
     """
-    n = importance.shape[-1]
-    indices = bitmask_to_indices(bitmask, n)
+    indices = bitmask_to_indices(bitmask, importance.shape[-1])
     if len(indices) != k:
         raise ShardError(f"query bitmask holds {len(indices)} points, the manifest says k={k}")
     q = torch.from_numpy(np.ascontiguousarray(importance, dtype=np.float32))[None]
@@ -63,7 +62,11 @@ class ShardSet:
         self.k_per_epoch: list[int] = self.manifest["k_per_epoch"]
         self.beta = float(self.manifest["config"]["sampler"]["beta"])
         self._checksums = {name: entry["sha256"] for name, entry in self.manifest["files"].items()}
-        self._zarr: ZarrReader | None = None
+        self._zarr = (
+            ZarrReader(join(self.location, "zarr"), split, self._checksums)
+            if format == "zarr"
+            else None
+        )
         self._cached: tuple[int, ShardBlock] | None = None
 
     @property
@@ -87,14 +90,16 @@ class ShardSet:
         stored = epoch % self.epochs
         return stored, self.k_per_epoch[stored]
 
-    def read_shard(self, index: int) -> ShardBlock:
-        """All snapshots of shard ``index`` of this split, checked against the manifest."""
-        if self._cached is not None and self._cached[0] == index:
+    def read_shard(self, index: int, cache: bool = True) -> ShardBlock:
+        """All snapshots of shard ``index`` of this split, checked against the manifest.
+
+        ``cache`` keeps the last block for repeated ``snapshot``/``query_set`` calls; streaming
+        readers pass False (and may then read from several threads).
+        """
+        if cache and self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         shard = self.shards[index]
         if self.format == "zarr":
-            if self._zarr is None:
-                self._zarr = ZarrReader(join(self.location, "zarr"), self.split, self._checksums)
             block = self._zarr.read(shard["start"], shard["start"] + shard["count"])
         else:
             block = read_tar(self._read_verified(shard["tar"]), join(self.location, shard["tar"]))
@@ -102,7 +107,8 @@ class ShardSet:
             raise ShardError(
                 f"{self.location}: shard {index} of '{self.split}' holds {len(block)} snapshots, manifest says {shard['count']}"
             )
-        self._cached = (index, block)
+        if cache:
+            self._cached = (index, block)
         return block
 
     def _read_verified(self, name: str) -> bytes:

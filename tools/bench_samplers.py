@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 import torch
+from bench_common import environment_lines
 
 from pipeline.keys import snapshot_keys
 from pipeline.query_codec import encode_indices, entropy_bound_bytes
@@ -110,16 +107,10 @@ def codec_table(args: argparse.Namespace) -> list[str]:
 
 
 def header() -> list[str]:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return [
         "# Sampler benchmark",
         "",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch CPU threads; GPU: {gpu}",
-        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"numpy {np.__version__}, numcodecs {numcodecs.__version__}",
+        *environment_lines(),
         "- throughput = `probabilities` + one `sample` (one epoch) per snapshot, fields already on "
         "the device; CPU timings are for relative comparison only (DESIGN.md section 10)",
         "- storage: zstd-compressed packed bitmask (`pipeline.query_codec`); the bound is "

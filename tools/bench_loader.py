@@ -1,0 +1,178 @@
+"""Loader throughput on the CPU: our torchdata.nodes loader from local zarr and local tars with
+0, 1 and 2 workers, next to a plain torch DataLoader over the same zarr store.
+
+Every loader produces the same operator-stage batches: pairs (u_t, u_{t+1}) with latents and
+this epoch's sparse (coords, targets, weights) for both snapshots. Prints a markdown table and
+writes it to docs/bench_loader.md.
+
+    python tools/bench_loader.py [--out docs/bench_loader.md] [--resolution 128] [--batches 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from bench_common import environment_lines, markdown_table
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.collate import GatherCollate
+from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig
+from pipeline.shards import open_shards
+from ups.data.generate import generate
+from ups.data.pdebench import grid_coordinates
+from ups.data.splits import DataConfig, NormStats
+from ups.models.codec import Codec, CodecConfig, save_codec
+from ups.models.decoder import DecoderConfig
+from ups.models.encoder import EncoderConfig
+
+
+def build_set(root: Path, resolution: int, trajectories: int, steps: int) -> Path:
+    data = generate(
+        "ns2d", root / "ns.h5", trajectories, steps, resolution, seed=0, dt=0.5, progress=False
+    )
+    source, splits = DataConfig(path=str(data)).open()
+    norm = NormStats.from_trajectories(source, splits["train"], progress=False)
+    cfg = CodecConfig(
+        EncoderConfig(patch=8, dim=64, depth=1, num_tokens=64, latent_dim=64),
+        DecoderConfig(dim=64, depth=1),
+    )
+    save_codec(root / "codec.pt", Codec(cfg, source.info), norm)
+    build = BuildConfig(
+        data=DataConfig(path=str(data)),
+        out=str(root / "shards"),
+        encoder=str(root / "codec.pt"),
+        epochs=2,
+        sampler=SamplerConfig(kind="gradient"),
+        schedule=ScheduleConfig(start_ratio=0.1),
+        trajectories_per_shard=2,
+        progress=False,
+    )
+    run_build(build)
+    return Path(build.out)
+
+
+def time_batches(batches, count: int, batch_size: int) -> float:
+    """Snapshot pairs per second over ``count`` batches after one warm-up batch."""
+    iterator = iter(batches)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(iterator)
+    return count * batch_size / (time.perf_counter() - start)
+
+
+class ZarrPairs(torch.utils.data.Dataset):
+    """The plain way: a map-style dataset reading one pair from the zarr store per item."""
+
+    def __init__(self, location: Path):
+        shards = open_shards(str(location))
+        self.group = zarr.open_group(str(location / "zarr"), mode="r")["train"]
+        steps = shards.manifest["splits"]["train"]["snapshots_per_trajectory"]
+        self.starts = [i for i in range(len(shards)) if i % steps != steps - 1]
+        self.k = shards.k_per_epoch[0]
+        data = shards.manifest["data"]
+        self.collate = GatherCollate(
+            grid_coordinates(tuple(data["grid"])),
+            np.asarray(data["norm"]["mean"]),
+            np.asarray(data["norm"]["std"]),
+            shards.beta,
+            float(data["dt"]),
+            list(data["params"].values()),
+            (0, 1),
+            (),
+            True,
+        )
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict:
+        rows, g = slice(self.starts[i], self.starts[i] + 2), self.group
+        return {
+            "snapshot_id": int(g["snapshot_id"][rows.start]),
+            "epoch": 0,
+            "k": self.k,
+            "fields": g["fields"][rows],
+            "importance": g["importance"][rows],
+            "queries": g["queries"][rows, 0],
+            "latent": g["latent"][rows],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/bench_loader.md"))
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--trajectories", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per configuration")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        location = build_set(Path(tmp), args.resolution, args.trajectories, args.steps)
+        k = open_shards(str(location)).k_per_epoch[0]
+        rows = []
+        for fmt in ("zarr", "wds"):
+            for workers in (0, 1, 2):
+                shards = open_shards(str(location), "train", fmt)
+                cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=True)
+                loader = ShardLoader(shards, cfg, args.batch_size, 1, (0, 1), (), True)
+
+                def epochs(loader=loader):
+                    while True:
+                        yield from loader
+
+                rate = time_batches(epochs(), args.batches, args.batch_size)
+                loader.close()
+                rows.append([f"ours (torchdata.nodes), {fmt}", str(workers), f"{rate:,.0f}"])
+        dataset = ZarrPairs(location)
+        for workers in (0, 2):
+            plain = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=workers,
+                collate_fn=dataset.collate,
+                persistent_workers=workers > 0,
+            )
+
+            def forever(plain=plain):
+                while True:
+                    yield from plain
+
+            rows.append(
+                [
+                    "plain DataLoader, zarr item reads",
+                    str(workers),
+                    f"{time_batches(forever(), args.batches, args.batch_size):,.0f}",
+                ]
+            )
+    n = args.resolution**2
+    lines = [
+        "# Loader benchmark (CPU)",
+        "",
+        *environment_lines(),
+        f"- data: generated NS 2D {args.resolution}x{args.resolution}, operator-stage pairs with latents "
+        f"(64 tokens x 64), gradient-importance query sets at ratio 0.1 (k = {k} of {n}), "
+        f"batch {args.batch_size}, {args.batches} timed batches after one warm-up",
+        "- CPU timings on this machine are for relative comparison only; GPU step times are in docs/benchmarks.md",
+        "",
+        *markdown_table(["loader", "workers", "snapshot pairs/s"], rows),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
