@@ -122,9 +122,8 @@ class PDEBenchFile:
         else:
             keys = ("tensor",) if self.layout == "1d" else tuple(k for k in CFD_FIELDS if k in f)
             shape = f[keys[0]].shape
-            want_rank = (
-                3 if self.layout == "1d" else len(keys)
-            )  # (N, T, X) with Vx; (N, T, X, Y) with Vy
+            # (N, T, X) for 'tensor' and for density/pressure/Vx; (N, T, X, Y) with Vy
+            want_rank = 3 if self.layout == "1d" else len(keys)
             if len(shape) != want_rank:
                 axes = ", ".join(["N", "T", *[a.upper() for a in AXIS_NAMES[: want_rank - 2]]])
                 raise DataError(

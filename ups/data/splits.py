@@ -23,9 +23,8 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 0
-    boundary: Literal["auto", "periodic", "nonperiodic"] = (
-        "auto"  # auto: the file's 'boundary' attribute
-    )
+    # auto: the file's 'boundary' attribute (periodic when absent)
+    boundary: Literal["auto", "periodic", "nonperiodic"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):

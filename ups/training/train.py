@@ -57,9 +57,9 @@ from ups.training.losses import (
 
 @dataclass
 class LossConfig:
-    mode: Literal["sparse", "dense", "on_the_fly"] = (
-        "sparse"  # sparse: the shards' precomputed query sets
-    )
+    # sparse: the shards' precomputed query sets; dense: every grid point; on_the_fly: a uniform
+    # subset drawn inside the loss (query_sample_ratio)
+    mode: Literal["sparse", "dense", "on_the_fly"] = "sparse"
     query_sample_ratio: float = 1.0  # on_the_fly: uniform share of points drawn inside the loss
     latent: float = 1.0  # operator: latent one-step loss weight
     forward: float = 1.0  # operator: forward physical loss weight (decode predicted z_{t+1})
@@ -109,9 +109,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
     resume: str | None = None
     overwrite: bool = False  # allow an ``out`` that already holds a run (without resume)
-    log_batches: bool = (
-        False  # every rank writes each batch's snapshot ids and query hash to batches-rank{r}.jsonl
-    )
+    tensorboard: bool = True  # also write metrics as TensorBoard events under out/tb
+    # every rank writes each batch's snapshot ids and query hash to batches-rank{r}.jsonl:
+    log_batches: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -246,16 +246,16 @@ def compute_losses(
         return {"total": loss, "reconstruction": loss}
     w = cfg.loss
     z_pred = models.operator(batch.z, batch.dt, batch.params)
-    terms = {
-        "latent": latent_one_step_loss(z_pred, batch.z_next[:, 0]),
-        "forward": forward_physical_loss(codec.decoder, z_pred, *points(1)),
-        "inverse": inverse_encoding_loss(codec.decoder, batch.z, *points(0)),
-    }
-    total = w.latent * terms["latent"] + w.forward * terms["forward"] + w.inverse * terms["inverse"]
+    terms = {"latent": latent_one_step_loss(z_pred, batch.z_next[:, 0])}
+    if w.forward:  # a zero weight skips the term's work, not just its gradient
+        terms["forward"] = forward_physical_loss(codec.decoder, z_pred, *points(1))
+    if w.inverse:
+        terms["inverse"] = inverse_encoding_loss(codec.decoder, batch.z, *points(0))
     if w.rollout_steps > 0:
         window = torch.cat([batch.z[:, None], batch.z_next], dim=1)  # (B, h+1, T, D)
         terms["rollout"] = latent_rollout_loss(models.operator, window, batch.dt, batch.params)
-        total = total + w.rollout * terms["rollout"]
+    weight = {"latent": w.latent, "forward": w.forward, "inverse": w.inverse, "rollout": w.rollout}
+    total = sum(weight[name] * value for name, value in terms.items())
     return {"total": total, **terms}
 
 
@@ -303,7 +303,7 @@ class Trainer:
             self.optimizer, lr_lambda(cfg.optim, self.total_steps)
         )
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
-        self.step = 0
+        self.step, self.train_seconds = 0, 0.0
         self.out = Path(cfg.out)
         if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint.pt").exists():
             raise CheckpointError(
@@ -347,6 +347,7 @@ class Trainer:
                 "kind": "train",
                 "config": to_dict(self.cfg),
                 "step": self.step,
+                "train_seconds": self.train_seconds,
                 "models": self.models.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -381,7 +382,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.loader.load_state_dict(ckpt["loader"][self.rank])
         self.gen.set_state(ckpt["generator"][self.rank])
-        self.step = ckpt["step"]
+        self.step, self.train_seconds = ckpt["step"], ckpt["train_seconds"]
 
     # -- logging
     def _log(self, record: dict[str, Any], writer) -> None:
@@ -420,9 +421,10 @@ class Trainer:
         writer = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.out / "tb"))
+                writer = SummaryWriter(str(self.out / "tb"))
         per_epoch = self.loader.batches_per_epoch
         eval_every = cfg.eval_every or per_epoch
         ckpt_every = cfg.checkpoint_every or per_epoch
@@ -438,6 +440,7 @@ class Trainer:
             disable=not cfg.progress or self.rank != 0,
         )
         seen, tick = 0, time.perf_counter()
+        clock = time.perf_counter()  # train_seconds counts the loop, not validation or checkpoints
         self.models.train()
         while self.step < self.total_steps:
             for batch in self.loader:
@@ -463,6 +466,7 @@ class Trainer:
                     record = {
                         "step": self.step,
                         "epoch": batch.epoch,
+                        "train_seconds": self.train_seconds + time.perf_counter() - clock,
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm),
                         "samples_per_s": rate,
@@ -471,17 +475,27 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
                     seen, tick = 0, time.perf_counter()
                 bar.update(1)
-                if self.step % ckpt_every == 0 or self.step == self.total_steps:
-                    self.save(self.out / "checkpoint.pt")
-                if self.step % eval_every == 0 or self.step == self.total_steps:
-                    if self.rank == 0:
-                        metrics = self.validate("val", cfg.eval_trajectories)
-                        self._log(
-                            {"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}},
-                            writer,
-                        )
-                    if self.world > 1:
-                        dist.barrier()
+                last = self.step == self.total_steps
+                due_ckpt, due_eval = (
+                    self.step % ckpt_every == 0 or last,
+                    self.step % eval_every == 0 or last,
+                )
+                if due_ckpt or due_eval:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.train_seconds += time.perf_counter() - clock
+                    if due_ckpt:
+                        self.save(self.out / "checkpoint.pt")
+                    if due_eval:
+                        if self.rank == 0:
+                            metrics = self.validate("val", cfg.eval_trajectories)
+                            record = {"step": self.step, "train_seconds": self.train_seconds}
+                            self._log(
+                                {**record, **{f"val/{k}": v for k, v in metrics.items()}}, writer
+                            )
+                        if self.world > 1:
+                            dist.barrier()
+                    clock = time.perf_counter()
                 if self.step >= self.total_steps:
                     break
         bar.close()
@@ -491,8 +505,10 @@ class Trainer:
             final = self.validate("test")
             self._save_model()
             (self.out / "test_metrics.json").write_text(json.dumps(final, indent=1) + "\n")
-            self._log({"step": self.step, **{f"test/{k}": v for k, v in final.items()}}, writer)
-            writer.close()
+            record = {"step": self.step, "train_seconds": self.train_seconds}
+            self._log({**record, **{f"test/{k}": v for k, v in final.items()}}, writer)
+            if writer is not None:
+                writer.close()
         if self.world > 1:
             dist.barrier()
         return final
