@@ -1,0 +1,649 @@
+"""GPU training-step benchmark: what sparse precomputed queries buy, measured side by side.
+
+One run on one GPU builds what it needs (generated NS 2D 128x128 data, a codec, latent shards
+at several ratios) and measures, with the library's own training step (``Models`` +
+``compute_losses`` + AdamW, bf16 autocast):
+
+1. the decoder-loss step alone (decoder hidden 256, 3 cross-attention layers) at dense and at
+   ratios 0.5 / 0.3 / 0.1 / 0.05: median / p10 / p90 step time and peak memory;
+2. the whole operator-stage and codec-stage steps on GPU-resident batches, broken down into
+   operator or encoder, decoder + loss, optimizer (by differences of measured variants), with
+   the Amdahl bound 1 / ((1 - f) + f r) from the measured dense decoder share f;
+3. streaming from zarr and from tars vs the same batches already on the GPU, at ratio 0.1;
+4. the three ways to get sparse queries on equal terms: dense, on-the-fly sampling inside the
+   loss, precomputed sets from shards;
+5. eager vs torch.compile for the decoder-loss and operator steps.
+
+Results go to OUT/bench_train.json after every section; ``--report`` turns that JSON into the
+markdown tables of docs/benchmarks.md.
+
+    python tools/bench_train.py --out-dir docs/bench           # on a GPU
+    python tools/bench_train.py --smoke --out-dir /tmp/bench   # tiny, on a CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from bench_common import environment_lines, markdown_table
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig
+from pipeline.shards import open_shards
+from ups.config import load_config
+from ups.data.generate import generate
+from ups.data.splits import DataConfig, NormStats
+from ups.models.codec import Codec, CodecConfig, save_codec
+from ups.models.decoder import AnyPointDecoder, DecoderConfig
+from ups.models.encoder import EncoderConfig
+from ups.models.operator import LatentOperator, OperatorConfig
+from ups.training.losses import weighted_point_loss
+from ups.training.train import Models, TrainConfig
+
+RATIOS = (1.0, 0.5, 0.3, 0.1, 0.05)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.out = Path(args.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {
+            "environment": environment_lines(),
+            "args": vars(args),
+            "sections": {},
+        }
+        self.started = time.perf_counter()
+
+    def save(self) -> None:
+        (self.out / "bench_train.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+    def section(self, name: str, fn) -> None:
+        """Run one section; a failure is recorded, not fatal, so later sections still run."""
+        if time.perf_counter() - self.started > self.args.time_budget:
+            self.results["sections"][name] = {"skipped": "time budget spent"}
+            self.save()
+            return
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            self.results["sections"][name] = fn()
+        except Exception as err:  # keep going: one broken section must not lose the others
+            self.results["sections"][name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "trace": traceback.format_exc()[-2000:],
+            }
+            print(traceback.format_exc())
+        self.results["sections"].setdefault(name, {})
+        if isinstance(self.results["sections"][name], dict):
+            self.results["sections"][name]["section_seconds"] = time.perf_counter() - start
+        self.save()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def autocast(self):
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        )
+
+    def time_steps(
+        self, step, batches, steps: int | None = None, warmup: int | None = None
+    ) -> dict:
+        """Wall time per step (CUDA-synchronised), median/p10/p90 in ms, and peak GPU memory."""
+        steps = steps or self.args.steps
+        warmup = self.args.warmup if warmup is None else warmup
+        it = iter(batches)
+        for _ in range(warmup):
+            step(next(it))
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step(next(it))
+            self.sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        q = statistics.quantiles(times, n=10)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+        return {
+            "median_ms": statistics.median(times),
+            "p10_ms": q[0],
+            "p90_ms": q[-1],
+            "peak_gib": peak,
+            "steps": steps,
+        }
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self) -> dict:
+        a = self.args
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+        data = generate(
+            "ns2d",
+            self.tmp / "ns.h5",
+            a.trajectories,
+            a.steps_per_traj,
+            a.resolution,
+            seed=0,
+            device=str(self.device),
+            progress=False,
+        )
+        source, splits = DataConfig(path=str(data)).open()
+        norm = NormStats.from_trajectories(source, splits["train"], progress=False)
+        self.codec_cfg = CodecConfig(
+            EncoderConfig(
+                patch=8, dim=a.width, depth=2, heads=8, num_tokens=a.tokens, latent_dim=a.latent_dim
+            ),
+            DecoderConfig(dim=a.width, depth=3, heads=8, num_freqs=16, max_freq=64.0),
+        )
+        self.info = source.info
+        self.codec_path = self.tmp / "codec.pt"
+        save_codec(self.codec_path, Codec(self.codec_cfg, source.info), norm)
+        self.shards = {}
+        build_seconds = {}
+        for ratio in RATIOS[1:]:
+            cfg = BuildConfig(
+                data=DataConfig(path=str(data)),
+                out=str(self.tmp / f"shards_{ratio}"),
+                encoder=str(self.codec_path),
+                epochs=2,
+                sampler=SamplerConfig(kind="gradient"),
+                schedule=ScheduleConfig(start_ratio=ratio),
+                trajectories_per_shard=4,
+                progress=False,
+            )
+            summary = run_build(cfg)
+            build_seconds[str(ratio)] = summary["seconds"]
+            self.shards[ratio] = cfg.out
+        n = a.resolution**2
+        return {
+            "data": f"NS 2D {a.resolution}x{a.resolution}, {a.trajectories} trajectories x {a.steps_per_traj} steps",
+            "N": n,
+            "k": {str(r): open_shards(self.shards[r]).k_per_epoch[0] for r in RATIOS[1:]},
+            "build_seconds": build_seconds,
+        }
+
+    # ---------------------------------------------------------------- 1. decoder-loss step
+
+    def decoder_step(self) -> dict:
+        a = self.args
+        torch.manual_seed(0)
+        decoder = AnyPointDecoder(self.codec_cfg.decoder, a.latent_dim, 2, 1).to(self.device)
+        opt = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
+        n = a.resolution**2
+        out = {}
+        for ratio in RATIOS:
+            k = n if ratio == 1.0 else open_shards(self.shards[ratio]).k_per_epoch[0]
+            batches = [
+                (
+                    torch.randn(a.batch, a.tokens, a.latent_dim, device=self.device),
+                    torch.rand(a.batch, k, 2, device=self.device),
+                    torch.randn(a.batch, k, 1, device=self.device),
+                    torch.rand(a.batch, k, device=self.device) + 0.5,
+                )
+                for _ in range(4)
+            ]
+
+            def step(b, decoder=decoder, opt=opt):
+                z, coords, targets, w = b
+                with self.autocast():
+                    loss = weighted_point_loss(decoder(z, coords), targets, w)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            out[str(ratio)] = {"k": k, **self.guarded(step, cycle(batches))}
+        return out
+
+    def guarded(self, step, batches, **kw) -> dict:
+        """time_steps, with a failure (out of memory, say) recorded instead of raised."""
+        try:
+            return self.time_steps(step, batches, **kw)
+        except Exception as err:
+            if self.cuda:
+                torch.cuda.empty_cache()
+            print(traceback.format_exc())
+            return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+
+    # ---------------------------------------------------------------- 2. whole steps, resident
+
+    def train_config(
+        self, stage: str, mode: str = "sparse", ratio: float = 1.0, **loss
+    ) -> TrainConfig:
+        overrides = [f"stage={stage}", f"loss.mode={mode}", f"codec_checkpoint={self.codec_path}"]
+        overrides += [f"operator.dim={self.args.width}", "operator.depth=4", "operator.heads=8"]
+        if mode == "on_the_fly":
+            overrides.append(f"loss.query_sample_ratio={ratio}")
+        overrides += [f"loss.{k}={v}" for k, v in loss.items()]
+        return load_config(TrainConfig, None, overrides)
+
+    def models(self, stage: str) -> Models:
+        torch.manual_seed(0)
+        codec = Codec(self.codec_cfg, self.info)
+        operator = (
+            LatentOperator(
+                load_config(OperatorConfig, None, [f"dim={self.args.width}", "depth=4", "heads=8"]),
+                self.args.latent_dim,
+                self.args.tokens,
+                len(self.info.params),
+            )
+            if stage == "operator"
+            else None
+        )
+        if stage == "operator":
+            codec.encoder.requires_grad_(False)
+        return Models(codec, operator).to(self.device)
+
+    def loader(
+        self,
+        stage: str,
+        ratio: float,
+        mode: str,
+        fmt: str = "zarr",
+        workers: int | None = None,
+        method: str = "thread",
+    ) -> ShardLoader:
+        shards = open_shards(self.shards[ratio if ratio < 1 else 0.1], "train", fmt)
+        window = 1 if stage == "operator" else 0
+        steps = (0, 1) if stage == "operator" else (0,)
+        sparse = steps if mode == "sparse" else ()
+        dense = (0,) if stage == "codec" else (steps if mode != "sparse" else ())
+        cfg = LoaderConfig(
+            workers=self.args.workers if workers is None else workers,
+            method=method,
+            prefetch=8,
+            format=fmt,
+            wrap_epochs=True,
+        )
+        return ShardLoader(shards, cfg, self.args.batch, window, sparse, dense, stage == "operator")
+
+    def resident(self, loader: ShardLoader, count: int = 6) -> list:
+        batches = []
+        for batch in forever(loader):
+            batches.append(batch.to(self.device))
+            if len(batches) == count:
+                break
+        loader.close()
+        return batches
+
+    def train_step(self, models: Models, cfg: TrainConfig, timings: dict | None = None):
+        opt = torch.optim.AdamW([p for p in models.parameters() if p.requires_grad], lr=1e-4)
+        gen = torch.Generator(self.device).manual_seed(0)
+
+        def step(batch):
+            batch = batch.to(self.device, non_blocking=True)
+            with self.autocast():
+                terms = models(batch, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+            if timings is not None:
+                self.sync()
+                start = time.perf_counter()
+            opt.step()
+            if timings is not None:
+                self.sync()
+                timings.setdefault("optimizer", []).append((time.perf_counter() - start) * 1e3)
+
+        return step
+
+    def stage_steps(self, stage: str) -> dict:
+        out = {}
+        models = self.models(stage)
+        for ratio in RATIOS:
+            mode = "dense" if ratio == 1.0 else "sparse"
+            batches = self.resident(self.loader(stage, ratio, mode))
+            timings: dict = {}
+            out[str(ratio)] = self.guarded(
+                self.train_step(models, self.train_config(stage, mode), timings), cycle(batches)
+            )
+            if timings:
+                out[str(ratio)]["optimizer_ms"] = statistics.median(timings["optimizer"])
+            del batches
+        # the decoder's share: the same step without the decoder losses
+        if stage == "operator":
+            batches = self.resident(self.loader(stage, 0.1, "sparse"))
+            out["no_decoder"] = self.guarded(
+                self.train_step(models, self.train_config(stage, "sparse", forward=0, inverse=0)),
+                cycle(batches),
+            )
+        else:
+            # the codec step without the encoder: decoder + loss on latents of a frozen encoder
+            enc = models.codec.encoder
+            for ratio in (1.0, 0.1):
+                mode = "dense" if ratio == 1.0 else "sparse"
+                batches = self.resident(self.loader(stage, ratio, mode))
+                with torch.no_grad(), self.autocast():
+                    zs = [enc(b.fields).float() for b in batches]
+                decoder = models.codec.decoder
+                opt = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
+
+                def step(pair, decoder=decoder, opt=opt, mode=mode):
+                    batch, z = pair
+                    if mode == "dense":
+                        coords = models.codec.grid_coords.expand(z.shape[0], -1, -1)
+                        targets, w = batch.fields.flatten(2).transpose(1, 2), None
+                    else:
+                        coords, targets, w = batch.coords, batch.targets, batch.weights
+                    with self.autocast():
+                        loss = weighted_point_loss(decoder(z, coords), targets, w)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+                out[f"decoder_only_{ratio}"] = self.guarded(
+                    step, cycle(list(zip(batches, zs, strict=True)))
+                )
+        return out
+
+    # ---------------------------------------------------------------- 3. streaming vs resident
+
+    def streaming(self, methods=(("zarr", "thread"), ("wds", "thread"))) -> dict:
+        out = {}
+        models = self.models("operator")
+        cfg = self.train_config("operator")
+        batches = self.resident(self.loader("operator", 0.1, "sparse"))
+        out["resident"] = self.guarded(self.train_step(models, cfg), cycle(batches))
+        del batches
+        for fmt, method in methods:
+            loader = self.loader("operator", 0.1, "sparse", fmt=fmt, method=method)
+            out[f"{fmt}_{method}"] = self.guarded(
+                self.train_step(models, cfg), forever(loader), steps=self.args.stream_steps
+            )
+            loader.close()
+        return out
+
+    def streaming_process(self) -> dict:
+        """Process workers instead of threads (last: a hang here loses nothing else)."""
+        return self.streaming((("zarr", "process"),))
+
+    # ---------------------------------------------------------------- 4. three ways
+
+    def three_ways(self) -> dict:
+        out = {}
+        models = self.models("operator")
+        for name, mode in (
+            ("dense", "dense"),
+            ("on_the_fly", "on_the_fly"),
+            ("precomputed", "sparse"),
+        ):
+            loader = self.loader("operator", 0.1, mode)
+            cfg = self.train_config("operator", mode, 0.1)
+            out[name] = self.guarded(
+                self.train_step(models, cfg), forever(loader), steps=self.args.stream_steps
+            )
+            loader.close()
+        return out
+
+    # ---------------------------------------------------------------- 5. torch.compile
+
+    def compiled(self) -> dict:
+        out = {}
+        for ratio in (1.0, 0.1):
+            mode = "dense" if ratio == 1.0 else "sparse"
+            models = self.models("operator")
+            batches = self.resident(self.loader("operator", ratio, mode))
+            models.compile()
+            start = time.perf_counter()
+            result = self.guarded(
+                self.train_step(models, self.train_config("operator", mode)),
+                cycle(batches),
+                warmup=5,
+            )
+            out[f"operator_{ratio}"] = {
+                **result,
+                "compile_and_run_seconds": time.perf_counter() - start,
+            }
+            del batches, models
+            torch._dynamo.reset()
+        return out
+
+
+def cycle(items):
+    while True:
+        yield from items
+
+
+def forever(loader: ShardLoader):
+    while True:
+        yield from loader
+
+
+# ---------------------------------------------------------------- report
+
+
+def is_result(v) -> bool:
+    return isinstance(v, dict) and ("steps" in v or "error" in v)
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def report(results: dict) -> str:
+    s = results["sections"]
+    lines = ["## Training-step benchmark (GPU)", "", *results["environment"], ""]
+    setup = s.get("setup", {})
+    if "N" in setup:
+        lines += [
+            f"- data: {setup['data']}; N = {setup['N']} points; k per ratio: {setup['k']}",
+            "",
+        ]
+        lines += [
+            "### 0. build_shards per stage (latent shards, gradient importance, zarr + tars)",
+            "",
+        ]
+        rows = []
+        for ratio, sec in setup["build_seconds"].items():
+            rows.append(
+                [
+                    ratio,
+                    *(
+                        fmt(sec.get(stage), 2)
+                        for stage in (
+                            "read",
+                            "encode",
+                            "importance",
+                            "query plan",
+                            "write",
+                            "total",
+                        )
+                    ),
+                ]
+            )
+        lines += [
+            *markdown_table(
+                [
+                    "ratio",
+                    "read s",
+                    "encode s",
+                    "importance s",
+                    "query plan s",
+                    "write s",
+                    "total s",
+                ],
+                rows,
+            ),
+            "",
+        ]
+
+    def row(name, r):
+        return (
+            [
+                name,
+                fmt(r.get("median_ms"), 2),
+                fmt(r.get("p10_ms"), 2),
+                fmt(r.get("p90_ms"), 2),
+                fmt(r.get("peak_gib"), 2),
+            ]
+            if "median_ms" in r
+            else [name, r.get("error", "-"), "", "", ""]
+        )
+
+    head = ["config", "median ms", "p10 ms", "p90 ms", "peak GiB"]
+    if "decoder_step" in s and "1.0" in s["decoder_step"]:
+        dec = s["decoder_step"]
+        width = results["args"]["width"]
+        lines += [
+            f"### 1. Decoder-loss step (decoder hidden {width}, 3 cross-attention layers, batch {results['args']['batch']})",
+            "",
+        ]
+        rows = []
+        dense = dec["1.0"]
+        for r in RATIOS:
+            d = dec[str(r)]
+            speed = (
+                dense["median_ms"] / d["median_ms"]
+                if "median_ms" in d and "median_ms" in dense
+                else None
+            )
+            mem = (
+                d["peak_gib"] / dense["peak_gib"]
+                if "peak_gib" in d and "peak_gib" in dense
+                else None
+            )
+            rows.append(
+                [*row(f"ratio {r} (k={d.get('k')})", d), fmt(speed, 2) + "x", fmt(mem, 3) + "x"]
+            )
+        lines += [*markdown_table([*head, "speed-up vs dense", "memory vs dense"], rows), ""]
+    for stage in ("operator", "codec"):
+        key = f"{stage}_steps"
+        if key not in s or "1.0" not in s[key]:
+            continue
+        st = s[key]
+        dense = st["1.0"]["median_ms"]
+        if stage == "operator":
+            rest = st["no_decoder"]["median_ms"]
+            f = (dense - rest) / dense
+        else:
+            dec = st["decoder_only_1.0"]["median_ms"]
+            f = dec / dense
+        lines += [
+            f"### 2. Whole {stage}-stage step, batches resident on the GPU",
+            "",
+            f"- dense decoder share f = {f:.3f}",
+            "",
+        ]
+        rows = []
+        for r in RATIOS:
+            d = st[str(r)]
+            if "median_ms" not in d:
+                rows.append([f"ratio {r}", d.get("error", "-"), "", "", "", "", "", ""])
+                continue
+            speed = dense / d["median_ms"]
+            bound = 1 / ((1 - f) + f * r)
+            rows.append(
+                [
+                    *row(f"ratio {r}", d),
+                    fmt(d.get("optimizer_ms"), 2),
+                    f"{speed:.2f}x",
+                    f"{bound:.2f}x",
+                    f"{speed / bound:.2f}",
+                ]
+            )
+        lines += [
+            *markdown_table([*head, "optimizer ms", "speed-up", "Amdahl bound", "of bound"], rows),
+            "",
+        ]
+        extra = {k: v for k, v in st.items() if k.startswith(("no_decoder", "decoder_only"))}
+        lines += [*markdown_table(head, [row(k, v) for k, v in extra.items()]), ""]
+    if "streaming" in s and "resident" in s["streaming"]:
+        st = {
+            **s["streaming"],
+            **{k: v for k, v in s.get("streaming_process", {}).items() if k != "resident"},
+        }
+        base = st["resident"].get("median_ms")
+        lines += [
+            "### 3. Streaming from shards vs GPU-resident batches (operator stage, ratio 0.1)",
+            "",
+        ]
+        rows = [
+            [*row(k, v), fmt(v["median_ms"] / base, 3) + "x" if "median_ms" in v and base else "-"]
+            for k, v in st.items()
+            if is_result(v)
+        ]
+        lines += [*markdown_table([*head, "vs resident"], rows), ""]
+    if "three_ways" in s:
+        lines += [
+            "### 4. Three ways to get sparse queries (operator stage, ratio 0.1, streaming from zarr)",
+            "",
+        ]
+        lines += [
+            *markdown_table(head, [row(k, v) for k, v in s["three_ways"].items() if is_result(v)]),
+            "",
+        ]
+    if "compiled" in s:
+        lines += ["### 5. torch.compile (operator stage, resident batches)", ""]
+        rows = [
+            [*row(k, v), fmt(v.get("compile_and_run_seconds"), 1)]
+            for k, v in s["compiled"].items()
+            if is_result(v)
+        ]
+        lines += [*markdown_table([*head, "compile + run s"], rows), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="docs/bench")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, to check the script on a CPU"
+    )
+    parser.add_argument(
+        "--report", default=None, help="only render this bench_train.json to markdown"
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--stream-steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--trajectories", type=int, default=40)
+    parser.add_argument("--steps-per-traj", type=int, default=10)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--latent-dim", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--time-budget", type=float, default=480.0, help="seconds; later sections are skipped"
+    )
+    parser.add_argument(
+        "--sections",
+        default="decoder_step,operator_steps,codec_steps,streaming,three_ways,compiled,streaming_process",
+    )
+    args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return
+    if args.smoke:
+        args.steps, args.stream_steps, args.warmup, args.batch = 3, 3, 1, 4
+        args.resolution, args.trajectories, args.steps_per_traj = 32, 10, 4
+        args.width, args.tokens, args.latent_dim, args.workers = 32, 8, 16, 1
+    bench = Bench(args)
+    bench.section("setup", bench.setup)
+    for name in args.sections.split(","):
+        if name in ("operator_steps", "codec_steps"):
+            bench.section(name, lambda n=name: bench.stage_steps(n.split("_")[0]))
+        else:
+            bench.section(name, getattr(bench, name))
+    text = report(bench.results)
+    (bench.out / "bench_train.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
