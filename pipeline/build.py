@@ -141,6 +141,7 @@ class BuildPlan:
             "fields": ((len(info.channels), *info.grid), "float32"),
             "importance": ((info.num_points,), "float32"),
             "queries": ((len(self.k_per_epoch), (info.num_points + 7) // 8), "uint8"),
+            "pi_scale": ((len(self.k_per_epoch), 2), "int64"),
         }
         if self.codec is not None:
             enc = self.codec.cfg.encoder
@@ -327,8 +328,8 @@ class Builder:
         fields = torch.from_numpy(read["fields"]).to(self.device)
         latent = self._timed("encode", self.encode, fields) if self.encode else None
         q = self._timed("importance", self.importance, fields)
-        queries = self._timed("query plan", self.query_plan, q, read["snapshot_id"])
-        return assemble(read, q, queries, latent)
+        queries, pi_scale = self._timed("query plan", self.query_plan, q, read["snapshot_id"])
+        return assemble(read, q, queries, pi_scale, latent)
 
     def write(self, shard: ShardPlan, block: ShardBlock) -> None:
         start = time.perf_counter()

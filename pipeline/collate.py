@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.records import ShardError
-from pipeline.samplers import weights
+from pipeline.samplers import weights_from_scale
 
 
 @dataclass
@@ -104,10 +104,15 @@ class GatherCollate:
             targets = np.take_along_axis(flat, idx[:, None, :], axis=2).transpose(
                 0, 2, 1
             )  # (B, k, C)
-            q = torch.from_numpy(np.stack([ex["importance"][step] for ex in examples]))  # (B, N)
+            q_at = np.stack(
+                [ex["importance"][step][row] for ex, row in zip(examples, idx, strict=True)]
+            )  # (B, k)
+            scale = torch.from_numpy(np.stack([ex["pi_scale"][step] for ex in examples]))  # (B, 2)
             batch[f"coords{suffix}"] = torch.from_numpy(self.grid_coords[idx])  # (B, k, d)
             batch[f"targets{suffix}"] = torch.from_numpy((targets - self.mean) / self.std)
-            batch[f"weights{suffix}"] = weights(q, k, torch.from_numpy(idx), self.beta)
+            batch[f"weights{suffix}"] = weights_from_scale(
+                torch.from_numpy(q_at), n, k, scale, self.beta
+            )
         for step in self.dense_steps:
             fields = np.stack([ex["fields"][step] for ex in examples])  # (B, C, *grid)
             shape = (1, c) + (1,) * (fields.ndim - 2)

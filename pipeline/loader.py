@@ -45,11 +45,15 @@ class LoaderConfig:
     method: Literal["thread", "process"] = "thread"
     prefetch: int = 4  # batches prepared ahead
     shuffle_shards: int = 4  # shard segments mixed by the shuffle buffer
+    read_threads: int = 4  # shards read (decompressed, verified) in parallel
+    read_ahead: int = 2  # groups of shards read ahead of the one streaming
     format: Literal["auto", "zarr", "wds"] = "auto"
     wrap_epochs: bool = False  # reuse the precomputed query sets cyclically beyond their epochs
 
     def __post_init__(self) -> None:
         check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
+        check(self.read_threads >= 1, "loader.read_threads", "an integer >= 1", self.read_threads)
+        check(self.read_ahead >= 0, "loader.read_ahead", "an integer >= 0", self.read_ahead)
         check(self.prefetch >= 1, "loader.prefetch", "an integer >= 1", self.prefetch)
         check(
             self.shuffle_shards >= 1,
@@ -72,14 +76,7 @@ class ShardStream(BaseNode[dict]):
     """
 
     def __init__(
-        self,
-        shards: ShardSet,
-        seed: int,
-        window: int,
-        shuffle_shards: int,
-        rank: int,
-        world_size: int,
-        wrap_epochs: bool,
+        self, shards: ShardSet, cfg: LoaderConfig, window: int, rank: int, world_size: int
     ):
         super().__init__()
         steps = shards.manifest["splits"][shards.split]["snapshots_per_trajectory"]
@@ -87,20 +84,20 @@ class ShardStream(BaseNode[dict]):
             raise ShardError(
                 f"{shards.location}: windows of {window + 1} snapshots need trajectories of at least {window + 1}; these have {steps}"
             )
-        self.shards, self.seed, self.window = shards, seed, window
-        self.shuffle_shards, self.rank, self.world_size, self.wrap_epochs = (
-            shuffle_shards,
-            rank,
-            world_size,
-            wrap_epochs,
+        self.shards, self.window, self.rank, self.world_size = shards, window, rank, world_size
+        self.seed, self.shuffle_shards, self.wrap_epochs = (
+            cfg.seed,
+            cfg.shuffle_shards,
+            cfg.wrap_epochs,
         )
         self.steps = steps
         self.per_trajectory = steps - window  # examples per trajectory
         self.examples_per_shard = [s["count"] // steps * self.per_trajectory for s in shards.shards]
         self.per_rank = sum(self.examples_per_shard) // world_size
         self.epoch, self._start = 0, (0, 0)
-        self._pool = ThreadPoolExecutor(max_workers=1)  # reads the next group ahead
-        self._ahead: dict[tuple[int, int], Future] = {}
+        self.read_ahead = cfg.read_ahead
+        self._pool = ThreadPoolExecutor(max_workers=cfg.read_threads)  # shard reads, ahead of use
+        self._ahead: dict[tuple[int, int], list[Future]] = {}
 
     # -- the plan of an epoch: which (shard, example range) segments, in which groups
     def _segments(self, epoch: int) -> list[tuple[int, int, int]]:
@@ -122,20 +119,20 @@ class ShardStream(BaseNode[dict]):
             for i in range(0, len(segments), self.shuffle_shards)
         ]
 
-    def _read_group(self, epoch: int, group: int) -> list:
-        return [self.shards.read_shard(shard, cache=False) for shard, _, _ in self._groups[group]]
-
     def _blocks(self, group: int) -> list:
-        """The group's shard blocks, read ahead in the background while the previous group streams."""
-        key = (self.epoch, group)
-        pending = self._ahead.pop(key, None)
-        blocks = pending.result() if pending is not None else self._read_group(*key)
-        self._ahead.clear()
-        if group + 1 < len(self._groups):
-            self._ahead[(self.epoch, group + 1)] = self._pool.submit(
-                self._read_group, self.epoch, group + 1
-            )
-        return blocks
+        """The group's shard blocks. Its shards are read in parallel, and the next ``read_ahead``
+        groups are already being read while this one streams."""
+        wanted = range(group, min(group + 1 + self.read_ahead, len(self._groups)))
+        self._ahead = {
+            key: f for key, f in self._ahead.items() if key[0] == self.epoch and key[1] in wanted
+        }
+        for g in wanted:
+            if (self.epoch, g) not in self._ahead:
+                shards = [shard for shard, _, _ in self._groups[g]]
+                self._ahead[(self.epoch, g)] = [
+                    self._pool.submit(self.shards.read_shard, s, cache=False) for s in shards
+                ]
+        return [future.result() for future in self._ahead.pop((self.epoch, group))]
 
     def _load_group(self) -> None:
         """Read this group's shard segments and fix their shuffled order."""
@@ -158,6 +155,7 @@ class ShardStream(BaseNode[dict]):
                         "fields": block.fields[rows],
                         "importance": block.importance[rows],
                         "queries": block.queries[rows, stored_epoch],
+                        "pi_scale": block.pi_scale[rows, stored_epoch],
                         "latent": None if block.latent is None else block.latent[rows],
                     }
                 )
@@ -226,9 +224,7 @@ class ShardLoader:
             raise ShardError(
                 f"{shards.location}: field-only shards (built with encoder: null) hold no latents"
             )
-        self.source = ShardStream(
-            shards, cfg.seed, window, cfg.shuffle_shards, rank, world_size, cfg.wrap_epochs
-        )
+        self.source = ShardStream(shards, cfg, window, rank, world_size)
         self.batches_per_epoch = self.source.per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise ShardError(

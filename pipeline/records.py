@@ -3,7 +3,9 @@
 Per snapshot: ids (snapshot_id, trajectory, time), the cached latent (absent in field-only
 shards), the full target fields in physical units, the sampling distribution q over grid points
 (``importance``; inclusion probabilities for an epoch follow from q and k_e) and the E query
-sets as bitmasks (bit i of row e set <=> flat grid point i is queried in epoch e).
+sets as bitmasks (bit i of row e set <=> flat grid point i is queried in epoch e), with two
+integers per epoch (``pi_scale``) that turn q at the queried points into their inclusion
+probabilities -- a cache of what follows from q and k_e, so that weights cost O(k), not O(N).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class ShardBlock:
     fields: np.ndarray  # (S, C, *grid) float32, physical units
     importance: np.ndarray  # (S, N) float32, q: sums to 1 per snapshot
     queries: np.ndarray  # (S, E, ceil(N/8)) uint8, packed bitmasks
+    pi_scale: (
+        np.ndarray
+    )  # (S, E, 2) int64 [remaining, total]: pi = remaining * fixed(q) / total, capped at 1
     latent: np.ndarray | None = None  # (S, T, D) float16/float32
 
     def __len__(self) -> int:
@@ -45,5 +50,5 @@ class ShardBlock:
 
 
 def array_names(has_latent: bool) -> tuple[str, ...]:
-    names = (*ID_ARRAYS, "fields", "importance", "queries")
+    names = (*ID_ARRAYS, "fields", "importance", "queries", "pi_scale")
     return (*names, "latent") if has_latent else names

@@ -51,9 +51,10 @@ DEFAULT_BLOCK = {1: (16,), 2: (8, 8), 3: (4, 4, 4)}
 # Inclusion probabilities and weights: shared by every sampler, the loader and the losses.
 
 
-def _fixed_point(x: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] (B, N) as int64 multiples of 2^-F, F chosen so a row sums without overflow."""
-    frac_bits = 62 - x.shape[1].bit_length()
+def _fixed_point(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Values in [0, 1] as int64 multiples of 2^-F, F chosen so a row of n (default: the last
+    dim) sums without overflow; the same F for a full row and for values gathered from it."""
+    frac_bits = 62 - (x.shape[-1] if n is None else n).bit_length()
     return torch.round(x.to(torch.float64) * 2.0**frac_bits).to(torch.int64)
 
 
@@ -110,16 +111,41 @@ def inclusion_probabilities(q: torch.Tensor, k: int) -> torch.Tensor:
     return _cap(q, k).pi
 
 
+def inclusion_scale(q: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 2) int64 [remaining, total]: the capping's fixed point, so that for every point
+    pi_i = remaining * fixed(q_i) / total, or 1 where that reaches 1 (the capped points).
+
+    Two integers per snapshot-epoch: stored beside the query sets, they make a query set's
+    weights an O(k) computation from q at its points (:func:`weights_from_scale`), exactly equal
+    to :func:`weights`.
+    """
+    _check_q(q, k)
+    c = _cap(q, k)
+    return torch.stack([c.remaining, c.total], dim=1)
+
+
+def weights_from_scale(
+    q_at: torch.Tensor, n_points: int, k: int, scale: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
+    """Loss weights (B, k) float32 from q at the drawn points (B, k) and the scale (B, 2)."""
+    if k == n_points:  # a dense epoch: every point, with certainty
+        return torch.ones(q_at.shape, dtype=torch.float32, device=q_at.device)
+    remaining, total = scale[:, :1], scale[:, 1:]
+    pi = remaining * _fixed_point(q_at, n_points).double() / total.clamp(min=1).double()
+    pi = torch.where(pi >= _CAP, 1.0, pi)
+    if (pi == 0).any():
+        raise ValueError("indices include points with zero inclusion probability: not drawn from q")
+    return ((k / n_points) / pi).pow(beta).float()
+
+
 def weights(q: torch.Tensor, k: int, indices: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Loss weights (B, k) float32: (k / (N pi_i))**beta at the drawn points.
 
     beta = 1 is the unbiased Horvitz-Thompson weight; beta = 0 gives w = 1, a deliberate focus on
     the points q favours. Uniform sampling gives w == 1 exactly.
     """
-    pi = inclusion_probabilities(q, k).gather(1, indices)  # (B, k)
-    if (pi == 0).any():
-        raise ValueError("indices include points with zero inclusion probability: not drawn from q")
-    return ((k / q.shape[1]) / pi).pow(beta).float()
+    scale = inclusion_scale(q, k)
+    return weights_from_scale(q.gather(1, indices), q.shape[1], k, scale, beta)
 
 
 def effective_sample_size(w: torch.Tensor) -> torch.Tensor:

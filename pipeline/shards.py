@@ -16,25 +16,27 @@ import torch
 from pipeline.manifest import read_manifest
 from pipeline.query_codec import bitmask_to_indices
 from pipeline.records import ShardBlock, ShardError
-from pipeline.samplers import weights as sampler_weights
+from pipeline.samplers import weights_from_scale
 from pipeline.storage import join, read_bytes, sha256_bytes
 from pipeline.wds_format import read_tar
 from pipeline.zarr_format import ZarrReader
 
 
 def query_set(
-    bitmask: np.ndarray, importance: np.ndarray, k: int, beta: float
+    bitmask: np.ndarray, importance: np.ndarray, pi_scale: np.ndarray, k: int, beta: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """One snapshot-epoch's query indices (k,) int64 and weights (k,) float32 from its stored record.
 
     The weights w_i = (k / (N pi_i))^beta follow from the stored q and k_e (pi = inclusion
-    probabilities), so they are not stored per epoch.
+    probabilities); ``pi_scale`` caches the two integers of that derivation, so only q at the k
+    points is needed.
     """
-    indices = bitmask_to_indices(bitmask, importance.shape[-1])
+    n = importance.shape[-1]
+    indices = bitmask_to_indices(bitmask, n)
     if len(indices) != k:
         raise ShardError(f"query bitmask holds {len(indices)} points, the manifest says k={k}")
-    q = torch.from_numpy(np.ascontiguousarray(importance, dtype=np.float32))[None]
-    w = sampler_weights(q, k, torch.from_numpy(indices)[None], beta)[0]
+    q_at = torch.from_numpy(np.ascontiguousarray(importance[indices], dtype=np.float32))[None]
+    w = weights_from_scale(q_at, n, k, torch.from_numpy(np.asarray(pi_scale))[None], beta)[0]
     return indices, w.numpy()
 
 
@@ -149,7 +151,13 @@ class ShardSet:
         stored, k = self.k_for_epoch(epoch, wrap)
         index, row = self.locate(i)
         block = self.read_shard(index)
-        return query_set(block.queries[row, stored], block.importance[row], k, self.beta)
+        return query_set(
+            block.queries[row, stored],
+            block.importance[row],
+            block.pi_scale[row, stored],
+            k,
+            self.beta,
+        )
 
     def trajectories(self, limit: int | None = None) -> Iterator[np.ndarray]:
         """Whole trajectories of this split, each (T, C, *grid) in physical units, in stored order."""

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.keys import snapshot_keys
 from pipeline.records import ShardBlock
-from pipeline.samplers import Sampler
+from pipeline.samplers import Sampler, inclusion_scale
 from ups.data.pdebench import PDEBenchFile
 from ups.data.splits import NormStats
 from ups.models.codec import Codec
@@ -99,19 +99,25 @@ class QueryPlanStage:
             tuple(grid),
         )
 
-    def __call__(self, q: torch.Tensor, snapshot_ids: np.ndarray) -> np.ndarray:
+    def __call__(self, q: torch.Tensor, snapshot_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(queries (S, E, ceil(N/8)) uint8, pi_scale (S, E, 2) int64)."""
         ids = torch.from_numpy(snapshot_ids)
-        masks = []
+        masks, scales = [], []
         for epoch, k in enumerate(self.k_per_epoch):
             keys = snapshot_keys(self.seed, ids, epoch, device=q.device)
             idx = self.sampler.sample(q, k, keys, self.grid)  # (S, k)
             mask = torch.zeros(q.shape, dtype=torch.bool, device=q.device).scatter_(1, idx, True)
             masks.append(pack_bits(mask))
-        return torch.stack(masks, dim=1).cpu().numpy()
+            scales.append(inclusion_scale(q, k))
+        return torch.stack(masks, dim=1).cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
 
 
 def assemble(
-    read: dict[str, np.ndarray], q: torch.Tensor, queries: np.ndarray, latent: np.ndarray | None
+    read: dict[str, np.ndarray],
+    q: torch.Tensor,
+    queries: np.ndarray,
+    pi_scale: np.ndarray,
+    latent: np.ndarray | None,
 ) -> ShardBlock:
     return ShardBlock(
         snapshot_id=read["snapshot_id"],
@@ -120,5 +126,6 @@ def assemble(
         fields=read["fields"],
         importance=q.float().cpu().numpy(),
         queries=queries,
+        pi_scale=pi_scale,
         latent=latent,
     )

@@ -2,7 +2,8 @@
 
 One sample per snapshot, keyed ``{trajectory:06d}_{time:06d}`` so keys sort with a trajectory's
 snapshots contiguous. Members: ``fields.npy`` (C, *grid) float32, ``importance.npy`` (N,)
-float32, ``queries.npy`` (E, ceil(N/8)) uint8, ``latent.npy`` (T, D) when present, and
+float32, ``queries.npy`` (E, ceil(N/8)) uint8, ``pi_scale.npy`` (E, 2) int64, ``latent.npy``
+(T, D) when present, and
 ``meta.json`` ({"snapshot_id", "trajectory", "time"}). Tars are reproducible: fixed mtime, owner
 and mode, members in sorted order.
 """
@@ -20,7 +21,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.records import ID_ARRAYS, ShardBlock
 
-ARRAY_MEMBERS = ("fields", "importance", "queries", "latent")
+ARRAY_MEMBERS = ("fields", "importance", "queries", "pi_scale", "latent")
 
 
 def sample_key(trajectory: int, time: int) -> str:

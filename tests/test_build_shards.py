@@ -36,8 +36,17 @@ from ups.models.codec import load_codec
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "tools" / "build_shards.py"
 INSPECT = ROOT / "tools" / "inspect_shards.py"
-RECORD = ("snapshot_id", "trajectory", "time", "fields", "importance", "queries", "latent")
-MEMBERS = ("fields.npy", "importance.npy", "latent.npy", "meta.json", "queries.npy")
+RECORD = (
+    "snapshot_id",
+    "trajectory",
+    "time",
+    "fields",
+    "importance",
+    "queries",
+    "pi_scale",
+    "latent",
+)
+MEMBERS = ("fields.npy", "importance.npy", "latent.npy", "meta.json", "pi_scale.npy", "queries.npy")
 STEPS = 10
 EPOCHS = 4
 
@@ -294,6 +303,7 @@ def test_zarr_store_readable_with_plain_zarr(built):
         "fields": ((s, 1, n), "float32"),
         "importance": ((s, n), "float32"),
         "queries": ((s, EPOCHS, n // 8), "uint8"),
+        "pi_scale": ((s, EPOCHS, 2), "int64"),
         "latent": ((s, 8, 16), "float32"),
     }
     assert list(expected) == list(RECORD)

@@ -84,7 +84,7 @@ class Study:
             f"codec.decoder.dim={a.width}", "codec.decoder.depth=3", "codec.decoder.heads=4",
             f"operator.dim={a.width}", "operator.depth=4", "operator.heads=4",
             "progress=false", "tensorboard=false", "loader.workers=4", "loader.wrap_epochs=true",
-            f"batch_size={a.batch}", "eval_trajectories=4", "optim.warmup_steps=50",
+            f"batch_size={a.batch}", "eval_trajectories=4", "optim.warmup_steps=50", "eval_every=1000000",
         ]  # fmt: skip
 
     def setup(self) -> None:

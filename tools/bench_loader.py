@@ -103,6 +103,7 @@ class ZarrPairs(torch.utils.data.Dataset):
             "fields": g["fields"][rows],
             "importance": g["importance"][rows],
             "queries": g["queries"][rows, 0],
+            "pi_scale": g["pi_scale"][rows, 0],
             "latent": g["latent"][rows],
         }
 

@@ -70,6 +70,7 @@ def check_record_shapes(location: str, manifest: dict) -> list[str]:
         "fields": ((len(data["channels"]), *data["grid"]), "float32"),
         "importance": ((n,), "float32"),
         "queries": ((manifest["epochs"], (n + 7) // 8), "uint8"),
+        "pi_scale": ((manifest["epochs"], 2), "int64"),
     }
     if latent is not None:
         expected["latent"] = ((latent["tokens"], latent["dim"]), latent["dtype"])
