@@ -69,14 +69,23 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class ShardStream(BaseNode[dict]):
-    """Source node: yields the examples of this rank's slice of an epoch, in a seeded order.
+    """Source node: yields the examples of this rank's slice of every epoch, in a seeded order.
 
     An example is a window of ``window + 1`` consecutive snapshots of one trajectory (window 0:
-    single snapshots for the codec; 1: pairs (u_t, u_{t+1}); h: rollout windows).
+    single snapshots for the codec; 1: pairs (u_t, u_{t+1}); h: rollout windows). Each epoch
+    yields the first ``per_epoch`` examples of its shuffled slice (whole batches), then
+    the stream runs on into the next epoch without a pause: shard reads run ahead across the
+    epoch boundary. It ends before the first epoch that has no query sets.
     """
 
     def __init__(
-        self, shards: ShardSet, cfg: LoaderConfig, window: int, rank: int, world_size: int
+        self,
+        shards: ShardSet,
+        cfg: LoaderConfig,
+        window: int,
+        rank: int,
+        world_size: int,
+        batch_size: int = 1,
     ):
         super().__init__()
         steps = shards.manifest["splits"][shards.split]["snapshots_per_trajectory"]
@@ -94,56 +103,67 @@ class ShardStream(BaseNode[dict]):
         self.per_trajectory = steps - window  # examples per trajectory
         self.examples_per_shard = [s["count"] // steps * self.per_trajectory for s in shards.shards]
         self.per_rank = sum(self.examples_per_shard) // world_size
-        self.epoch, self._start = 0, (0, 0)
+        self.per_epoch = self.per_rank // batch_size * batch_size
+        self._start = (0, 0)
         self.read_ahead = cfg.read_ahead
         self._pool = ThreadPoolExecutor(max_workers=cfg.read_threads)  # shard reads, ahead of use
         self._ahead: dict[tuple[int, int], list[Future]] = {}
+        self._plans: dict[int, list[list[tuple[int, int, int]]]] = {}
+
+    def has_epoch(self, epoch: int) -> bool:
+        return self.wrap_epochs or epoch < self.shards.epochs
 
     # -- the plan of an epoch: which (shard, example range) segments, in which groups
-    def _segments(self, epoch: int) -> list[tuple[int, int, int]]:
-        order = _rng(self.seed, epoch, _ORDER_STREAM).permutation(len(self.shards.shards))
-        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
-        segments, offset = [], 0
-        for shard in order.tolist():
-            n = self.examples_per_shard[shard]
-            start, stop = max(lo, offset), min(hi, offset + n)
-            if start < stop:
-                segments.append((shard, start - offset, stop - offset))
-            offset += n
-        return segments
+    def _groups(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        if epoch not in self._plans:
+            order = _rng(self.seed, epoch, _ORDER_STREAM).permutation(len(self.shards.shards))
+            lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+            segments, offset = [], 0
+            for shard in order.tolist():
+                n = self.examples_per_shard[shard]
+                start, stop = max(lo, offset), min(hi, offset + n)
+                if start < stop:
+                    segments.append((shard, start - offset, stop - offset))
+                offset += n
+            self._plans = {e: g for e, g in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = [
+                segments[i : i + self.shuffle_shards]
+                for i in range(0, len(segments), self.shuffle_shards)
+            ]
+        return self._plans[epoch]
 
-    def _plan(self, epoch: int) -> None:
-        segments = self._segments(epoch)
-        self._groups = [
-            segments[i : i + self.shuffle_shards]
-            for i in range(0, len(segments), self.shuffle_shards)
-        ]
+    def _upcoming(self, epoch: int, group: int) -> list[tuple[int, int]]:
+        """(epoch, group) of this group and the ``read_ahead`` after it, across epochs."""
+        keys = []
+        while len(keys) <= self.read_ahead and self.has_epoch(epoch):
+            if group < len(self._groups(epoch)):
+                keys.append((epoch, group))
+                group += 1
+            else:
+                epoch, group = epoch + 1, 0
+        return keys
 
-    def _blocks(self, group: int) -> list:
+    def _blocks(self, epoch: int, group: int) -> list:
         """The group's shard blocks. Its shards are read in parallel, and the next ``read_ahead``
-        groups are already being read while this one streams."""
-        wanted = range(group, min(group + 1 + self.read_ahead, len(self._groups)))
-        self._ahead = {
-            key: f for key, f in self._ahead.items() if key[0] == self.epoch and key[1] in wanted
-        }
-        for g in wanted:
-            if (self.epoch, g) not in self._ahead:
-                shards = [shard for shard, _, _ in self._groups[g]]
-                self._ahead[(self.epoch, g)] = [
+        groups (of this epoch or the next) are already being read while this one streams."""
+        wanted = self._upcoming(epoch, group)
+        self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
+        for e, g in wanted:
+            if (e, g) not in self._ahead:
+                shards = [shard for shard, _, _ in self._groups(e)[g]]
+                self._ahead[(e, g)] = [
                     self._pool.submit(self.shards.read_shard, s, cache=False) for s in shards
                 ]
-        return [future.result() for future in self._ahead.pop((self.epoch, group))]
+        return [future.result() for future in self._ahead.pop((epoch, group))]
 
     def _load_group(self) -> None:
         """Read this group's shard segments and fix their shuffled order."""
-        self._plan(self.epoch)
-        self._examples, self._order = [], np.zeros(0, dtype=np.int64)
-        if self._group >= len(self._groups):
-            return
-        group = self._groups[self._group]
+        group = self._groups(self.epoch)[self._group]
         stored_epoch, k = self.shards.k_for_epoch(self.epoch, self.wrap_epochs)
         self._examples = []
-        for (_, start, stop), block in zip(group, self._blocks(self._group), strict=True):
+        for (_, start, stop), block in zip(
+            group, self._blocks(self.epoch, self._group), strict=True
+        ):
             for e in range(start, stop):
                 first = (e // self.per_trajectory) * self.steps + e % self.per_trajectory
                 rows = slice(first, first + self.window + 1)
@@ -170,39 +190,36 @@ class ShardStream(BaseNode[dict]):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        if initial_state is not None:
-            self.epoch, self._group, self._offset = (
-                initial_state["epoch"],
-                initial_state["group"],
-                initial_state["offset"],
-            )
-        else:
-            self.epoch, skip = self._start
-            self._group, self._offset = self._seek(skip)
-        self._load_group()
-
-    def _seek(self, skip: int) -> tuple[int, int]:
-        """(group, offset) of the example ``skip`` positions into this rank's slice of the epoch."""
-        self._plan(self.epoch)
-        for group, segments in enumerate(self._groups):
-            size = sum(stop - start for _, start, stop in segments)
+        state = initial_state or {"epoch": self._start[0], "skip": self._start[1]}
+        self.epoch, self._emitted = state["epoch"], state["skip"]
+        # seek to the example ``skip`` positions into this rank's slice of the epoch
+        skip, self._group = state["skip"], 0
+        groups = self._groups(self.epoch)
+        while self._group < len(groups):
+            size = sum(stop - start for _, start, stop in groups[self._group])
             if skip < size:
-                return group, skip
-            skip -= size
-        return len(self._groups), 0
+                break
+            skip, self._group = skip - size, self._group + 1
+        self._examples, self._order, self._offset = [], np.zeros(0, dtype=np.int64), skip
+        if self._group < len(groups):
+            self._load_group()
 
     def next(self) -> dict:
-        while self._offset >= len(self._order):
-            if self._group + 1 >= len(self._groups):
+        if self._emitted >= self.per_epoch:  # on into the next epoch
+            if not self.has_epoch(self.epoch + 1):
                 raise StopIteration
+            self.epoch, self._group, self._offset, self._emitted = self.epoch + 1, 0, 0, 0
+            self._load_group()
+        while self._offset >= len(self._order):  # on into the next group
             self._group, self._offset = self._group + 1, 0
             self._load_group()
         example = self._examples[self._order[self._offset]]
         self._offset += 1
+        self._emitted += 1
         return example
 
     def get_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "group": self._group, "offset": self._offset}
+        return {"epoch": self.epoch, "skip": self._emitted}
 
 
 class ShardLoader:
@@ -224,7 +241,7 @@ class ShardLoader:
             raise ShardError(
                 f"{shards.location}: field-only shards (built with encoder: null) hold no latents"
             )
-        self.source = ShardStream(shards, cfg, window, rank, world_size)
+        self.source = ShardStream(shards, cfg, window, rank, world_size, batch_size)
         self.batches_per_epoch = self.source.per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise ShardError(
@@ -256,17 +273,26 @@ class ShardLoader:
         self.loader: Loader[SparseBatch] = Loader(node)
         self.batch_size = batch_size
         self.epoch, self._batches = 0, 0  # position: batches delivered in ``epoch``
+        self._stream: Iterator[SparseBatch] | None = None  # one pass over all epochs
 
     def __iter__(self) -> Iterator[SparseBatch]:
-        """One epoch (the rest of it, after a resume) of batches."""
+        """One epoch (the rest of it, after a resume) of batches.
+
+        The graph runs on across epochs (the next epoch's shards are read while this one
+        trains), so only the first epoch, and the first after ``load_state_dict``, starts cold.
+        """
         if self._batches >= self.batches_per_epoch:
             self.epoch, self._batches = self.epoch + 1, 0
-        self.source.start(self.epoch, self._batches * self.batch_size)
-        for batch in self.loader:
+        if self._stream is None:
+            self.source.start(self.epoch, self._batches * self.batch_size)
+            self._stream = iter(self.loader)
+        else:
+            self.source.shards.k_for_epoch(self.epoch, self.source.wrap_epochs)  # clear error
+        while self._batches < self.batches_per_epoch:
+            batch = next(self._stream)
+            assert batch.epoch == self.epoch, (batch.epoch, self.epoch)
             self._batches += 1
             yield batch
-            if self._batches >= self.batches_per_epoch:
-                return
 
     def close(self) -> None:
         """Stop the graph's background threads (torchdata stops them only on garbage collection)."""
@@ -294,3 +320,4 @@ class ShardLoader:
                 f"{self.batches_per_epoch}: resume with the same batch_size and world size"
             )
         self.epoch, self._batches = state["epoch"], state["batches"]
+        self._stream = None  # restart the graph there

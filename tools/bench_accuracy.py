@@ -1,18 +1,23 @@
 """Accuracy study on NS 2D 128x128: dense vs uniform vs stratified vs gradient importance.
 
-One run on one GPU: generate data, train one codec, build one latent shard set per sampler
-configuration from it, then train the operator stage (latent operator + decoder fine-tuning)
-with each configuration and several seeds, and report test nRMSE on the dense test grid in
-physical space (one-step and rollout at 1/4/16, next to persistence):
+One run on the GPUs of one machine: generate data, train one codec, build one latent shard set
+per sampler configuration from it, then train the operator stage (latent operator + decoder
+fine-tuning) with each configuration and several seeds, and report test nRMSE on the dense test
+grid in physical space (one-step and rollout at 1/4/16, next to persistence):
 
-* at equal steps: every configuration trains the same number of steps;
-* at equal wall-clock: selected sparse configurations train for the wall-clock seconds the dense
-  runs took (more steps, since their steps are cheaper).
+* at equal steps: every configuration trains ``--train-steps`` steps;
+* at equal wall-clock: each constant-ratio sparse run then resumes (exact resume from its
+  checkpoint) and trains on until its training seconds match the dense runs' mean.
 
-Results go to OUT/bench_accuracy.json after every run; ``--report`` renders the markdown table
-and the plot (nRMSE against training seconds).
+The learning rate is constant after warm-up (``optim.min_lr_ratio=1``), so the equal-steps
+model is the same run's state at step ``--train-steps``, not a shorter schedule. The query sets
+span exactly the equal-steps run (the cosine schedule reaches its dense tail there); longer runs
+reuse them cyclically, which is why the cosine schedule is compared at equal steps only.
 
-    python tools/bench_accuracy.py --out-dir docs/bench            # on a GPU
+Runs are spread over the visible GPUs, one worker process per GPU. Results go to
+OUT/bench_accuracy.json after every run; ``--report`` renders the markdown table and the plot.
+
+    python tools/bench_accuracy.py --out-dir docs/bench            # on a GPU machine
     python tools/bench_accuracy.py --smoke --out-dir /tmp/acc       # tiny, on a CPU
 """
 
@@ -20,7 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -52,8 +61,49 @@ CONFIGS = {
         {"kind": "cosine", "start_ratio": 0.8, "end_ratio": 0.2, "dense_tail_epochs": 2},
     ),
 }
-EQUAL_TIME = ("gradient 0.3", "gradient 0.1", "uniform 0.1")
+EQUAL_TIME = tuple(n for n, spec in CONFIGS.items() if spec and "kind" not in spec[1])
 METRICS = ("model_h1", "model_h4", "model_h16", "recon_nrmse")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def run_job(job: dict) -> dict:
+    """Train one (configuration, seed) run; the record holds its test metrics and seconds."""
+    record = {k: job[k] for k in ("config", "seed", "budget", "steps")}
+    try:
+        trainer = Trainer(load_config(TrainConfig, None, job["overrides"]))
+        record["test"] = trainer.fit()
+        record["train_seconds"] = trainer.train_seconds
+    except Exception as err:  # record and continue: one failed run must not lose the study
+        record["error"] = f"{type(err).__name__}: {err}"
+        print(traceback.format_exc(), flush=True)
+    return record
+
+
+def warm_up(job: dict, scratch: Path) -> None:
+    """A short unrecorded run first, so that no timed run pays for CUDA and kernel warm-up."""
+    overrides = [o for o in job["overrides"] if not o.startswith("resume=")]
+    run_job({**job, "overrides": [*overrides, f"out={scratch}", "max_steps=20", "overwrite=true"]})
+
+
+def worker(job_file: Path) -> None:
+    """Run a list of jobs on this process's GPU, appending each record to JOB_FILE.out.jsonl."""
+    spec = json.loads(job_file.read_text())
+    if spec["jobs"]:
+        warm_up(spec["jobs"][0], job_file.with_suffix(".warmup"))
+    for job in spec["jobs"]:
+        record = (
+            run_job(job)
+            if time.time() < spec["deadline"]
+            else {
+                **{k: job[k] for k in ("config", "seed", "budget", "steps")},
+                "error": "skipped: time budget",
+            }
+        )
+        with open(f"{job_file}.out.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 class Study:
@@ -69,7 +119,8 @@ class Study:
             "setup": {},
         }
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.started = time.perf_counter()
+        self.gpus = args.gpus or max(1, torch.cuda.device_count())
+        self.deadline = time.time() + args.time_budget
 
     def save(self) -> None:
         (self.out / "bench_accuracy.json").write_text(
@@ -84,11 +135,13 @@ class Study:
             f"codec.decoder.dim={a.width}", "codec.decoder.depth=3", "codec.decoder.heads=4",
             f"operator.dim={a.width}", "operator.depth=4", "operator.heads=4",
             "progress=false", "tensorboard=false", "loader.workers=4", "loader.wrap_epochs=true",
-            f"batch_size={a.batch}", "eval_trajectories=4", "optim.warmup_steps=50", "eval_every=1000000",
+            f"batch_size={a.batch}", "eval_trajectories=4", "optim.warmup_steps=50",
+            "optim.min_lr_ratio=1.0", "eval_every=1000000", "checkpoint_every=1000000",
         ]  # fmt: skip
 
     def setup(self) -> None:
         a = self.args
+        started = time.perf_counter()
         self.data = generate(
             "ns2d",
             self.tmp / "ns.h5",
@@ -99,9 +152,7 @@ class Study:
             device=self.device,
             progress=False,
         )
-        fields = self.build(
-            "fields", None, SamplerConfig(kind="uniform"), ScheduleConfig(start_ratio=0.3)
-        )
+        fields = self.build("fields", None, SamplerConfig(kind="uniform"), {"start_ratio": 0.3}, 1)
         cfg = load_config(
             TrainConfig,
             None,
@@ -111,57 +162,62 @@ class Study:
                 f"shards={fields}",
                 f"out={self.tmp / 'codec'}",
                 f"max_steps={a.codec_steps}",
-                "optim.lr=1e-3",
             ],
         )
         trainer = Trainer(cfg)
         codec_metrics = trainer.fit()
         self.codec = self.tmp / "codec" / "codec.pt"
-        self.results["setup"] = {
-            "codec_test": codec_metrics,
-            "codec_train_seconds": trainer.train_seconds,
-            "codec_steps": a.codec_steps,
-        }
+        # query sets for exactly the epochs of the equal-steps runs
+        pairs = open_shards(fields).manifest["splits"]["train"]
+        batches = len(pairs["trajectories"]) * (pairs["snapshots_per_trajectory"] - 1) // a.batch
+        epochs = max(4, math.ceil(a.train_steps / batches))  # the cosine schedule needs a few
         self.shards = {}
         for name, spec in CONFIGS.items():
             if spec is not None:
                 kind, schedule = spec
                 self.shards[name] = self.build(
-                    name, self.codec, SamplerConfig(kind=kind), ScheduleConfig(**schedule)
+                    name, self.codec, SamplerConfig(kind=kind), schedule, epochs
                 )
         self.shards["dense"] = self.shards["gradient 0.3"]  # dense training reads the same fields
-        self.results["setup"]["k_per_epoch"] = {
-            name: open_shards(path).k_per_epoch for name, path in self.shards.items()
+        self.results["setup"] = {
+            "codec_test": codec_metrics,
+            "codec_train_seconds": trainer.train_seconds,
+            "codec_steps": a.codec_steps,
+            "batches_per_epoch": batches,
+            "k_per_epoch": {
+                name: open_shards(path).k_per_epoch for name, path in self.shards.items()
+            },
+            "gpus": self.gpus,
+            "setup_seconds": time.perf_counter() - started,
         }
         self.save()
 
     def build(
-        self, name: str, encoder: Path | None, sampler: SamplerConfig, schedule: ScheduleConfig
+        self, name: str, encoder: Path | None, sampler: SamplerConfig, schedule: dict, epochs: int
     ) -> str:
-        out = self.tmp / ("shards_" + "".join(c if c.isalnum() else "_" for c in name))
+        out = self.tmp / ("shards_" + slug(name))
         run_build(
             BuildConfig(
                 data=DataConfig(path=str(self.data)),
                 out=str(out),
+                format="zarr",
                 encoder=None if encoder is None else str(encoder),
-                epochs=self.args.epochs,
+                epochs=epochs,
                 sampler=sampler,
-                schedule=schedule,
+                schedule=ScheduleConfig(**schedule),
                 trajectories_per_shard=4,
                 progress=False,
             )
         )
         return str(out)
 
-    def run(self, name: str, seed: int, steps: int, budget: str) -> dict:
+    def job(self, name: str, seed: int, steps: int, budget: str) -> dict:
+        run_dir = self.tmp / "runs" / f"{slug(name)}_seed{seed}"
         overrides = [
             *self.model_overrides(),
             "stage=operator",
             f"shards={self.shards[name]}",
             f"codec_checkpoint={self.codec}",
-        ]
-        run_dir = self.tmp / "runs" / f"{budget}_{len(self.results['runs'])}"
-        overrides += [
             f"out={run_dir}",
             f"seed={seed}",
             f"loader.seed={seed}",
@@ -169,47 +225,92 @@ class Study:
             f"epochs={10**6}",
         ]
         overrides += ["loss.mode=dense"] if name == "dense" else []
-        record = {"config": name, "seed": seed, "budget": budget, "steps": steps}
-        try:
-            trainer = Trainer(load_config(TrainConfig, None, overrides))
-            record["test"] = trainer.fit()
-            record["train_seconds"] = trainer.train_seconds
-        except Exception as err:  # record and continue: one failed run must not lose the study
-            record["error"] = f"{type(err).__name__}: {err}"
-            print(traceback.format_exc())
-        self.results["runs"].append(record)
-        self.save()
-        print(
-            json.dumps({k: v for k, v in record.items() if k != "test"}),
-            {k: round(v, 4) for k, v in record.get("test", {}).items()},
-            flush=True,
-        )
-        return record
+        overrides += [f"resume={run_dir / 'checkpoint.pt'}"] if budget == "equal_time" else []
+        return {
+            "config": name,
+            "seed": seed,
+            "budget": budget,
+            "steps": steps,
+            "overrides": overrides,
+        }
+
+    def execute(self, jobs: list[dict]) -> None:
+        """Run jobs, in-process on one device, else spread over one worker process per GPU."""
+        if self.gpus == 1:
+            if jobs:
+                warm_up(jobs[0], self.tmp / "warmup")
+            for job in jobs:
+                record = (
+                    run_job(job)
+                    if time.time() < self.deadline
+                    else {**job, "error": "skipped: time budget"}
+                )
+                record.pop("overrides", None)
+                self.results["runs"].append(record)
+                self.save()
+            return
+        files = []
+        for gpu in range(self.gpus):
+            path = self.tmp / f"jobs_{len(self.results['runs'])}_{gpu}.json"
+            path.write_text(json.dumps({"jobs": jobs[gpu :: self.gpus], "deadline": self.deadline}))
+            files.append(path)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(path)],
+                env={
+                    **os.environ,
+                    "CUDA_VISIBLE_DEVICES": str(gpu),
+                    "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.gpus)),
+                },
+            )
+            for gpu, path in enumerate(files)
+        ]
+        before = list(self.results["runs"])
+        while True:
+            done = all(p.poll() is not None for p in procs)
+            merged = []
+            for path in files:
+                out = Path(f"{path}.out.jsonl")
+                if out.exists():
+                    merged += [json.loads(line) for line in out.read_text().splitlines()]
+            self.results["runs"] = before + merged
+            self.save()
+            if done:
+                return
+            time.sleep(5)
 
     def main(self) -> None:
         a = self.args
         self.setup()
-        for name in CONFIGS:
-            for seed in range(a.seeds):
-                self.run(name, seed, a.train_steps, "equal_steps")
-        dense_seconds = statistics.mean(
-            r["train_seconds"]
-            for r in self.results["runs"]
-            if r["config"] == "dense" and "train_seconds" in r
-        )
-        for name in EQUAL_TIME:
-            times = [
-                r["train_seconds"]
-                for r in self.results["runs"]
-                if r["config"] == name and r["budget"] == "equal_steps" and "train_seconds" in r
+        # dense first, then the rest, interleaved so that each GPU gets a similar load
+        self.execute(
+            [
+                self.job(name, seed, a.train_steps, "equal_steps")
+                for name in CONFIGS
+                for seed in range(a.seeds)
             ]
-            steps = int(a.train_steps * dense_seconds / statistics.mean(times))
-            for seed in range(a.seeds):
-                if time.perf_counter() - self.started > a.time_budget:
-                    self.results["skipped"] = "equal wall-clock runs cut short by the time budget"
-                    self.save()
-                    return
-                self.run(name, seed, steps, "equal_time")
+        )
+        runs = [r for r in self.results["runs"] if "train_seconds" in r]
+
+        def seconds(name: str) -> list[float]:
+            return [r["train_seconds"] for r in runs if r["config"] == name]
+
+        if not seconds("dense"):
+            return
+        dense = statistics.mean(seconds("dense"))
+        self.execute(
+            [
+                self.job(
+                    name,
+                    seed,
+                    max(a.train_steps, int(a.train_steps * dense / statistics.mean(seconds(name)))),
+                    "equal_time",
+                )
+                for name in EQUAL_TIME
+                if seconds(name)
+                for seed in range(a.seeds)
+            ]
+        )
 
 
 # ---------------------------------------------------------------- report
@@ -348,26 +449,32 @@ def main() -> None:
     parser.add_argument("--report", default=None, help="only render this bench_accuracy.json")
     parser.add_argument("--plot", default=None, help="with --report: PNG path for the plot")
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--trajectories", type=int, default=64)
-    parser.add_argument("--steps-per-traj", type=int, default=16)
-    parser.add_argument(
-        "--epochs", type=int, default=20, help="precomputed query sets (reused cyclically after)"
-    )
+    parser.add_argument("--trajectories", type=int, default=48)
+    parser.add_argument("--steps-per-traj", type=int, default=20, help="> 16 for the h16 rollout")
     parser.add_argument("--codec-steps", type=int, default=1500)
-    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--latent-dim", type=int, default=64)
-    parser.add_argument("--time-budget", type=float, default=500.0)
+    parser.add_argument(
+        "--time-budget", type=float, default=500.0, help="seconds; later runs are skipped"
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=0, help="worker processes, one per GPU (0: every visible GPU)"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker))
+        return
     if args.report:
         plot = Path(args.plot) if args.plot else None
         print(report(json.loads(Path(args.report).read_text()), plot))
         return
     if args.smoke:
-        args.resolution, args.trajectories, args.steps_per_traj, args.epochs = 32, 12, 6, 3
+        args.resolution, args.trajectories, args.steps_per_traj = 32, 12, 6
         args.codec_steps, args.train_steps, args.seeds, args.batch = 10, 6, 2, 8
         args.width, args.tokens, args.latent_dim = 32, 8, 16
     study = Study(args)
