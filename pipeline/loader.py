@@ -1,6 +1,7 @@
 """The streaming loader: a torchdata.nodes graph from a shard set to SparseBatch.
 
-    ShardStream (owns the order; reads shards ahead; pairs/windows; seeded shuffle buffer)
+    ShardStream (owns the order; reads shards ahead and keeps them in a RAM cache; pairs/windows;
+                 seeded shuffle buffer)
       -> Batcher
       -> ParallelMapper(GatherCollate)   this epoch's query coords, targets, weights -> SparseBatch
       -> PinMemory (CUDA only) -> Prefetcher -> Loader
@@ -11,7 +12,8 @@ into ``world_size`` contiguous, equal slices of floor(M / world_size) examples (
 M is dropped: every rank sees the same number of examples, so DDP never hangs). A rank's slice
 is read in groups of ``shuffle_shards`` shard segments whose examples are permuted from
 (seed, epoch, rank, group): the shuffle buffer. Workers gather and collate whole batches, in
-order, so the batches do not depend on the number of workers.
+order, so the batches do not depend on the number of workers. Decoded shards stay in a bounded
+RAM cache (``cache_mb``), so a split that fits is read and verified once, not every epoch.
 
 The loader's state is (epoch, batches delivered): resuming seeks to that example, re-reads one
 group and skips within it; it never replays the epoch, and the state does not depend on the
@@ -20,6 +22,7 @@ number of workers or the prefetch depth.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ import torch
 from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
 
 from pipeline.collate import GatherCollate, SparseBatch
-from pipeline.records import ShardError
+from pipeline.records import ShardBlock, ShardError
 from pipeline.shards import ShardSet
 from ups.config import check
 from ups.data.pdebench import grid_coordinates
@@ -41,12 +44,12 @@ _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
 @dataclass
 class LoaderConfig:
     seed: int = 0  # data order (shard permutation, shuffle buffer); independent of the model seed
-    workers: int = 2  # batches gathered in parallel; 0 = inline
-    method: Literal["thread", "process"] = "thread"
+    workers: int = 2  # threads gathering and collating whole batches; 0 = inline
     prefetch: int = 4  # batches prepared ahead
     shuffle_shards: int = 4  # shard segments mixed by the shuffle buffer
     read_threads: int = 4  # shards read (decompressed, verified) in parallel
     read_ahead: int = 2  # groups of shards read ahead of the one streaming
+    cache_mb: int = 2048  # decoded shards kept in RAM for later epochs (0: read every epoch)
     format: Literal["auto", "zarr", "wds"] = "auto"
     wrap_epochs: bool = False  # reuse the precomputed query sets cyclically beyond their epochs
 
@@ -54,6 +57,7 @@ class LoaderConfig:
         check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
         check(self.read_threads >= 1, "loader.read_threads", "an integer >= 1", self.read_threads)
         check(self.read_ahead >= 0, "loader.read_ahead", "an integer >= 0", self.read_ahead)
+        check(self.cache_mb >= 0, "loader.cache_mb", "an integer >= 0", self.cache_mb)
         check(self.prefetch >= 1, "loader.prefetch", "an integer >= 1", self.prefetch)
         check(
             self.shuffle_shards >= 1,
@@ -108,6 +112,9 @@ class ShardStream(BaseNode[dict]):
         self.read_ahead = cfg.read_ahead
         self._pool = ThreadPoolExecutor(max_workers=cfg.read_threads)  # shard reads, ahead of use
         self._ahead: dict[tuple[int, int], list[Future]] = {}
+        self._cache: OrderedDict[int, ShardBlock] = OrderedDict()  # shard -> block, LRU
+        self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
+        self._reading: dict[int, Future] = {}  # shard -> read in flight
         self._plans: dict[int, list[list[tuple[int, int, int]]]] = {}
 
     def has_epoch(self, epoch: int) -> bool:
@@ -150,11 +157,36 @@ class ShardStream(BaseNode[dict]):
         self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
         for e, g in wanted:
             if (e, g) not in self._ahead:
-                shards = [shard for shard, _, _ in self._groups(e)[g]]
-                self._ahead[(e, g)] = [
-                    self._pool.submit(self.shards.read_shard, s, cache=False) for s in shards
-                ]
-        return [future.result() for future in self._ahead.pop((epoch, group))]
+                self._ahead[(e, g)] = [self._read(shard) for shard, _, _ in self._groups(e)[g]]
+        pending = {id(f) for futures in self._ahead.values() for f in futures}
+        self._reading = {s: f for s, f in self._reading.items() if id(f) in pending}
+        futures = self._ahead.pop((epoch, group))
+        blocks = [future.result() for future in futures]
+        for (shard, _, _), block in zip(self._groups(epoch)[group], blocks, strict=True):
+            self._remember(shard, block)
+        return blocks
+
+    def _read(self, shard: int) -> Future:
+        """A future of the shard's block: from the cache, a read in flight, or a new read."""
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            done: Future = Future()
+            done.set_result(self._cache[shard])
+            return done
+        if shard not in self._reading:
+            self._reading[shard] = self._pool.submit(self.shards.read_shard, shard, cache=False)
+        return self._reading[shard]
+
+    def _remember(self, shard: int, block: ShardBlock) -> None:
+        """Keep decoded blocks (least recently used out first) within ``cache_mb``."""
+        size = sum(a.nbytes for a in block.arrays().values())
+        if shard in self._cache or size > self._cache_limit:
+            return
+        self._cache[shard] = block
+        self._cache_bytes += size
+        while self._cache_bytes > self._cache_limit:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= sum(a.nbytes for a in old.arrays().values())
 
     def _load_group(self) -> None:
         """Read this group's shard segments and fix their shuffled order."""
@@ -262,9 +294,7 @@ class ShardLoader:
         )
         node: BaseNode = Batcher(self.source, batch_size, drop_last=True)
         if cfg.workers > 0:
-            node = ParallelMapper(
-                node, gather, num_workers=cfg.workers, in_order=True, method=cfg.method
-            )
+            node = ParallelMapper(node, gather, num_workers=cfg.workers, in_order=True)
         else:
             node = Mapper(node, gather)
         if torch.cuda.is_available():

@@ -15,7 +15,7 @@ from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
-from pipeline.shards import open_shards
+from pipeline.shards import ShardSet, open_shards
 from ups.data.generate import generate
 from ups.data.pdebench import grid_coordinates
 from ups.data.splits import DataConfig
@@ -52,9 +52,12 @@ def make_loader(
     world=1,
     wrap=False,
     split="train",
+    cache_mb=2048,
 ):
     shards = open_shards(str(location), split, fmt)
-    cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=wrap, shuffle_shards=2)
+    cfg = LoaderConfig(
+        workers=workers, format=fmt, wrap_epochs=wrap, shuffle_shards=2, cache_mb=cache_mb
+    )
     sparse = (0, 1) if window else (0,)
     return ShardLoader(
         shards, cfg, batch_size, window, sparse, (), latents=True, rank=rank, world_size=world
@@ -203,6 +206,24 @@ def test_windows_longer_than_the_trajectories(latent_shards):
         ShardError, match="windows of 11 snapshots need trajectories of at least 11; these have 10"
     ):
         make_loader(latent_shards, window=10)
+
+
+def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, monkeypatch):
+    reads = []
+    original = ShardSet.read_shard
+
+    def counting(self, index, cache=True):
+        reads.append(index)
+        return original(self, index, cache)
+
+    monkeypatch.setattr(ShardSet, "read_shard", counting)
+    cached = run_epochs(make_loader(latent_shards), 3)
+    shards = len(open_shards(str(latent_shards)).shards)
+    assert sorted(reads) == list(range(shards)), "a split that fits the cache is read once"
+    reads.clear()
+    uncached = run_epochs(make_loader(latent_shards, cache_mb=0), 3)
+    assert len(reads) > shards, "without the cache, later epochs read again"
+    same_batches(cached, uncached)
 
 
 def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path):

@@ -29,7 +29,10 @@ from ups.models.checkpoint import CheckpointError, load_checkpoint
 from ups.training.train import TrainConfig, Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# Training runs on the CPU even where a GPU is present: these tests compare runs bit for bit, and
+# the torchrun test runs two gloo ranks.
 SMALL_MODEL = [
+    "device=cpu",
     "codec.encoder.patch=8",
     "codec.encoder.dim=32",
     "codec.encoder.depth=1",
@@ -71,6 +74,7 @@ def build(
             sampler=SamplerConfig(kind=kind),
             schedule=ScheduleConfig(start_ratio=ratio, multiple=8),
             trajectories_per_shard=2,
+            device="cpu",
             progress=False,
         )
     )
@@ -185,12 +189,11 @@ def test_sparse_operator_loss_matches_the_dense_loss_in_expectation(flow, tmp_pa
     gen = torch.Generator()
     with torch.no_grad():
         dense_cfg = config("stage=operator", "loss.mode=dense", f"codec_checkpoint={flow['codec']}")
-        reference = trainer.models(next(iter(dense)), dense_cfg, gen)
+        reference = trainer.models(next(iter(dense)).to(trainer.device), dense_cfg, gen)
         estimates = {name: [] for name in ("forward", "inverse")}
         for _ in range(300):
-            terms = trainer.models(
-                next(iter(sparse)), trainer.cfg, gen
-            )  # one batch = the whole epoch
+            batch = next(iter(sparse)).to(trainer.device)  # one batch = the whole epoch
+            terms = trainer.models(batch, trainer.cfg, gen)
             for name in estimates:
                 estimates[name].append(float(terms[name]))
     for name, values in estimates.items():

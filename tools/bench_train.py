@@ -257,7 +257,7 @@ class Bench:
         mode: str,
         fmt: str = "zarr",
         workers: int | None = None,
-        method: str = "thread",
+        cache_mb: int = 2048,
     ) -> ShardLoader:
         shards = open_shards(self.shards[ratio if ratio < 1 else 0.1], "train", fmt)
         window = 1 if stage == "operator" else 0
@@ -266,7 +266,7 @@ class Bench:
         dense = (0,) if stage == "codec" else (steps if mode != "sparse" else ())
         cfg = LoaderConfig(
             workers=self.args.workers if workers is None else workers,
-            method=method,
+            cache_mb=cache_mb,
             prefetch=8,
             format=fmt,
             wrap_epochs=True,
@@ -354,24 +354,23 @@ class Bench:
 
     # ---------------------------------------------------------------- 3. streaming vs resident
 
-    def streaming(self, methods=(("zarr", "thread"), ("wds", "thread"))) -> dict:
+    def streaming(self) -> dict:
+        """Resident batches vs the loader from zarr and from tars, with the RAM shard cache (after
+        the warm-up every shard is in it) and without it (every epoch reads and verifies)."""
         out = {}
         models = self.models("operator")
         cfg = self.train_config("operator")
         batches = self.resident(self.loader("operator", 0.1, "sparse"))
         out["resident"] = self.guarded(self.train_step(models, cfg), cycle(batches))
         del batches
-        for fmt, method in methods:
-            loader = self.loader("operator", 0.1, "sparse", fmt=fmt, method=method)
-            out[f"{fmt}_{method}"] = self.guarded(
-                self.train_step(models, cfg), forever(loader), steps=self.args.stream_steps
-            )
-            loader.close()
+        for fmt in ("zarr", "wds"):
+            for cache_mb, name in ((2048, fmt), (0, f"{fmt}_no_cache")):
+                loader = self.loader("operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb)
+                out[name] = self.guarded(
+                    self.train_step(models, cfg), forever(loader), steps=self.args.stream_steps
+                )
+                loader.close()
         return out
-
-    def streaming_process(self) -> dict:
-        """Process workers instead of threads (last: a hang here loses nothing else)."""
-        return self.streaming((("zarr", "process"),))
 
     # ---------------------------------------------------------------- 4. three ways
 
@@ -564,10 +563,7 @@ def report(results: dict) -> str:
         extra = {k: v for k, v in st.items() if k.startswith(("no_decoder", "decoder_only"))}
         lines += [*markdown_table(head, [row(k, v) for k, v in extra.items()]), ""]
     if "streaming" in s and "resident" in s["streaming"]:
-        st = {
-            **s["streaming"],
-            **{k: v for k, v in s.get("streaming_process", {}).items() if k != "resident"},
-        }
+        st = s["streaming"]
         base = st["resident"].get("mean_ms")
         lines += [
             "### 3. Streaming from shards vs GPU-resident batches (operator stage, ratio 0.1)",
@@ -630,7 +626,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--sections",
-        default="decoder_step,operator_steps,codec_steps,streaming,three_ways,compiled,streaming_process",
+        default="decoder_step,operator_steps,codec_steps,streaming,three_ways,compiled",
     )
     args = parser.parse_args()
     if args.report:
