@@ -97,13 +97,14 @@ class GatherCollate:
                 raise ShardError(
                     f"query bitmasks hold {sorted(set(counts.tolist()))} points, the manifest says k={k}"
                 )
-            idx = np.nonzero(bits)[1].reshape(b, k)  # row-major: each row's indices ascending
-            flat = np.stack([ex["fields"][step] for ex in examples]).reshape(
-                b, c, n
-            )  # (B, C, N) physical
-            targets = np.take_along_axis(flat, idx[:, None, :], axis=2).transpose(
-                0, 2, 1
-            )  # (B, k, C)
+            # flat positions of the set bits, row by row (ascending), minus each row's offset
+            idx = np.flatnonzero(bits).reshape(b, k) - (np.arange(b) * n)[:, None]  # (B, k)
+            targets = np.stack(
+                [
+                    ex["fields"][step].reshape(c, n)[:, row]
+                    for ex, row in zip(examples, idx, strict=True)
+                ]
+            ).transpose(0, 2, 1)  # (B, k, C) physical
             q_at = np.stack(
                 [ex["importance"][step][row] for ex, row in zip(examples, idx, strict=True)]
             )  # (B, k)
