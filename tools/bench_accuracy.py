@@ -162,6 +162,8 @@ class Study:
                 f"shards={fields}",
                 f"out={self.tmp / 'codec'}",
                 f"max_steps={a.codec_steps}",
+                f"epochs={10**6}",  # the field shards hold one query set, reused cyclically
+                "optim.min_lr_ratio=0.05",  # the codec trains on a cosine schedule
             ],
         )
         trainer = Trainer(cfg)
@@ -182,7 +184,7 @@ class Study:
         self.results["setup"] = {
             "codec_test": codec_metrics,
             "codec_train_seconds": trainer.train_seconds,
-            "codec_steps": a.codec_steps,
+            "codec_steps": trainer.step,  # steps actually trained
             "batches_per_epoch": batches,
             "k_per_epoch": {
                 name: open_shards(path).k_per_epoch for name, path in self.shards.items()
