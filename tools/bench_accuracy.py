@@ -414,29 +414,33 @@ def report(results: dict, plot: Path | None = None) -> str:
 
 
 def draw(runs: list[dict], path: Path) -> None:
+    """One colour per configuration: o at equal steps, s at equal wall-clock, joined by a line."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for name in CONFIGS:
-        for budget, marker in (("equal_steps", "o"), ("equal_time", "s")):
-            s = summarise(runs, name, budget)
-            if s and "model_h1" in s:
-                ax.errorbar(
-                    s["seconds"],
-                    s["model_h1"][0],
-                    yerr=s["model_h1"][1],
-                    fmt=marker,
-                    label=f"{name} ({budget.replace('_', ' ')})",
-                    capsize=3,
-                )
+    colours = colormaps["tab10"].colors
+    for i, name in enumerate(CONFIGS):
+        points = [
+            (s["seconds"], *s["model_h1"], marker)
+            for budget, marker in (("equal_steps", "o"), ("equal_time", "s"))
+            if (s := summarise(runs, name, budget)) and "model_h1" in s
+        ]
+        if not points:
+            continue
+        colour = colours[i % len(colours)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, alpha=0.5)
+        for j, (x, y, err, marker) in enumerate(points):
+            ax.errorbar(
+                x, y, yerr=err, fmt=marker, color=colour, capsize=3, label=name if j == 0 else None
+            )
     ax.set(
-        xlabel="training wall-clock seconds (GPU)",
+        xlabel="training wall-clock seconds (GPU); o: equal steps, s: equal wall-clock",
         ylabel="test one-step nRMSE (dense grid, physical)",
-        xscale="log",
-        title="NS 2D 128x128, operator stage",
+        title="NS 2D 128x128, operator stage (mean ± std over seeds)",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
