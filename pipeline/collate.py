@@ -16,6 +16,8 @@ import torch
 
 from pipeline.records import ShardError
 from pipeline.samplers import weights_from_scale
+from pipeline.shards import ShardSet
+from ups.data.pdebench import grid_coordinates
 
 
 @dataclass
@@ -76,6 +78,28 @@ class GatherCollate:
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)  # (C,)
         self.beta, self.dt, self.params = beta, dt, list(params)
         self.sparse_steps, self.dense_steps, self.latents = sparse_steps, dense_steps, latents
+
+    @classmethod
+    def for_shards(
+        cls,
+        shards: ShardSet,
+        sparse_steps: tuple[int, ...],
+        dense_steps: tuple[int, ...],
+        latents: bool,
+    ) -> GatherCollate:
+        """The collate for a shard set: grid, normalisation, beta, dt and parameters from its manifest."""
+        data = shards.manifest["data"]
+        return cls(
+            grid_coordinates(tuple(data["grid"])),
+            np.asarray(data["norm"]["mean"]),
+            np.asarray(data["norm"]["std"]),
+            shards.beta,
+            float(data["dt"]),
+            list(data["params"].values()),
+            sparse_steps,
+            dense_steps,
+            latents,
+        )
 
     def __call__(self, examples: list[dict[str, Any]]) -> SparseBatch:
         b, k, n = len(examples), examples[0]["k"], self.grid_coords.shape[0]

@@ -36,7 +36,6 @@ from pipeline.collate import GatherCollate, SparseBatch
 from pipeline.records import ShardBlock, ShardError
 from pipeline.shards import ShardSet
 from ups.config import check
-from ups.data.pdebench import grid_coordinates
 
 _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
 
@@ -280,18 +279,7 @@ class ShardLoader:
                 f"batch_size {batch_size} is larger than a rank's slice of {self.source.per_rank} examples "
                 f"({shards.location}, split '{shards.split}', world size {world_size})"
             )
-        data = shards.manifest["data"]
-        gather = GatherCollate(
-            grid_coordinates(tuple(data["grid"])),
-            np.asarray(data["norm"]["mean"]),
-            np.asarray(data["norm"]["std"]),
-            shards.beta,
-            float(data["dt"]),
-            list(data["params"].values()),
-            sparse_steps,
-            dense_steps,
-            latents,
-        )
+        gather = GatherCollate.for_shards(shards, sparse_steps, dense_steps, latents)
         node: BaseNode = Batcher(self.source, batch_size, drop_last=True)
         if cfg.workers > 0:
             node = ParallelMapper(node, gather, num_workers=cfg.workers, in_order=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,17 @@ def write_tar(path: Path, block: ShardBlock) -> None:
             sink.write(sample)
 
 
+# np.load parses each .npy header with ast.literal_eval, and CPython 3.11's parser is not safe
+# to call from several threads at once ("AST constructor recursion depth mismatch"); the
+# loader reads shards from a thread pool, so headers are parsed one at a time.
+_NPY_LOAD = threading.Lock()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    with _NPY_LOAD:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def read_tar(data: bytes, location: str) -> ShardBlock:
     """Parse a shard tar (already read and verified) with webdataset's tar reader."""
     files = ({**f, "__url__": location} for f in tar_file_iterator(io.BytesIO(data)))
@@ -71,7 +83,5 @@ def read_tar(data: bytes, location: str) -> ShardBlock:
             columns.setdefault(name, []).append(meta[name])
         for name in ARRAY_MEMBERS:
             if f"{name}.npy" in sample:
-                columns.setdefault(name, []).append(
-                    np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False)
-                )
+                columns.setdefault(name, []).append(_load_npy(sample[f"{name}.npy"]))
     return ShardBlock(**{name: np.stack(values) for name, values in columns.items()})

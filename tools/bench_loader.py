@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 from bench_common import environment_lines, markdown_table
@@ -27,7 +26,6 @@ from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
 from ups.data.generate import generate
-from ups.data.pdebench import grid_coordinates
 from ups.data.splits import DataConfig, NormStats
 from ups.models.codec import Codec, CodecConfig, save_codec
 from ups.models.decoder import DecoderConfig
@@ -78,18 +76,7 @@ class ZarrPairs(torch.utils.data.Dataset):
         steps = shards.manifest["splits"]["train"]["snapshots_per_trajectory"]
         self.starts = [i for i in range(len(shards)) if i % steps != steps - 1]
         self.k = shards.k_per_epoch[0]
-        data = shards.manifest["data"]
-        self.collate = GatherCollate(
-            grid_coordinates(tuple(data["grid"])),
-            np.asarray(data["norm"]["mean"]),
-            np.asarray(data["norm"]["std"]),
-            shards.beta,
-            float(data["dt"]),
-            list(data["params"].values()),
-            (0, 1),
-            (),
-            True,
-        )
+        self.collate = GatherCollate.for_shards(shards, (0, 1), (), True)
 
     def __len__(self) -> int:
         return len(self.starts)
