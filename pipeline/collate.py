@@ -116,24 +116,34 @@ class GatherCollate:
             suffix = "" if step == 0 else "_next"
             packed = np.stack([ex["queries"][step] for ex in examples])  # (B, ceil(N/8))
             bits = np.unpackbits(packed, axis=1, count=n).view(bool)  # (B, N)
-            counts = bits.sum(axis=1, dtype=np.int64)
-            if (counts != k).any():
+            flat = np.flatnonzero(bits)  # positions of the set bits, row by row, ascending
+            # each row holds exactly k bits iff, cut into rows of k, every row stays in its own
+            # grid row (first index >= 0, last < N after removing the row's offset)
+            exact = flat.size == b * k
+            if exact:
+                idx = flat.reshape(b, k) - (np.arange(b) * n)[:, None]  # (B, k)
+                exact = idx[:, 0].min() >= 0 and idx[:, -1].max() < n
+            if not exact:
+                counts = bits.sum(axis=1)
                 raise ShardError(
                     f"query bitmasks hold {sorted(set(counts.tolist()))} points, the manifest says k={k}"
                 )
-            # flat positions of the set bits, row by row (ascending), minus each row's offset
-            idx = np.flatnonzero(bits).reshape(b, k) - (np.arange(b) * n)[:, None]  # (B, k)
             targets = np.stack(
                 [
-                    ex["fields"][step].reshape(c, n)[:, row]
+                    np.take(ex["fields"][step].reshape(c, n), row, axis=1)
                     for ex, row in zip(examples, idx, strict=True)
                 ]
             ).transpose(0, 2, 1)  # (B, k, C) physical
             q_at = np.stack(
-                [ex["importance"][step][row] for ex, row in zip(examples, idx, strict=True)]
+                [
+                    np.take(ex["importance"][step], row)
+                    for ex, row in zip(examples, idx, strict=True)
+                ]
             )  # (B, k)
             scale = torch.from_numpy(np.stack([ex["pi_scale"][step] for ex in examples]))  # (B, 2)
-            batch[f"coords{suffix}"] = torch.from_numpy(self.grid_coords[idx])  # (B, k, d)
+            batch[f"coords{suffix}"] = torch.from_numpy(
+                np.take(self.grid_coords, idx, axis=0)
+            )  # (B, k, d)
             batch[f"targets{suffix}"] = torch.from_numpy((targets - self.mean) / self.std)
             batch[f"weights{suffix}"] = weights_from_scale(
                 torch.from_numpy(q_at), n, k, scale, self.beta
