@@ -292,8 +292,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(("trajectories", "batch"), [(15, 6), (14, 5)])
-def test_ddp_two_gloo_ranks_stream_disjoint_equal_slices(tmp_path, trajectories, batch):
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+@pytest.mark.parametrize(
+    ("trajectories", "batch", "device"),
+    [(15, 6, "cpu"), (14, 5, "cpu"), pytest.param(15, 6, "cuda", marks=TWO_GPUS)],
+)
+def test_ddp_two_ranks_stream_disjoint_equal_slices(tmp_path, trajectories, batch, device):
+    """Two torchrun ranks: gloo on the CPU; NCCL, one GPU per rank, where two GPUs exist."""
     data = generate(
         "burgers1d",
         tmp_path / "b.h5",
@@ -310,6 +317,7 @@ def test_ddp_two_gloo_ranks_stream_disjoint_equal_slices(tmp_path, trajectories,
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "tools" / "train.py"), *SMALL_MODEL, "stage=codec", f"shards={shards}", f"out={tmp_path / 'run'}",
         f"batch_size={batch}", "epochs=2", "log_batches=true", "progress=false", "loader.workers=1", "eval_trajectories=1",
+        f"device={device}",
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
