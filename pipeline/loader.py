@@ -178,14 +178,13 @@ class ShardStream(BaseNode[dict]):
 
     def _remember(self, shard: int, block: ShardBlock) -> None:
         """Keep decoded blocks (least recently used out first) within ``cache_mb``."""
-        size = sum(a.nbytes for a in block.arrays().values())
-        if shard in self._cache or size > self._cache_limit:
+        if shard in self._cache or block.nbytes > self._cache_limit:
             return
         self._cache[shard] = block
-        self._cache_bytes += size
+        self._cache_bytes += block.nbytes
         while self._cache_bytes > self._cache_limit:
             _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= sum(a.nbytes for a in old.arrays().values())
+            self._cache_bytes -= old.nbytes
 
     def _load_group(self) -> None:
         """Read this group's shard segments and fix their shuffled order."""

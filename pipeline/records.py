@@ -39,6 +39,10 @@ class ShardBlock:
     def __len__(self) -> int:
         return len(self.snapshot_id)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays present in this block, by record name."""
         return {

@@ -33,3 +33,9 @@ def environment_lines() -> list[str]:
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def forever(iterable):
+    """Iterate again and again without end: a list of batches, or a loader (one epoch a pass)."""
+    while True:
+        yield from iterable

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import zarr
-from bench_common import environment_lines, markdown_table
+from bench_common import environment_lines, forever, markdown_table
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.collate import GatherCollate
@@ -137,12 +137,7 @@ def main() -> None:
             shards = open_shards(str(location), "train", fmt)
             cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=True)
             loader = ShardLoader(shards, cfg, batch_size, 1, (0, 1), (), True)
-
-            def epochs():
-                while True:
-                    yield from loader
-
-            return loader, epochs()
+            return loader, forever(loader)
 
         for fmt in ("zarr", "wds"):
             for workers in (0, 1, 2):
@@ -167,15 +162,11 @@ def main() -> None:
                 persistent_workers=workers > 0,
             )
 
-            def forever(plain=plain):
-                while True:
-                    yield from plain
-
             rows.append(
                 [
                     "plain DataLoader, zarr item reads",
                     str(workers),
-                    f"{time_batches(forever(), args.batches, args.batch_size):,.0f}",
+                    f"{time_batches(forever(plain), args.batches, args.batch_size):,.0f}",
                 ]
             )
     n = args.resolution**2

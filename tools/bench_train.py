@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, markdown_table
+from bench_common import environment_lines, forever, markdown_table
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.loader import LoaderConfig, ShardLoader
@@ -208,7 +208,7 @@ class Bench:
                 loss.backward()
                 opt.step()
 
-            out[str(ratio)] = {"k": k, **self.guarded(step, cycle(batches))}
+            out[str(ratio)] = {"k": k, **self.guarded(step, forever(batches))}
         return out
 
     def guarded(self, step, batches, **kw) -> dict:
@@ -311,7 +311,7 @@ class Bench:
             batches = self.resident(self.loader(stage, ratio, mode))
             timings: dict = {}
             out[str(ratio)] = self.guarded(
-                self.train_step(models, self.train_config(stage, mode), timings), cycle(batches)
+                self.train_step(models, self.train_config(stage, mode), timings), forever(batches)
             )
             if timings:
                 out[str(ratio)]["optimizer_ms"] = statistics.median(timings["optimizer"])
@@ -321,7 +321,7 @@ class Bench:
             batches = self.resident(self.loader(stage, 0.1, "sparse"))
             out["no_decoder"] = self.guarded(
                 self.train_step(models, self.train_config(stage, "sparse", forward=0, inverse=0)),
-                cycle(batches),
+                forever(batches),
             )
         else:
             # the codec step without the encoder: decoder + loss on latents of a frozen encoder
@@ -348,7 +348,7 @@ class Bench:
                     opt.step()
 
                 out[f"decoder_only_{ratio}"] = self.guarded(
-                    step, cycle(list(zip(batches, zs, strict=True)))
+                    step, forever(list(zip(batches, zs, strict=True)))
                 )
         return out
 
@@ -361,7 +361,7 @@ class Bench:
         models = self.models("operator")
         cfg = self.train_config("operator")
         batches = self.resident(self.loader("operator", 0.1, "sparse"))
-        out["resident"] = self.guarded(self.train_step(models, cfg), cycle(batches))
+        out["resident"] = self.guarded(self.train_step(models, cfg), forever(batches))
         del batches
         for fmt in ("zarr", "wds"):
             for cache_mb, name in ((2048, fmt), (0, f"{fmt}_no_cache")):
@@ -402,7 +402,7 @@ class Bench:
             start = time.perf_counter()
             result = self.guarded(
                 self.train_step(models, self.train_config("operator", mode)),
-                cycle(batches),
+                forever(batches),
                 warmup=5,
             )
             out[f"operator_{ratio}"] = {
@@ -412,16 +412,6 @@ class Bench:
             del batches, models
             torch._dynamo.reset()
         return out
-
-
-def cycle(items):
-    while True:
-        yield from items
-
-
-def forever(loader: ShardLoader):
-    while True:
-        yield from loader
 
 
 # ---------------------------------------------------------------- report
