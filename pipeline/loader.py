@@ -1,10 +1,10 @@
 """The streaming loader: a torchdata.nodes graph from a shard set to SparseBatch.
 
-    ShardStream (owns the order; reads shards ahead and keeps them in a RAM cache; pairs/windows;
-                 seeded shuffle buffer)
+    ShardStream (owns the order; reads shards ahead and keeps them in a RAM cache; decodes each
+                 shard's query sets of the epoch; pairs/windows; seeded shuffle buffer)
       -> Batcher
-      -> ParallelMapper(GatherCollate)   this epoch's query coords, targets, weights -> SparseBatch
-      -> PinMemory (CUDA only) -> Prefetcher -> Loader
+      -> ParallelMapper(Collate)   cuts the batch's windows out of the prepared arrays -> SparseBatch
+      -> Prefetcher -> Loader          (batches are built in pinned memory where CUDA is)
 
 Order. An epoch's examples are (shard, example-in-shard) pairs: a global permutation of the
 split's shards from (seed, epoch), each shard's examples in place. That global stream is cut
@@ -14,6 +14,9 @@ is read in groups of ``shuffle_shards`` shard segments whose examples are permut
 (seed, epoch, rank, group): the shuffle buffer. Workers gather and collate whole batches, in
 order, so the batches do not depend on the number of workers. Decoded shards stay in a bounded
 RAM cache (``cache_mb``), so a split that fits is read and verified once, not every epoch.
+A shard's query sets of an epoch are decoded, gathered and normalised in one vectorised pass
+over the shard (``gather_queries``, ``Collate.prepare``), in threads ahead of the stream, so each
+snapshot is prepared once per epoch and the collate only cuts batches out of prepared arrays.
 
 The loader's state is (epoch, batches delivered): resuming seeks to that example, re-reads one
 group and skips within it; it never replays the epoch, and the state does not depend on the
@@ -30,11 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, PinMemory, Prefetcher
+from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, Prefetcher
 
-from pipeline.collate import GatherCollate, SparseBatch
+from pipeline.collate import Collate, SparseBatch
 from pipeline.records import ShardBlock, ShardError
-from pipeline.shards import ShardSet
+from pipeline.shards import ShardSet, gather_queries
 from ups.config import check
 
 _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
@@ -46,7 +49,7 @@ class LoaderConfig:
     workers: int = 2  # threads gathering and collating whole batches; 0 = inline
     prefetch: int = 4  # batches prepared ahead
     shuffle_shards: int = 4  # shard segments mixed by the shuffle buffer
-    read_threads: int = 4  # shards read (decompressed, verified) in parallel
+    read_threads: int = 4  # shards read (decompressed, verified) and query sets decoded in parallel
     read_ahead: int = 2  # groups of shards read ahead of the one streaming
     cache_mb: int = 2048  # decoded shards kept in RAM for later epochs (0: read every epoch)
     format: Literal["auto", "zarr", "wds"] = "auto"
@@ -88,7 +91,8 @@ class ShardStream(BaseNode[dict]):
         window: int,
         rank: int,
         world_size: int,
-        batch_size: int = 1,
+        batch_size: int,
+        collate: Collate,
     ):
         super().__init__()
         steps = shards.manifest["splits"][shards.split]["snapshots_per_trajectory"]
@@ -97,6 +101,7 @@ class ShardStream(BaseNode[dict]):
                 f"{shards.location}: windows of {window + 1} snapshots need trajectories of at least {window + 1}; these have {steps}"
             )
         self.shards, self.window, self.rank, self.world_size = shards, window, rank, world_size
+        self.collate = collate  # prepares each shard's arrays for an epoch
         self.seed, self.shuffle_shards, self.wrap_epochs = (
             cfg.seed,
             cfg.shuffle_shards,
@@ -110,7 +115,8 @@ class ShardStream(BaseNode[dict]):
         self._start = (0, 0)
         self.read_ahead = cfg.read_ahead
         self._pool = ThreadPoolExecutor(max_workers=cfg.read_threads)  # shard reads, ahead of use
-        self._ahead: dict[tuple[int, int], list[Future]] = {}
+        self._decode = ThreadPoolExecutor(max_workers=cfg.read_threads)  # query sets, after reads
+        self._ahead: dict[tuple[int, int], list[tuple[Future, Future]]] = {}  # (read, decoded)
         self._cache: OrderedDict[int, ShardBlock] = OrderedDict()  # shard -> block, LRU
         self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
         self._reading: dict[int, Future] = {}  # shard -> read in flight
@@ -149,21 +155,38 @@ class ShardStream(BaseNode[dict]):
                 epoch, group = epoch + 1, 0
         return keys
 
-    def _blocks(self, epoch: int, group: int) -> list:
-        """The group's shard blocks. Its shards are read in parallel, and the next ``read_ahead``
-        groups (of this epoch or the next) are already being read while this one streams."""
+    def _blocks(self, epoch: int, group: int) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
+        """The group's shard blocks with their arrays prepared for ``epoch``. Its shards are read
+        and prepared in parallel, and the next ``read_ahead`` groups (of this epoch or the next)
+        are already in flight while this one streams."""
         wanted = self._upcoming(epoch, group)
         self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
         for e, g in wanted:
             if (e, g) not in self._ahead:
-                self._ahead[(e, g)] = [self._read(shard) for shard, _, _ in self._groups(e)[g]]
-        pending = {id(f) for futures in self._ahead.values() for f in futures}
+                self._ahead[(e, g)] = [
+                    self._prepare(shard, e) for shard, _, _ in self._groups(e)[g]
+                ]
+        pending = {id(read) for futures in self._ahead.values() for read, _ in futures}
         self._reading = {s: f for s, f in self._reading.items() if id(f) in pending}
-        futures = self._ahead.pop((epoch, group))
-        blocks = [future.result() for future in futures]
-        for (shard, _, _), block in zip(self._groups(epoch)[group], blocks, strict=True):
+        prepared = [decoded.result() for _, decoded in self._ahead.pop((epoch, group))]
+        for (shard, _, _), (block, _) in zip(self._groups(epoch)[group], prepared, strict=True):
             self._remember(shard, block)
-        return blocks
+        return prepared
+
+    def _prepare(self, shard: int, epoch: int) -> tuple[Future, Future]:
+        """Futures of the shard's block and of (block, its arrays prepared for ``epoch``)."""
+        read = self._read(shard)
+        return read, self._decode.submit(self._decoded, read, shard, epoch)
+
+    def _decoded(
+        self, read: Future, shard: int, epoch: int
+    ) -> tuple[ShardBlock, dict[str, np.ndarray]]:
+        block, queries = read.result(), None
+        if self.collate.sparse_steps:
+            stored, k = self.shards.k_for_epoch(epoch, self.wrap_epochs)
+            where = f"{self.shards.location}: shard {shard} of '{self.shards.split}', epoch {epoch}"
+            queries = gather_queries(block, stored, k, self.shards.beta, where)
+        return block, self.collate.prepare(block, queries)
 
     def _read(self, shard: int) -> Future:
         """A future of the shard's block: from the cache, a read in flight, or a new read."""
@@ -189,26 +212,13 @@ class ShardStream(BaseNode[dict]):
     def _load_group(self) -> None:
         """Read this group's shard segments and fix their shuffled order."""
         group = self._groups(self.epoch)[self._group]
-        stored_epoch, k = self.shards.k_for_epoch(self.epoch, self.wrap_epochs)
         self._examples = []
-        for (_, start, stop), block in zip(
+        for (_, start, stop), (_, arrays) in zip(
             group, self._blocks(self.epoch, self._group), strict=True
         ):
             for e in range(start, stop):
                 first = (e // self.per_trajectory) * self.steps + e % self.per_trajectory
-                rows = slice(first, first + self.window + 1)
-                self._examples.append(
-                    {
-                        "snapshot_id": int(block.snapshot_id[first]),
-                        "epoch": self.epoch,
-                        "k": k,
-                        "fields": block.fields[rows],
-                        "importance": block.importance[rows],
-                        "queries": block.queries[rows, stored_epoch],
-                        "pi_scale": block.pi_scale[rows, stored_epoch],
-                        "latent": None if block.latent is None else block.latent[rows],
-                    }
-                )
+                self._examples.append({"arrays": arrays, "row": first, "epoch": self.epoch})
         self._order = _rng(
             self.seed, self.epoch, self.rank, self._group, _SHUFFLE_STREAM
         ).permutation(len(self._examples))
@@ -271,21 +281,21 @@ class ShardLoader:
             raise ShardError(
                 f"{shards.location}: field-only shards (built with encoder: null) hold no latents"
             )
-        self.source = ShardStream(shards, cfg, window, rank, world_size, batch_size)
+        collate = Collate.for_shards(
+            shards, window, sparse_steps, dense_steps, latents, torch.cuda.is_available()
+        )
+        self.source = ShardStream(shards, cfg, window, rank, world_size, batch_size, collate)
         self.batches_per_epoch = self.source.per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise ShardError(
                 f"batch_size {batch_size} is larger than a rank's slice of {self.source.per_rank} examples "
                 f"({shards.location}, split '{shards.split}', world size {world_size})"
             )
-        gather = GatherCollate.for_shards(shards, sparse_steps, dense_steps, latents)
         node: BaseNode = Batcher(self.source, batch_size, drop_last=True)
         if cfg.workers > 0:
-            node = ParallelMapper(node, gather, num_workers=cfg.workers, in_order=True)
+            node = ParallelMapper(node, collate, num_workers=cfg.workers, in_order=True)
         else:
-            node = Mapper(node, gather)
-        if torch.cuda.is_available():
-            node = PinMemory(node)
+            node = Mapper(node, collate)
         node = Prefetcher(node, cfg.prefetch)
         self.loader: Loader[SparseBatch] = Loader(node)
         self.batch_size = batch_size

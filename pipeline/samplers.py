@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 
 from pipeline.keys import random_bits, snapshot_keys
@@ -136,6 +137,28 @@ def weights_from_scale(
     if (pi == 0).any():
         raise ValueError("indices include points with zero inclusion probability: not drawn from q")
     return ((k / n_points) / pi).pow(beta).float()
+
+
+def weights_from_scale_numpy(
+    q_at: np.ndarray, n_points: int, k: int, scale: np.ndarray, beta: float = 1.0
+) -> np.ndarray:
+    """:func:`weights_from_scale` in numpy, the same IEEE operations: the streaming loader's host
+    twin. numpy runs on the calling thread only, while torch's CPU ops start an OpenMP team whose
+    spinning threads take the cores the training step's launch thread needs."""
+    if k == n_points:
+        return np.ones(q_at.shape, dtype=np.float32)
+    remaining, total = scale[:, :1], scale[:, 1:]
+    frac_bits = 62 - n_points.bit_length()  # as _fixed_point
+    fixed = np.round(q_at.astype(np.float64) * 2.0**frac_bits).astype(np.int64)
+    pi = (
+        remaining.astype(np.float64)
+        * fixed.astype(np.float64)
+        / np.maximum(total, 1).astype(np.float64)
+    )
+    pi = np.where(pi >= _CAP, 1.0, pi)
+    if (pi == 0).any():
+        raise ValueError("indices include points with zero inclusion probability: not drawn from q")
+    return np.power((k / n_points) / pi, beta).astype(np.float32)
 
 
 def weights(q: torch.Tensor, k: int, indices: torch.Tensor, beta: float = 1.0) -> torch.Tensor:

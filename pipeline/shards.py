@@ -8,36 +8,54 @@ reported by name instead of silently training on bad data.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from pipeline.manifest import read_manifest
-from pipeline.query_codec import bitmask_to_indices
 from pipeline.records import ShardBlock, ShardError
-from pipeline.samplers import weights_from_scale
+from pipeline.samplers import weights_from_scale_numpy
 from pipeline.storage import join, read_bytes, sha256_bytes
 from pipeline.wds_format import read_tar
 from pipeline.zarr_format import ZarrReader
 
 
-def query_set(
-    bitmask: np.ndarray, importance: np.ndarray, pi_scale: np.ndarray, k: int, beta: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """One snapshot-epoch's query indices (k,) int64 and weights (k,) float32 from its stored record.
+@dataclass
+class QuerySets:
+    """One epoch's query sets of a block of S snapshots, decoded: what a batch's sparse terms need."""
 
-    The weights w_i = (k / (N pi_i))^beta follow from the stored q and k_e (pi = inclusion
-    probabilities); ``pi_scale`` caches the two integers of that derivation, so only q at the k
-    points is needed.
+    indices: np.ndarray  # (S, k) int64 flat C-order grid indices, ascending
+    values: np.ndarray  # (S, k, C) float32 the fields there, physical units
+    weights: np.ndarray  # (S, k) float32 loss weights w = (k / (N pi))^beta
+
+
+def gather_queries(
+    block: ShardBlock, stored_epoch: int, k: int, beta: float, where: str = "shard"
+) -> QuerySets:
+    """Decode a block's query bitmasks of one stored epoch and gather the fields and q there.
+
+    Vectorised over the block, so the streaming loader does it once per shard and epoch in its
+    read-ahead threads, not per example; in numpy, which stays on the calling thread (see
+    :func:`weights_from_scale_numpy`). The weights follow from the stored q and the two integers
+    of ``pi_scale``: only q at the k points is read.
     """
-    n = importance.shape[-1]
-    indices = bitmask_to_indices(bitmask, n)
-    if len(indices) != k:
-        raise ShardError(f"query bitmask holds {len(indices)} points, the manifest says k={k}")
-    q_at = torch.from_numpy(np.ascontiguousarray(importance[indices], dtype=np.float32))[None]
-    w = weights_from_scale(q_at, n, k, torch.from_numpy(np.asarray(pi_scale))[None], beta)[0]
-    return indices, w.numpy()
+    s, n = len(block), block.importance.shape[1]
+    bits = np.unpackbits(block.queries[:, stored_epoch], axis=1, count=n).view(bool)  # (S, N)
+    flat = np.flatnonzero(bits)  # positions of the set bits, row by row, ascending
+    # every row holds exactly k bits iff, cut into rows of k, each row stays in its own grid row
+    exact = flat.size == s * k
+    if exact and s:
+        indices = flat.reshape(s, k) - (np.arange(s) * n)[:, None]  # (S, k)
+        exact = indices[:, 0].min() >= 0 and indices[:, -1].max() < n
+    if not exact:
+        counts = sorted(set(bits.sum(axis=1).tolist()))
+        raise ShardError(f"{where}: query bitmasks hold {counts} points, the manifest says k={k}")
+    fields = block.fields.reshape(s, -1, n)  # (S, C, N)
+    values = np.take_along_axis(fields, indices[:, None, :], axis=2)  # (S, C, k)
+    q_at = np.take_along_axis(block.importance, indices, axis=1)  # (S, k)
+    weights = weights_from_scale_numpy(q_at, n, k, block.pi_scale[:, stored_epoch], beta)
+    return QuerySets(indices, np.ascontiguousarray(values.transpose(0, 2, 1)), weights)
 
 
 class ShardSet:
@@ -150,14 +168,9 @@ class ShardSet:
         """(flat C-order indices, weights) of snapshot ``i`` in ``epoch``; uniform sampling gives 1.0."""
         stored, k = self.k_for_epoch(epoch, wrap)
         index, row = self.locate(i)
-        block = self.read_shard(index)
-        return query_set(
-            block.queries[row, stored],
-            block.importance[row],
-            block.pi_scale[row, stored],
-            k,
-            self.beta,
-        )
+        block = self.read_shard(index).select(slice(row, row + 1))
+        queries = gather_queries(block, stored, k, self.beta, f"{self.location}: snapshot {i}")
+        return queries.indices[0], queries.weights[0]
 
     def trajectories(self, limit: int | None = None) -> Iterator[np.ndarray]:
         """Whole trajectories of this split, each (T, C, *grid) in physical units, in stored order."""

@@ -11,12 +11,11 @@ import torch
 from helpers import tiny_codec_checkpoint
 
 from pipeline.build import BuildConfig, run_build
-from pipeline.collate import GatherCollate
 from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
-from pipeline.shards import ShardSet, open_shards
+from pipeline.shards import ShardSet, gather_queries, open_shards
 from ups.data.generate import generate
 from ups.data.pdebench import grid_coordinates
 from ups.data.splits import DataConfig
@@ -249,20 +248,16 @@ def test_gathered_targets_are_normalised_float32(latent_shards):
 
 @pytest.mark.parametrize("moves", [1, 2])
 def test_bitmasks_with_a_wrong_count_are_refused(latent_shards, moves):
-    """A bit moved from one example's mask to another's keeps the batch total but not the rows."""
-    loader = make_loader(latent_shards)
-    loader.source.start(0, 0)
-    loader.source.reset(None)
-    examples = [dict(loader.source.next()) for _ in range(4)]
-    collate = GatherCollate.for_shards(open_shards(str(latent_shards)), (0,), (), True)
-    assert collate(examples).coords.shape[1] == examples[0]["k"]
-    for ex in examples:
-        ex["queries"] = ex["queries"].copy()
-    bits = [np.unpackbits(ex["queries"][0]) for ex in examples[:2]]
-    bits[0][np.flatnonzero(bits[0])[:moves]] = 0  # examples[0] loses ``moves`` points
-    bits[1][np.flatnonzero(bits[1] == 0)[:moves]] = 1  # examples[1] gains them
-    for ex, row in zip(examples[:2], bits, strict=True):
-        ex["queries"][0] = np.packbits(row)
-    with pytest.raises(ShardError, match="query bitmasks hold"):
-        collate(examples)
-    loader.close()
+    """A bit moved from one snapshot's mask to another's keeps the block total but not the rows."""
+    shards = open_shards(str(latent_shards))
+    block = shards.read_shard(0, cache=False)
+    k = shards.k_per_epoch[0]
+    assert gather_queries(block, 0, k, shards.beta).indices.shape == (len(block), k)
+    bits = [np.unpackbits(block.queries[row, 0]) for row in (0, 1)]
+    bits[0][np.flatnonzero(bits[0])[:moves]] = 0  # snapshot 0 loses ``moves`` points
+    bits[1][np.flatnonzero(bits[1] == 0)[:moves]] = 1  # snapshot 1 gains them
+    block.queries = block.queries.copy()
+    for row, row_bits in enumerate(bits):
+        block.queries[row, 0] = np.packbits(row_bits)
+    with pytest.raises(ShardError, match="shard 0: query bitmasks hold"):
+        gather_queries(block, 0, k, shards.beta, "shard 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from pipeline.samplers import (
     sample_query_sets,
     weights,
     weights_from_scale,
+    weights_from_scale_numpy,
 )
 from ups.config import ConfigError, from_dict
 
@@ -174,6 +176,21 @@ def test_stored_scale_gives_exactly_the_weights() -> None:
     assert torch.equal(
         weights_from_scale(q[:, :5], q.shape[1], q.shape[1], scale), torch.ones(2, 5)
     )
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
+def test_numpy_weights_equal_the_torch_weights(beta: float) -> None:
+    """The loader's numpy twin gives the same float32 weights as the samplers' torch code."""
+    sampler = make_sampler(SamplerConfig(kind="gradient", alpha=0.2))
+    q = sampler.probabilities(
+        torch.cat([field("front", (30, 34)), field("noise", (30, 34))]), [False, False]
+    )
+    for k in (51, 300, 900, q.shape[1]):  # 900 caps some points; N: a dense epoch
+        idx, _ = sample_query_sets(sampler, q, k, 3, [0, 1], 0, (30, 34))
+        q_at, scale = q.gather(1, idx), inclusion_scale(q, k)
+        expect = weights_from_scale(q_at, q.shape[1], k, scale, beta)
+        got = weights_from_scale_numpy(q_at.numpy(), q.shape[1], k, scale.numpy(), beta)
+        assert got.dtype == np.float32 and np.array_equal(got, expect.numpy())
 
 
 def test_inclusion_probabilities_sum_to_k_and_redistribute_excess() -> None:

@@ -20,11 +20,12 @@ import zarr
 from bench_common import environment_lines, forever, markdown_table
 
 from pipeline.build import BuildConfig, run_build
-from pipeline.collate import GatherCollate
+from pipeline.collate import Collate
 from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.records import ShardBlock, array_names
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
-from pipeline.shards import open_shards
+from pipeline.shards import gather_queries, open_shards
 from ups.data.generate import generate
 from ups.data.splits import DataConfig, NormStats
 from ups.models.codec import Codec, CodecConfig, save_codec
@@ -92,28 +93,21 @@ class ZarrPairs(torch.utils.data.Dataset):
     """The plain way: a map-style dataset reading one pair from the zarr store per item."""
 
     def __init__(self, location: Path):
-        shards = open_shards(str(location))
+        self.shards = open_shards(str(location))
         self.group = zarr.open_group(str(location / "zarr"), mode="r")["train"]
-        steps = shards.manifest["splits"]["train"]["snapshots_per_trajectory"]
-        self.starts = [i for i in range(len(shards)) if i % steps != steps - 1]
-        self.k = shards.k_per_epoch[0]
-        self.collate = GatherCollate.for_shards(shards, (0, 1), (), True)
+        steps = self.shards.manifest["splits"]["train"]["snapshots_per_trajectory"]
+        self.starts = [i for i in range(len(self.shards)) if i % steps != steps - 1]
+        self.k = self.shards.k_per_epoch[0]
+        self.collate = Collate.for_shards(self.shards, 1, (0, 1), (), True)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> dict:
-        rows, g = slice(self.starts[i], self.starts[i] + 2), self.group
-        return {
-            "snapshot_id": int(g["snapshot_id"][rows.start]),
-            "epoch": 0,
-            "k": self.k,
-            "fields": g["fields"][rows],
-            "importance": g["importance"][rows],
-            "queries": g["queries"][rows, 0],
-            "pi_scale": g["pi_scale"][rows, 0],
-            "latent": g["latent"][rows],
-        }
+        rows = slice(self.starts[i], self.starts[i] + 2)
+        block = ShardBlock(**{name: self.group[name][rows] for name in array_names(True)})
+        queries = gather_queries(block, 0, self.k, self.shards.beta)
+        return {"arrays": self.collate.prepare(block, queries), "row": 0, "epoch": 0}
 
 
 def main() -> None:

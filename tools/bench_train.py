@@ -12,7 +12,7 @@ at several ratios) and measures, with the library's own training step (``Models`
 3. streaming from zarr and from tars vs the same batches already on the GPU, at ratio 0.1;
 4. the three ways to get sparse queries on equal terms: dense, on-the-fly sampling inside the
    loss, precomputed sets from shards;
-5. eager vs torch.compile for the decoder-loss and operator steps.
+5. eager vs torch.compile for the operator and codec steps, dense and at ratio 0.1.
 
 Results go to OUT/bench_train.json after every section; ``--report`` turns that JSON into the
 markdown tables of docs/benchmarks.md.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import tempfile
@@ -356,20 +357,39 @@ class Bench:
 
     def streaming(self) -> dict:
         """Resident batches vs the loader from zarr and from tars, with the RAM shard cache (after
-        the warm-up every shard is in it) and without it (every epoch reads and verifies)."""
-        out = {}
+        the warm-up every shard is in it) and without it (every epoch reads and verifies).
+
+        The eager step is host-bound and its time drifts by a few per cent over a run, more than
+        the difference measured here; so the configurations take turns, in ``--stream-rounds``
+        rounds, and each reports its median round."""
         models = self.models("operator")
         cfg = self.train_config("operator")
         batches = self.resident(self.loader("operator", 0.1, "sparse"))
-        out["resident"] = self.guarded(self.train_step(models, cfg), forever(batches))
-        del batches
-        for fmt in ("zarr", "wds"):
-            for cache_mb, name in ((2048, fmt), (0, f"{fmt}_no_cache")):
-                loader = self.loader("operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb)
-                out[name] = self.guarded(
-                    self.train_step(models, cfg), forever(loader), steps=self.args.stream_steps
+        sources = {"resident": None, "zarr": ("zarr", 2048), "zarr_no_cache": ("zarr", 0)}
+        sources |= {"wds": ("wds", 2048), "wds_no_cache": ("wds", 0)}
+        rounds: dict[str, list[dict]] = {name: [] for name in sources}
+        for _ in range(self.args.stream_rounds):
+            for name, source in sources.items():
+                loader = None
+                if source is not None:
+                    fmt, cache_mb = source
+                    loader = self.loader("operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb)
+                result = self.guarded(
+                    self.train_step(models, cfg),
+                    forever(batches if loader is None else loader),
+                    steps=self.args.stream_steps,
                 )
-                loader.close()
+                rounds[name].append(result)
+                if loader is not None:
+                    loader.close()
+        out = {}
+        for name, results in rounds.items():
+            ok = sorted((r for r in results if "error" not in r), key=lambda r: r["mean_ms"])
+            out[name] = (
+                {**ok[len(ok) // 2], "round_mean_ms": [r["mean_ms"] for r in ok]}
+                if ok
+                else results[0]
+            )
         return out
 
     # ---------------------------------------------------------------- 4. three ways
@@ -394,18 +414,18 @@ class Bench:
 
     def compiled(self) -> dict:
         out = {}
-        for ratio in (1.0, 0.1):
+        for stage, ratio in itertools.product(("operator", "codec"), (1.0, 0.1)):
             mode = "dense" if ratio == 1.0 else "sparse"
-            models = self.models("operator")
-            batches = self.resident(self.loader("operator", ratio, mode))
+            models = self.models(stage)
+            batches = self.resident(self.loader(stage, ratio, mode))
             models.compile()
             start = time.perf_counter()
             result = self.guarded(
-                self.train_step(models, self.train_config("operator", mode)),
+                self.train_step(models, self.train_config(stage, mode)),
                 forever(batches),
                 warmup=5,
             )
-            out[f"operator_{ratio}"] = {
+            out[f"{stage}_{ratio}"] = {
                 **result,
                 "compile_and_run_seconds": time.perf_counter() - start,
             }
@@ -559,6 +579,8 @@ def report(results: dict) -> str:
             "### 3. Streaming from shards vs GPU-resident batches (operator stage, ratio 0.1)",
             "",
             "- mean = wall time of all timed steps / steps: the throughput cost of streaming",
+            f"- the configurations take turns in {len(st['resident'].get('round_mean_ms', [0]))} "
+            "rounds; each row is its median round, the last column all rounds' means",
             "",
         ]
         rows = [
@@ -566,11 +588,15 @@ def report(results: dict) -> str:
                 *row(k, v),
                 fmt(v.get("mean_ms"), 2),
                 fmt(v["mean_ms"] / base, 3) + "x" if "mean_ms" in v and base else "-",
+                ", ".join(fmt(m, 2) for m in v.get("round_mean_ms", [])),
             ]
             for k, v in st.items()
             if is_result(v)
         ]
-        lines += [*markdown_table([*head, "mean ms", "mean vs resident"], rows), ""]
+        lines += [
+            *markdown_table([*head, "mean ms", "mean vs resident", "round means ms"], rows),
+            "",
+        ]
     if "three_ways" in s:
         lines += [
             "### 4. Three ways to get sparse queries (operator stage, ratio 0.1, streaming from zarr)",
@@ -581,7 +607,7 @@ def report(results: dict) -> str:
             "",
         ]
     if "compiled" in s:
-        lines += ["### 5. torch.compile (operator stage, resident batches)", ""]
+        lines += ["### 5. torch.compile (operator and codec stage, resident batches)", ""]
         rows = [
             [*row(k, v), fmt(v.get("compile_and_run_seconds"), 1)]
             for k, v in s["compiled"].items()
@@ -602,6 +628,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--stream-steps", type=int, default=100)
+    parser.add_argument(
+        "--stream-rounds", type=int, default=3, help="turns of the streaming section"
+    )
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=128)
@@ -610,7 +639,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--latent-dim", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=LoaderConfig.workers)
     parser.add_argument(
         "--time-budget", type=float, default=480.0, help="seconds; later sections are skipped"
     )
@@ -624,6 +653,7 @@ def main() -> None:
         return
     if args.smoke:
         args.steps, args.stream_steps, args.warmup, args.batch = 3, 3, 1, 4
+        args.stream_rounds = 1
         args.resolution, args.trajectories, args.steps_per_traj = 32, 10, 4
         args.width, args.tokens, args.latent_dim, args.workers = 32, 8, 16, 1
     bench = Bench(args)
