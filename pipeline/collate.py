@@ -55,8 +55,9 @@ class Collate:
     ``prepare`` runs once per shard and epoch in the loader's read-ahead threads, vectorised over
     the shard: this epoch's query coordinates, normalised targets and weights (from the decoded
     query sets), normalised fields when a dense loss needs them, float32 latents. ``__call__``
-    then copies a batch's windows out of those prepared arrays, a few copies per shard, straight
-    into the batch's (pinned, with ``pin_memory``) tensors.
+    then copies a batch's windows out of those prepared arrays (joined per group of shards by the
+    loader), one copy per batch field, straight into the batch's (pinned, with ``pin_memory``)
+    tensors.
 
     The host work is numpy on purpose: it runs beside the training step, whose launch thread
     needs its core and the interpreter. numpy copies release the interpreter lock and stay on the
@@ -139,12 +140,13 @@ class Collate:
         return arrays
 
     def __call__(self, examples: list[dict[str, Any]]) -> SparseBatch:
-        """``examples``: dicts with the shard's ``arrays`` (from ``prepare``), the window's first
-        ``row`` in them and the ``epoch``."""
+        """``examples``: dicts with their shards' ``arrays`` (from ``prepare``), the window's
+        first ``row`` in them and the ``epoch``. A batch usually draws on one group's arrays, two
+        where it spans a group boundary."""
         b = len(examples)
-        by_shard: dict[int, tuple[dict[str, np.ndarray], list[int], list[int]]] = {}
+        groups: dict[int, tuple[dict[str, np.ndarray], list[int], list[int]]] = {}
         for position, ex in enumerate(examples):
-            _, positions, rows = by_shard.setdefault(id(ex["arrays"]), (ex["arrays"], [], []))
+            _, positions, rows = groups.setdefault(id(ex["arrays"]), (ex["arrays"], [], []))
             positions.append(position)
             rows.append(ex["row"])
         first_arrays = examples[0]["arrays"]
@@ -158,13 +160,16 @@ class Collate:
                 pin_memory=self.pin_memory,
             )
             out = batch[key].numpy()
-            for arrays, positions, rows in by_shard.values():
+            for arrays, positions, rows in groups.values():
                 first = np.asarray(rows)
                 if isinstance(steps, range):
-                    window_rows = first[:, None] + np.asarray(steps)  # (b_shard, h)
+                    window_rows = first[:, None] + np.asarray(steps)  # (b_group, h)
                 else:
-                    window_rows = first + steps  # (b_shard,)
-                out[positions] = arrays[name][window_rows]
+                    window_rows = first + steps  # (b_group,)
+                if len(groups) == 1:  # the usual case: one copy, straight into the batch
+                    np.take(arrays[name], window_rows, axis=0, out=out)
+                else:
+                    out[positions] = arrays[name][window_rows]
         batch["dt"] = torch.full((b,), self.dt, dtype=torch.float32)
         batch["params"] = torch.tensor([self.params] * b, dtype=torch.float32).reshape(
             b, len(self.params)

@@ -210,15 +210,22 @@ class ShardStream(BaseNode[dict]):
             self._cache_bytes -= old.nbytes
 
     def _load_group(self) -> None:
-        """Read this group's shard segments and fix their shuffled order."""
+        """Read this group's shard segments, join their prepared arrays and fix the shuffled order.
+
+        Joined, the group's arrays let the collate cut a batch with one copy per array instead of
+        one per shard and array: each copy is a point where the loader threads and the training
+        step hand the interpreter lock to each other."""
         group = self._groups(self.epoch)[self._group]
+        prepared = [arrays for _, arrays in self._blocks(self.epoch, self._group)]
+        joined = prepared[0]
+        if len(prepared) > 1:
+            joined = {name: np.concatenate([a[name] for a in prepared]) for name in joined}
+        offsets = np.cumsum([0] + [len(a["snapshot_id"]) for a in prepared])
         self._examples = []
-        for (_, start, stop), (_, arrays) in zip(
-            group, self._blocks(self.epoch, self._group), strict=True
-        ):
+        for (_, start, stop), offset in zip(group, offsets.tolist(), strict=False):
             for e in range(start, stop):
-                first = (e // self.per_trajectory) * self.steps + e % self.per_trajectory
-                self._examples.append({"arrays": arrays, "row": first, "epoch": self.epoch})
+                first = offset + (e // self.per_trajectory) * self.steps + e % self.per_trajectory
+                self._examples.append({"arrays": joined, "row": first, "epoch": self.epoch})
         self._order = _rng(
             self.seed, self.epoch, self.rank, self._group, _SHUFFLE_STREAM
         ).permutation(len(self._examples))

@@ -94,9 +94,18 @@ def test_pairs_latents_and_queries_come_from_the_shards(latent_shards):
     mean = np.asarray(shards.manifest["data"]["norm"]["mean"], dtype=np.float32)
     std = np.asarray(shards.manifest["data"]["norm"]["std"], dtype=np.float32)
     loader = make_loader(latent_shards, workers=2)
-    batch = next(iter(loader))
+    batches = list(loader)  # a whole epoch: several shard groups, batches across their boundaries
     loader.close()
-    assert batch.epoch == 0 and batch.z.shape == (8, 8, 16) and batch.z_next.shape == (8, 1, 8, 16)
+    assert len(batches) == loader.batches_per_epoch > 2
+    seen = [sid for batch in batches for sid in batch.snapshot_id.tolist()]
+    assert len(set(seen)) == len(seen)
+    for batch in batches:
+        assert batch.epoch == 0 and batch.z.shape == (8, 8, 16)
+        assert batch.z_next.shape == (8, 1, 8, 16)
+        check_batch_against_shards(batch, shards, index, coords, mean, std)
+
+
+def check_batch_against_shards(batch, shards, index, coords, mean, std):
     for b, sid in enumerate(batch.snapshot_id.tolist()):
         now, nxt = shards.snapshot(index[sid]), shards.snapshot(index[sid + 1])
         assert nxt["trajectory"] == now["trajectory"] and nxt["time"] == now["time"] + 1
