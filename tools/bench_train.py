@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -52,6 +53,13 @@ from ups.training.losses import weighted_point_loss
 from ups.training.train import Models, TrainConfig
 
 RATIOS = (1.0, 0.5, 0.3, 0.1, 0.05)
+
+
+def main_thread_waits() -> int:
+    """Voluntary context switches of the calling thread so far (Linux; 0 elsewhere): each is a
+    wait, for the interpreter lock or for the GPU, during which the thread gave up its core."""
+    rusage_thread = getattr(resource, "RUSAGE_THREAD", None)
+    return 0 if rusage_thread is None else resource.getrusage(rusage_thread).ru_nvcsw
 
 
 class Bench:
@@ -114,11 +122,13 @@ class Bench:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
+        cpu, waits = time.process_time(), main_thread_waits()
         for _ in range(steps):
             start = time.perf_counter()
             step(next(it))
             self.sync()
             times.append((time.perf_counter() - start) * 1e3)
+        cpu, waits = time.process_time() - cpu, main_thread_waits() - waits
         q = statistics.quantiles(times, n=10)
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
         return {
@@ -128,6 +138,8 @@ class Bench:
             "mean_ms": statistics.fmean(times),
             "peak_gib": peak,
             "steps": steps,
+            "process_cpu_ms": cpu / steps * 1e3,  # all threads' CPU time per step
+            "main_waits": waits / steps,  # times per step the main thread blocked (lock, sync)
         }
 
     # ---------------------------------------------------------------- setup
@@ -581,6 +593,8 @@ def report(results: dict) -> str:
             "- mean = wall time of all timed steps / steps: the throughput cost of streaming",
             f"- the configurations take turns in {len(st['resident'].get('round_mean_ms', [0]))} "
             "rounds; each row is its median round, the last column all rounds' means",
+            "- process CPU: all threads' CPU time per step; main-thread waits: voluntary context "
+            "switches of the training thread per step (waits for the interpreter lock or the GPU)",
             "",
         ]
         rows = [
@@ -588,15 +602,15 @@ def report(results: dict) -> str:
                 *row(k, v),
                 fmt(v.get("mean_ms"), 2),
                 fmt(v["mean_ms"] / base, 3) + "x" if "mean_ms" in v and base else "-",
+                fmt(v.get("process_cpu_ms"), 1),
+                fmt(v.get("main_waits"), 1),
                 ", ".join(fmt(m, 2) for m in v.get("round_mean_ms", [])),
             ]
             for k, v in st.items()
             if is_result(v)
         ]
-        lines += [
-            *markdown_table([*head, "mean ms", "mean vs resident", "round means ms"], rows),
-            "",
-        ]
+        extra = ["process CPU ms", "main-thread waits", "round means ms"]
+        lines += [*markdown_table([*head, "mean ms", "mean vs resident", *extra], rows), ""]
     if "three_ways" in s:
         lines += [
             "### 4. Three ways to get sparse queries (operator stage, ratio 0.1, streaming from zarr)",
