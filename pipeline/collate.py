@@ -48,21 +48,6 @@ class SparseBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pinned(self) -> SparseBatch:
-        """A copy in pinned memory, made by numpy (one thread, the interpreter lock released)."""
-        return self._map(
-            lambda t: _copy_into(torch.empty(t.shape, dtype=t.dtype, pin_memory=True), t)
-        )
-
-    def copied(self) -> SparseBatch:
-        """A copy in ordinary memory (out of the shared memory a loader process sent)."""
-        return self._map(lambda t: _copy_into(torch.empty(t.shape, dtype=t.dtype), t))
-
-
-def _copy_into(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    np.copyto(out.numpy(), source.numpy())
-    return out
-
 
 class Collate:
     """Streamed examples -> one SparseBatch, in two halves that run in different places.

@@ -25,7 +25,6 @@ number of workers or the prefetch depth.
 
 from __future__ import annotations
 
-import queue
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,9 +54,6 @@ class LoaderConfig:
     cache_mb: int = 2048  # decoded shards kept in RAM for later epochs (0: read every epoch)
     format: Literal["auto", "zarr", "wds"] = "auto"
     wrap_epochs: bool = False  # reuse the precomputed query sets cyclically beyond their epochs
-    process: bool = (
-        False  # make batches in a child process (keeps the training process's lock free)
-    )
 
     def __post_init__(self) -> None:
         check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
@@ -273,96 +269,6 @@ class ShardStream(BaseNode[dict]):
         return {"epoch": self.epoch, "skip": self._emitted}
 
 
-def _produce_batches(
-    location: str,
-    split: str,
-    cfg: LoaderConfig,
-    plan: tuple,
-    start: tuple[int, int],
-    out: Any,
-    done: Any,
-) -> None:
-    """The child of :class:`BatchProcess`: the in-process graph, its batches into ``out``."""
-    torch.set_num_threads(1)  # numpy does the work; no idle OpenMP team spinning on the cores
-    try:
-        shards = ShardSet(location, split, cfg.format)
-        window, sparse_steps, dense_steps, latents, rank, world_size, batch_size = plan
-        collate = Collate.for_shards(shards, window, sparse_steps, dense_steps, latents)
-        stream = ShardStream(shards, cfg, window, rank, world_size, batch_size, collate)
-        stream.start(*start)
-        node: BaseNode = Batcher(stream, batch_size, drop_last=True)
-        if cfg.workers > 0:
-            node = ParallelMapper(node, collate, num_workers=cfg.workers, in_order=True)
-        else:
-            node = Mapper(node, collate)
-        for batch in Loader(node):
-            out.put(batch)
-        out.put(None)
-    except Exception as err:  # raised again in the training process, by BatchProcess.next
-        out.put(err if isinstance(err, ShardError) else RuntimeError(f"loader process: {err!r}"))
-    done.wait()  # the parent maps the batches' shared memory through this process: stay alive
-
-
-class BatchProcess(BaseNode[SparseBatch]):
-    """Source node: whole batches made by a child process (``loader.process``).
-
-    The child runs the same ShardStream -> Batcher -> Collate graph; batches cross in shared
-    memory (torch.multiprocessing) and are copied into pinned memory here by numpy, which
-    releases the interpreter lock. So none of the loader's Python runs in the training process,
-    where it would take turns with the training step's launch thread for the lock.
-    """
-
-    def __init__(self, shards: ShardSet, cfg: LoaderConfig, plan: tuple, pin_memory: bool):
-        super().__init__()
-        self.location, self.split, self.cfg, self.plan = shards.location, shards.split, cfg, plan
-        self.pin_memory = pin_memory
-        self._start = (0, 0)
-        self._process: Any = None
-
-    def start(self, epoch: int, skip: int) -> None:
-        """Where the next reset(None) begins: ``skip`` examples into ``epoch``."""
-        self._start = (epoch, skip)
-
-    def reset(self, initial_state: dict | None = None) -> None:
-        super().reset(initial_state)
-        self.close()
-        context = torch.multiprocessing.get_context("spawn")  # never fork a CUDA process
-        self._queue, self._done = context.Queue(maxsize=self.cfg.prefetch), context.Event()
-        self._process = context.Process(
-            target=_produce_batches,
-            args=(self.location, self.split, self.cfg, self.plan, self._start, self._queue),
-            kwargs={"done": self._done},
-            daemon=True,
-        )
-        self._process.start()
-
-    def next(self) -> SparseBatch:
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._process.is_alive():
-                    raise RuntimeError(
-                        f"the loader process died (exit code {self._process.exitcode})"
-                    ) from None
-        if item is None:
-            raise StopIteration
-        if isinstance(item, Exception):
-            raise item
-        return item.pinned() if self.pin_memory else item.copied()
-
-    def get_state(self) -> dict[str, Any]:
-        return {}  # the position is the ShardLoader's (epoch, batches delivered)
-
-    def close(self) -> None:
-        if self._process is not None:
-            self._done.set()
-            self._process.terminate()
-            self._process.join()
-            self._process = None
-
-
 class ShardLoader:
     """A ``torchdata.nodes.Loader`` over a shard set plus what the training loop needs to know."""
 
@@ -386,10 +292,6 @@ class ShardLoader:
             shards, window, sparse_steps, dense_steps, latents, torch.cuda.is_available()
         )
         self.source = ShardStream(shards, cfg, window, rank, world_size, batch_size, collate)
-        plan = (window, sparse_steps, dense_steps, latents, rank, world_size, batch_size)
-        self._producer = (
-            BatchProcess(shards, cfg, plan, torch.cuda.is_available()) if cfg.process else None
-        )
         self.batches_per_epoch = self.source.per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise ShardError(
@@ -397,9 +299,7 @@ class ShardLoader:
                 f"({shards.location}, split '{shards.split}', world size {world_size})"
             )
         node: BaseNode = Batcher(self.source, batch_size, drop_last=True)
-        if self._producer is not None:
-            node = self._producer  # the same graph, in a child process
-        elif cfg.workers > 0:
+        if cfg.workers > 0:
             node = ParallelMapper(node, collate, num_workers=cfg.workers, in_order=True)
         else:
             node = Mapper(node, collate)
@@ -418,7 +318,7 @@ class ShardLoader:
         if self._batches >= self.batches_per_epoch:
             self.epoch, self._batches = self.epoch + 1, 0
         if self._stream is None:
-            (self._producer or self.source).start(self.epoch, self._batches * self.batch_size)
+            self.source.start(self.epoch, self._batches * self.batch_size)
             self._stream = iter(self.loader)
         else:
             self.source.shards.k_for_epoch(self.epoch, self.source.wrap_epochs)  # clear error
@@ -429,10 +329,7 @@ class ShardLoader:
             yield batch
 
     def close(self) -> None:
-        """Stop the graph's background threads (torchdata stops them only on garbage collection)
-        and the loader process, if any."""
-        if self._producer is not None:
-            self._producer.close()
+        """Stop the graph's background threads (torchdata stops them only on garbage collection)."""
         node = self.loader.root
         while node is not None:
             it = getattr(node, "_it", None)

@@ -53,16 +53,10 @@ def make_loader(
     wrap=False,
     split="train",
     cache_mb=2048,
-    process=False,
 ):
     shards = open_shards(str(location), split, fmt)
     cfg = LoaderConfig(
-        workers=workers,
-        format=fmt,
-        wrap_epochs=wrap,
-        shuffle_shards=2,
-        cache_mb=cache_mb,
-        process=process,
+        workers=workers, format=fmt, wrap_epochs=wrap, shuffle_shards=2, cache_mb=cache_mb
     )
     sparse = (0, 1) if window else (0,)
     return ShardLoader(
@@ -165,17 +159,6 @@ def test_resume_mid_epoch_is_exact_and_independent_of_workers_and_format(latent_
     same_batches(reference[cut:], run_epochs(resumed, 2))
 
 
-def test_a_loader_process_gives_the_same_batches_and_resumes(latent_shards):
-    """loader.process=true: the same graph in a child process, the same batches, exact resume."""
-    reference = run_epochs(make_loader(latent_shards, workers=2), 2)
-    in_process = make_loader(latent_shards, process=True)
-    same_batches(reference, run_epochs(in_process, 2))
-    assert in_process._producer._process is None  # closed: no child left behind
-    resumed = make_loader(latent_shards, process=True, fmt="wds", workers=1)
-    resumed.load_state_dict({"epoch": 0, "batches": 3, "batches_per_epoch": len(reference) // 2})
-    same_batches(reference[3:], run_epochs(resumed, 2))
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_rank_slices_are_disjoint_equal_and_drop_only_the_remainder(latent_shards, world):
     total = len(run_epochs(make_loader(latent_shards, batch_size=1), 1))
@@ -252,18 +235,16 @@ def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, m
     same_batches(cached, uncached)
 
 
-@pytest.mark.parametrize("process", [False, True])
-def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path, process):
+def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(latent_shards, copy)
     tar = sorted((copy / "wds").glob("train-*.tar"))[-1]
     data = bytearray(tar.read_bytes())
     data[2000] ^= 0xFF
     tar.write_bytes(bytes(data))
-    loader = make_loader(copy, fmt="wds", process=process)
+    loader = make_loader(copy, fmt="wds")
     with pytest.raises(ShardError, match=rf"{tar.name}: checksum mismatch"):
         run_epochs(loader, 1)
-    loader.close()
 
 
 def test_gathered_targets_are_normalised_float32(latent_shards):

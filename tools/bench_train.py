@@ -271,7 +271,6 @@ class Bench:
         fmt: str = "zarr",
         workers: int | None = None,
         cache_mb: int = 2048,
-        process: bool = False,
     ) -> ShardLoader:
         shards = open_shards(self.shards[ratio if ratio < 1 else 0.1], "train", fmt)
         window = 1 if stage == "operator" else 0
@@ -281,7 +280,6 @@ class Bench:
         cfg = LoaderConfig(
             workers=self.args.workers if workers is None else workers,
             cache_mb=cache_mb,
-            process=process,
             prefetch=8,
             format=fmt,
             wrap_epochs=True,
@@ -371,8 +369,7 @@ class Bench:
 
     def streaming(self) -> dict:
         """Resident batches vs the loader from zarr and from tars, with the RAM shard cache (after
-        the warm-up every shard is in it), without it (every epoch reads and verifies), and with
-        the batches made in a loader process (``loader.process``).
+        the warm-up every shard is in it) and without it (every epoch reads and verifies).
 
         The eager step is host-bound and its time drifts by a few per cent over a run, more than
         the difference measured here; so the configurations take turns, in ``--stream-rounds``
@@ -380,19 +377,15 @@ class Bench:
         models = self.models("operator")
         cfg = self.train_config("operator")
         batches = self.resident(self.loader("operator", 0.1, "sparse"))
-        sources = {"resident": None, "zarr": ("zarr", 2048, False)}
-        sources |= {"zarr_no_cache": ("zarr", 0, False), "zarr_process": ("zarr", 2048, True)}
-        sources |= {"wds": ("wds", 2048, False), "wds_no_cache": ("wds", 0, False)}
-        sources |= {"wds_process": ("wds", 2048, True)}
+        sources = {"resident": None, "zarr": ("zarr", 2048), "zarr_no_cache": ("zarr", 0)}
+        sources |= {"wds": ("wds", 2048), "wds_no_cache": ("wds", 0)}
         rounds: dict[str, list[dict]] = {name: [] for name in sources}
         for _ in range(self.args.stream_rounds):
             for name, source in sources.items():
                 loader = None
                 if source is not None:
-                    fmt, cache_mb, process = source
-                    loader = self.loader(
-                        "operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb, process=process
-                    )
+                    fmt, cache_mb = source
+                    loader = self.loader("operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb)
                 result = self.guarded(
                     self.train_step(models, cfg),
                     forever(batches if loader is None else loader),
