@@ -62,7 +62,7 @@ class Collate:
     The host work is numpy on purpose: it runs beside the training step, whose launch thread
     needs its core and the interpreter. numpy copies release the interpreter lock and stay on the
     calling thread; torch's CPU ops would start OpenMP teams whose spinning threads take the
-    step's cores (measured on an H100 host: +44 % step time with 16 intra-op threads).
+    step's cores (docs/benchmarks.md, "The loader").
 
     Per window position: ``sparse_steps`` (0 = u_t, 1 = u_{t+1}) get coords, targets, weights;
     ``dense_steps`` get their full normalised fields; latents cover the whole window.

@@ -11,7 +11,7 @@ split's shards from (seed, epoch), each shard's examples in place. That global s
 into ``world_size`` contiguous, equal slices of floor(M / world_size) examples (the remainder of
 M is dropped: every rank sees the same number of examples, so DDP never hangs). A rank's slice
 is read in groups of ``shuffle_shards`` shard segments whose examples are permuted from
-(seed, epoch, rank, group): the shuffle buffer. Workers gather and collate whole batches, in
+(seed, epoch, rank, group): the shuffle buffer. Workers collate whole batches, in
 order, so the batches do not depend on the number of workers. Decoded shards stay in a bounded
 RAM cache (``cache_mb``), so a split that fits is read and verified once, not every epoch.
 A shard's query sets of an epoch are decoded, gathered and normalised in one vectorised pass
@@ -46,7 +46,7 @@ _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
 @dataclass
 class LoaderConfig:
     seed: int = 0  # data order (shard permutation, shuffle buffer); independent of the model seed
-    workers: int = 2  # threads gathering and collating whole batches; 0 = inline
+    workers: int = 2  # threads collating whole batches from the prepared arrays; 0 = inline
     prefetch: int = 4  # batches prepared ahead
     shuffle_shards: int = 4  # shard segments mixed by the shuffle buffer
     read_threads: int = 4  # shards read (decompressed, verified) and query sets decoded in parallel
@@ -181,6 +181,8 @@ class ShardStream(BaseNode[dict]):
     def _decoded(
         self, read: Future, shard: int, epoch: int
     ) -> tuple[ShardBlock, dict[str, np.ndarray]]:
+        """(block, its arrays for ``epoch``): the epoch's query sets decoded and gathered, then
+        the collate's per-shard preparation. Runs in the ``_decode`` threads."""
         block, queries = read.result(), None
         if self.collate.sparse_steps:
             stored, k = self.shards.k_for_epoch(epoch, self.wrap_epochs)
@@ -220,9 +222,9 @@ class ShardStream(BaseNode[dict]):
         joined = prepared[0]
         if len(prepared) > 1:
             joined = {name: np.concatenate([a[name] for a in prepared]) for name in joined}
-        offsets = np.cumsum([0] + [len(a["snapshot_id"]) for a in prepared])
+        offsets = np.cumsum([0] + [len(a["snapshot_id"]) for a in prepared[:-1]])  # in joined
         self._examples = []
-        for (_, start, stop), offset in zip(group, offsets.tolist(), strict=False):
+        for (_, start, stop), offset in zip(group, offsets.tolist(), strict=True):
             for e in range(start, stop):
                 first = offset + (e // self.per_trajectory) * self.steps + e % self.per_trajectory
                 self._examples.append({"arrays": joined, "row": first, "epoch": self.epoch})
