@@ -144,15 +144,16 @@ class Collate:
         first ``row`` in them and the ``epoch``. A batch usually draws on one group's arrays, two
         where it spans a group boundary."""
         b = len(examples)
-        groups: dict[int, tuple[dict[str, np.ndarray], list[int], list[int]]] = {}
+        by_arrays: dict[int, tuple[dict[str, np.ndarray], list[int], list[int]]] = {}
         for position, ex in enumerate(examples):
-            _, positions, rows = groups.setdefault(id(ex["arrays"]), (ex["arrays"], [], []))
+            _, positions, rows = by_arrays.setdefault(id(ex["arrays"]), (ex["arrays"], [], []))
             positions.append(position)
             rows.append(ex["row"])
-        first_arrays = examples[0]["arrays"]
+        # (prepared arrays, positions in the batch, first rows there) per group drawn on
+        groups = [(a, np.asarray(p), np.asarray(r)) for a, p, r in by_arrays.values()]
         batch: dict[str, Any] = {"epoch": examples[0]["epoch"]}
         for key, (name, steps) in self.outputs.items():
-            array = first_arrays[name]
+            array = groups[0][0][name]
             shape = (b, len(steps)) if isinstance(steps, range) else (b,)
             batch[key] = torch.empty(
                 shape + array.shape[1:],
@@ -160,8 +161,7 @@ class Collate:
                 pin_memory=self.pin_memory,
             )
             out = batch[key].numpy()
-            for arrays, positions, rows in groups.values():
-                first = np.asarray(rows)
+            for arrays, positions, first in groups:
                 if isinstance(steps, range):
                     window_rows = first[:, None] + np.asarray(steps)  # (b_group, h)
                 else:

@@ -52,10 +52,15 @@ DEFAULT_BLOCK = {1: (16,), 2: (8, 8), 3: (4, 4, 4)}
 # Inclusion probabilities and weights: shared by every sampler, the loader and the losses.
 
 
+def _frac_bits(n: int) -> int:
+    """F of the fixed point 2^-F: a row of n values in [0, 1] sums without int64 overflow."""
+    return 62 - n.bit_length()
+
+
 def _fixed_point(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """Values in [0, 1] as int64 multiples of 2^-F, F chosen so a row of n (default: the last
     dim) sums without overflow; the same F for a full row and for values gathered from it."""
-    frac_bits = 62 - (x.shape[-1] if n is None else n).bit_length()
+    frac_bits = _frac_bits(x.shape[-1] if n is None else n)
     return torch.round(x.to(torch.float64) * 2.0**frac_bits).to(torch.int64)
 
 
@@ -148,8 +153,7 @@ def weights_from_scale_numpy(
     if k == n_points:
         return np.ones(q_at.shape, dtype=np.float32)
     remaining, total = scale[:, :1], scale[:, 1:]
-    frac_bits = 62 - n_points.bit_length()  # as _fixed_point
-    fixed = np.round(q_at.astype(np.float64) * 2.0**frac_bits).astype(np.int64)
+    fixed = np.round(q_at.astype(np.float64) * 2.0 ** _frac_bits(n_points)).astype(np.int64)
     pi = (
         remaining.astype(np.float64)
         * fixed.astype(np.float64)

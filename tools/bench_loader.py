@@ -102,17 +102,12 @@ def main() -> None:
         location = build_set(Path(tmp), args.resolution, args.trajectories, args.steps)
         k = open_shards(str(location)).k_per_epoch[0]
         rows = []
-
-        def ours(fmt: str, workers: int, batch_size: int):
-            shards = open_shards(str(location), "train", fmt)
-            cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=True)
-            loader = ShardLoader(shards, cfg, batch_size, 1, (0, 1), (), True)
-            return loader, forever(loader)
-
         for fmt in ("zarr", "wds"):
             for workers in (0, 1, 2):
-                loader, batches = ours(fmt, workers, args.batch_size)
-                rate = time_batches(batches, args.batches, args.batch_size)
+                shards = open_shards(str(location), "train", fmt)
+                cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=True)
+                loader = ShardLoader(shards, cfg, args.batch_size, 1, (0, 1), (), True)
+                rate = time_batches(forever(loader), args.batches, args.batch_size)
                 loader.close()
                 rows.append([f"ours (torchdata.nodes), {fmt}", str(workers), f"{rate:,.0f}"])
         dataset = ZarrPairs(location)
