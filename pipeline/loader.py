@@ -4,7 +4,14 @@
                  shard's query sets of the epoch; pairs/windows; seeded shuffle buffer)
       -> Batcher
       -> ParallelMapper(Collate)   cuts the batch's windows out of the prepared arrays -> SparseBatch
-      -> Prefetcher -> Loader          (batches are built in pinned memory where CUDA is)
+      -> Prefetcher -> Loader
+      -> batches on the training device
+
+By default (``process``) this graph runs in a child process and hands its batches over through
+a ring of shared, pinned slots, one transfer to the GPU per batch (pipeline/loader_process.py):
+the loader's Python then never competes with the training step for the interpreter lock. With
+``process: false`` it runs in threads of the training process, building batches in pinned
+memory where CUDA is.
 
 Order. An epoch's examples are (shard, example-in-shard) pairs: a global permutation of the
 split's shards from (seed, epoch), each shard's examples in place. That global stream is cut
@@ -36,6 +43,7 @@ import torch
 from torchdata.nodes import BaseNode, Batcher, Loader, Mapper, ParallelMapper, Prefetcher
 
 from pipeline.collate import Collate, SparseBatch
+from pipeline.loader_process import LoaderProcess
 from pipeline.records import ShardBlock, ShardError
 from pipeline.shards import ShardSet, gather_queries
 from ups.config import check
@@ -54,6 +62,7 @@ class LoaderConfig:
     cache_mb: int = 2048  # decoded shards kept in RAM for later epochs (0: read every epoch)
     format: Literal["auto", "zarr", "wds"] = "auto"
     wrap_epochs: bool = False  # reuse the precomputed query sets cyclically beyond their epochs
+    process: bool = True  # run the graph in a child process (pipeline/loader_process.py)
 
     def __post_init__(self) -> None:
         check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
@@ -272,7 +281,9 @@ class ShardStream(BaseNode[dict]):
 
 
 class ShardLoader:
-    """A ``torchdata.nodes.Loader`` over a shard set plus what the training loop needs to know."""
+    """A ``torchdata.nodes.Loader`` over a shard set plus what the training loop needs to know.
+
+    Batches arrive on ``device`` (``None``: on the CPU, as the collate made them)."""
 
     def __init__(
         self,
@@ -285,14 +296,18 @@ class ShardLoader:
         latents: bool,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | str | None = None,
     ):
         if latents and shards.manifest["latent"] is None:
             raise ShardError(
                 f"{shards.location}: field-only shards (built with encoder: null) hold no latents"
             )
-        collate = Collate.for_shards(
-            shards, window, sparse_steps, dense_steps, latents, torch.cuda.is_available()
-        )
+        self.device = None if device is None else torch.device(device)
+        self.cfg = cfg
+        # (batch_size, window, ..., world_size): the arguments a loader process rebuilds this with
+        self._plan = (batch_size, window, sparse_steps, dense_steps, latents, rank, world_size)
+        pin = self.device is not None and self.device.type == "cuda" and not cfg.process
+        collate = Collate.for_shards(shards, window, sparse_steps, dense_steps, latents, pin)
         self.source = ShardStream(shards, cfg, window, rank, world_size, batch_size, collate)
         self.batches_per_epoch = self.source.per_rank // batch_size
         if self.batches_per_epoch < 1:
@@ -310,6 +325,7 @@ class ShardLoader:
         self.batch_size = batch_size
         self.epoch, self._batches = 0, 0  # position: batches delivered in ``epoch``
         self._stream: Iterator[SparseBatch] | None = None  # one pass over all epochs
+        self._process: LoaderProcess | None = None
 
     def __iter__(self) -> Iterator[SparseBatch]:
         """One epoch (the rest of it, after a resume) of batches.
@@ -320,8 +336,7 @@ class ShardLoader:
         if self._batches >= self.batches_per_epoch:
             self.epoch, self._batches = self.epoch + 1, 0
         if self._stream is None:
-            self.source.start(self.epoch, self._batches * self.batch_size)
-            self._stream = iter(self.loader)
+            self._stream = self._open(self.epoch, self._batches * self.batch_size)
         else:
             self.source.shards.k_for_epoch(self.epoch, self.source.wrap_epochs)  # clear error
         while self._batches < self.batches_per_epoch:
@@ -330,8 +345,26 @@ class ShardLoader:
             self._batches += 1
             yield batch
 
+    def _open(self, epoch: int, skip: int) -> Iterator[SparseBatch]:
+        """The stream of batches on ``device``, from ``skip`` examples into ``epoch``."""
+        self.close()
+        if self.cfg.process:
+            shards = self.source.shards
+            self._process = LoaderProcess(
+                shards.location, shards.split, self.cfg, self._plan, (epoch, skip), self.device
+            )
+            return self._process
+        self.source.start(epoch, skip)
+        if self.device is None:
+            return iter(self.loader)
+        return (batch.to(self.device, non_blocking=True) for batch in self.loader)
+
     def close(self) -> None:
-        """Stop the graph's background threads (torchdata stops them only on garbage collection)."""
+        """Stop the loader process, or the graph's background threads (torchdata stops them only
+        on garbage collection)."""
+        if self._process is not None:
+            self._process.close()
+            self._process = None
         node = self.loader.root
         while node is not None:
             it = getattr(node, "_it", None)
@@ -356,4 +389,5 @@ class ShardLoader:
                 f"{self.batches_per_epoch}: resume with the same batch_size and world size"
             )
         self.epoch, self._batches = state["epoch"], state["batches"]
+        self.close()
         self._stream = None  # restart the graph there

@@ -34,7 +34,8 @@ def latent_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         encoder=str(codec),
         epochs=3,
         sampler=SamplerConfig(kind="gradient"),
-        schedule=ScheduleConfig(start_ratio=0.25, multiple=8),
+        # k grows over the epochs (16, 24, 32 of 64 points): a loader process grows its slots
+        schedule=ScheduleConfig(kind="linear", start_ratio=0.25, end_ratio=0.5, multiple=8),
         trajectories_per_shard=2,
         progress=False,
     )
@@ -53,14 +54,30 @@ def make_loader(
     wrap=False,
     split="train",
     cache_mb=2048,
+    process=True,
+    device=None,
 ):
     shards = open_shards(str(location), split, fmt)
     cfg = LoaderConfig(
-        workers=workers, format=fmt, wrap_epochs=wrap, shuffle_shards=2, cache_mb=cache_mb
+        workers=workers,
+        format=fmt,
+        wrap_epochs=wrap,
+        shuffle_shards=2,
+        cache_mb=cache_mb,
+        process=process,
     )
     sparse = (0, 1) if window else (0,)
     return ShardLoader(
-        shards, cfg, batch_size, window, sparse, (), latents=True, rank=rank, world_size=world
+        shards,
+        cfg,
+        batch_size,
+        window,
+        sparse,
+        (),
+        latents=True,
+        rank=rank,
+        world_size=world,
+        device=device,
     )
 
 
@@ -138,7 +155,7 @@ def test_every_pair_once_per_epoch_and_epochs_differ(latent_shards):
     assert first != second, "each epoch has its own order"
 
 
-def test_resume_mid_epoch_is_exact_and_independent_of_workers_and_format(latent_shards):
+def test_resume_mid_epoch_is_exact_and_independent_of_workers_format_and_process(latent_shards):
     full = make_loader(latent_shards, workers=2)
     reference, state = [], None
     for epoch in range(3):
@@ -154,7 +171,7 @@ def test_resume_mid_epoch_is_exact_and_independent_of_workers_and_format(latent_
             if epoch == 1 and i == 2:
                 state, cut = full.state_dict(), len(reference)
     full.close()
-    resumed = make_loader(latent_shards, workers=0, fmt="wds")
+    resumed = make_loader(latent_shards, workers=0, fmt="wds", process=False)
     resumed.load_state_dict(state)
     same_batches(reference[cut:], run_epochs(resumed, 2))
 
@@ -225,12 +242,12 @@ def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, m
         reads.append(index)
         return original(self, index, cache)
 
-    monkeypatch.setattr(ShardSet, "read_shard", counting)
-    cached = run_epochs(make_loader(latent_shards), 3)
+    monkeypatch.setattr(ShardSet, "read_shard", counting)  # counts reads in this process
+    cached = run_epochs(make_loader(latent_shards, process=False), 3)
     shards = len(open_shards(str(latent_shards)).shards)
     assert sorted(reads) == list(range(shards)), "a split that fits the cache is read once"
     reads.clear()
-    uncached = run_epochs(make_loader(latent_shards, cache_mb=0), 3)
+    uncached = run_epochs(make_loader(latent_shards, cache_mb=0, process=False), 3)
     assert len(reads) > shards, "without the cache, later epochs read again"
     same_batches(cached, uncached)
 
@@ -245,6 +262,41 @@ def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path):
     loader = make_loader(copy, fmt="wds")
     with pytest.raises(ShardError, match=rf"{tar.name}: checksum mismatch"):
         run_epochs(loader, 1)
+
+
+def test_loader_process_death_is_reported_and_close_stops_it(latent_shards):
+    loader = make_loader(latent_shards, workers=2)
+    batches = iter(loader)
+    next(batches)
+    child = loader._process._process
+    assert child.is_alive()
+    child.kill()
+    with pytest.raises(RuntimeError, match="the loader process ended"):
+        for _ in range(loader.cfg.prefetch + 1):  # the slots already filled still arrive
+            next(batches)
+    loader.close()
+    resumed = make_loader(latent_shards, workers=2)
+    next(iter(resumed))
+    child = resumed._process._process
+    resumed.close()
+    assert not child.is_alive() and resumed._process is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loader_process_delivers_the_same_batches_on_the_gpu(latent_shards):
+    """Pinned slots, one transfer per batch, slots given back on CUDA events, slots that grow."""
+    batches = {}
+    for process in (True, False):
+        loader = make_loader(latent_shards, workers=2, process=process, device="cuda")
+        batches[process] = []
+        for _ in range(3):
+            for b in loader:
+                assert b.coords.device.type == "cuda"
+                batches[process].append(
+                    (b.epoch, b.snapshot_id.tolist(), b.coords.cpu().numpy(), b.z.cpu().numpy())
+                )
+        loader.close()
+    same_batches(batches[True], batches[False])
 
 
 def test_gathered_targets_are_normalised_float32(latent_shards):

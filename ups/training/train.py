@@ -286,6 +286,7 @@ class Trainer:
             cfg.stage == "operator",
             self.rank,
             self.world,
+            self.device,
         )
         epochs = cfg.epochs or self.shards.epochs
         self.total_steps = epochs * self.loader.batches_per_epoch
@@ -448,7 +449,6 @@ class Trainer:
                     raise RuntimeError(
                         f"loader epoch {batch.epoch} out of step with training step {self.step}"
                     )
-                batch = batch.to(self.device, non_blocking=True)
                 with autocast:
                     terms = self.step_fn(batch, cfg, self.gen)
                 self.optimizer.zero_grad(set_to_none=True)
