@@ -271,6 +271,7 @@ class Bench:
         fmt: str = "zarr",
         workers: int | None = None,
         cache_mb: int = 2048,
+        process: bool = True,
     ) -> ShardLoader:
         shards = open_shards(self.shards[ratio if ratio < 1 else 0.1], "train", fmt)
         window = 1 if stage == "operator" else 0
@@ -283,13 +284,23 @@ class Bench:
             prefetch=8,
             format=fmt,
             wrap_epochs=True,
+            process=process,
         )
-        return ShardLoader(shards, cfg, self.args.batch, window, sparse, dense, stage == "operator")
+        return ShardLoader(
+            shards,
+            cfg,
+            self.args.batch,
+            window,
+            sparse,
+            dense,
+            stage == "operator",
+            device=self.device,
+        )
 
     def resident(self, loader: ShardLoader, count: int = 6) -> list:
         batches = []
         for batch in forever(loader):
-            batches.append(batch.to(self.device))
+            batches.append(batch)
             if len(batches) == count:
                 break
         loader.close()
@@ -300,7 +311,6 @@ class Bench:
         gen = torch.Generator(self.device).manual_seed(0)
 
         def step(batch):
-            batch = batch.to(self.device, non_blocking=True)
             with self.autocast():
                 terms = models(batch, cfg, gen)
             opt.zero_grad(set_to_none=True)
@@ -321,7 +331,7 @@ class Bench:
         models = self.models(stage)
         for ratio in RATIOS:
             mode = "dense" if ratio == 1.0 else "sparse"
-            batches = self.resident(self.loader(stage, ratio, mode))
+            batches = self.resident(self.loader(stage, ratio, mode, process=False))
             timings: dict = {}
             out[str(ratio)] = self.guarded(
                 self.train_step(models, self.train_config(stage, mode), timings), forever(batches)
@@ -331,7 +341,7 @@ class Bench:
             del batches
         # the decoder's share: the same step without the decoder losses
         if stage == "operator":
-            batches = self.resident(self.loader(stage, 0.1, "sparse"))
+            batches = self.resident(self.loader(stage, 0.1, "sparse", process=False))
             out["no_decoder"] = self.guarded(
                 self.train_step(models, self.train_config(stage, "sparse", forward=0, inverse=0)),
                 forever(batches),
@@ -341,7 +351,7 @@ class Bench:
             enc = models.codec.encoder
             for ratio in (1.0, 0.1):
                 mode = "dense" if ratio == 1.0 else "sparse"
-                batches = self.resident(self.loader(stage, ratio, mode))
+                batches = self.resident(self.loader(stage, ratio, mode, process=False))
                 with torch.no_grad(), self.autocast():
                     zs = [enc(b.fields).float() for b in batches]
                 decoder = models.codec.decoder
@@ -376,16 +386,23 @@ class Bench:
         rounds, and each reports its median round."""
         models = self.models("operator")
         cfg = self.train_config("operator")
-        batches = self.resident(self.loader("operator", 0.1, "sparse"))
-        sources = {"resident": None, "zarr": ("zarr", 2048), "zarr_no_cache": ("zarr", 0)}
-        sources |= {"wds": ("wds", 2048), "wds_no_cache": ("wds", 0)}
+        batches = self.resident(self.loader("operator", 0.1, "sparse", process=False))
+        sources = {
+            "resident": None,
+            "zarr": ("zarr", 2048, True),
+            "zarr_no_cache": ("zarr", 0, True),
+        }
+        sources |= {"wds": ("wds", 2048, True), "wds_no_cache": ("wds", 0, True)}
+        sources |= {"zarr_threads": ("zarr", 2048, False)}  # the graph in this process
         rounds: dict[str, list[dict]] = {name: [] for name in sources}
         for _ in range(self.args.stream_rounds):
             for name, source in sources.items():
                 loader = None
                 if source is not None:
-                    fmt, cache_mb = source
-                    loader = self.loader("operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb)
+                    fmt, cache_mb, process = source
+                    loader = self.loader(
+                        "operator", 0.1, "sparse", fmt=fmt, cache_mb=cache_mb, process=process
+                    )
                 result = self.guarded(
                     self.train_step(models, cfg),
                     forever(batches if loader is None else loader),
@@ -429,7 +446,7 @@ class Bench:
         for stage, ratio in itertools.product(("operator", "codec"), (1.0, 0.1)):
             mode = "dense" if ratio == 1.0 else "sparse"
             models = self.models(stage)
-            batches = self.resident(self.loader(stage, ratio, mode))
+            batches = self.resident(self.loader(stage, ratio, mode, process=False))
             models.compile()
             start = time.perf_counter()
             result = self.guarded(
@@ -593,8 +610,9 @@ def report(results: dict) -> str:
             "- mean = wall time of all timed steps / steps: the throughput cost of streaming",
             f"- the configurations take turns in {len(st['resident'].get('round_mean_ms', [0]))} "
             "rounds; each row is its median round, the last column all rounds' means",
-            "- process CPU: all threads' CPU time per step; main-thread waits: voluntary context "
-            "switches of the training thread per step (waits for the interpreter lock or the GPU)",
+            "- process CPU: the training process's CPU time per step, all its threads (a loader "
+            "process's own is not counted); main-thread waits: voluntary context switches of the "
+            "training thread per step (waits for the interpreter lock or the GPU)",
             "",
         ]
         rows = [
