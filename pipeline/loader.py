@@ -336,7 +336,7 @@ class ShardLoader:
         if self._batches >= self.batches_per_epoch:
             self.epoch, self._batches = self.epoch + 1, 0
         if self._stream is None:
-            self._stream = self._open(self.epoch, self._batches * self.batch_size)
+            self._stream = self.batches_from(self.epoch, self._batches * self.batch_size)
         else:
             self.source.shards.k_for_epoch(self.epoch, self.source.wrap_epochs)  # clear error
         while self._batches < self.batches_per_epoch:
@@ -345,8 +345,10 @@ class ShardLoader:
             self._batches += 1
             yield batch
 
-    def _open(self, epoch: int, skip: int) -> Iterator[SparseBatch]:
-        """The stream of batches on ``device``, from ``skip`` examples into ``epoch``."""
+    def batches_from(self, epoch: int, skip: int) -> Iterator[SparseBatch]:
+        """The stream of batches on ``device``, from ``skip`` examples into ``epoch``, on across
+        epochs until the query sets end. A loader process serves this same stream. Stops the
+        stream opened before, if any."""
         self.close()
         if self.cfg.process:
             shards = self.source.shards

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
@@ -36,8 +35,8 @@ from pipeline.collate import SparseBatch
 if TYPE_CHECKING:
     from pipeline.loader import LoaderConfig
 
-# (field name, dtype, shape, byte offset in the slot) per tensor field of a batch
-Layout = list[tuple[str, torch.dtype, tuple[int, ...], int]]
+# (field name, dtype, shape, byte offset in the slot, bytes) per tensor field of a batch
+Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
 _ALIGN = 64  # byte alignment of every field in a slot
 
 
@@ -47,7 +46,7 @@ def batch_layout(batch: SparseBatch) -> tuple[Layout, int]:
     for field in dataclasses.fields(batch):
         value = getattr(batch, field.name)
         if isinstance(value, torch.Tensor):
-            layout.append((field.name, value.dtype, tuple(value.shape), offset))
+            layout.append((field.name, value.dtype, tuple(value.shape), offset, value.nbytes))
             offset += -(-value.nbytes // _ALIGN) * _ALIGN
     return layout, offset
 
@@ -71,10 +70,9 @@ def serve_batches(
         try:
             shards = open_shards(location, split, cfg.format)
             loader = ShardLoader(shards, dataclasses.replace(cfg, process=False), *plan)
-            loader.source.start(*start)
             slots: list[torch.Tensor | None] = [None] * cfg.prefetch
             free = deque(range(cfg.prefetch))
-            for batch in loader.loader:
+            for batch in loader.batches_from(*start):
                 while conn.poll() or not free:  # collect the slots the parent gave back
                     free.append(conn.recv())
                 slot = free.popleft()
@@ -83,9 +81,9 @@ def serve_batches(
                 if slots[slot] is None or slots[slot].numel() < nbytes:
                     slots[slot] = grown = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
                 raw = slots[slot].numpy()
-                for name, _, _, offset in layout:
+                for name, _, _, offset, size in layout:
                     value = getattr(batch, name).numpy()
-                    np.copyto(raw[offset : offset + value.nbytes].view(value.dtype), value.ravel())
+                    np.copyto(raw[offset : offset + size].view(value.dtype), value.ravel())
                 conn.send((slot, grown, batch.epoch, layout))
             conn.send(StopIteration())
         except (EOFError, BrokenPipeError):
@@ -141,9 +139,8 @@ class LoaderProcess:
         slot, grown, epoch, layout = message
         if grown is not None:
             self._adopt(slot, grown)
-        _, dtype, shape, offset = layout[-1]
-        used = offset + math.prod(shape) * dtype.itemsize
-        raw = self._slots[slot][:used]
+        _, _, _, offset, size = layout[-1]
+        raw = self._slots[slot][: offset + size]
         if self.cuda:
             raw = raw.to(self.device, non_blocking=True)  # one transfer, from pinned memory
             copied = torch.cuda.Event()
@@ -153,8 +150,8 @@ class LoaderProcess:
             raw = raw.to(self.device or "cpu", copy=True)
             self._conn.send(slot)
         fields = {
-            name: raw[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            for name, dtype, shape, offset in layout
+            name: raw[offset : offset + size].view(dtype).view(shape)
+            for name, dtype, shape, offset, size in layout
         }
         return SparseBatch(epoch=epoch, **fields)
 
