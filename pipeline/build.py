@@ -27,20 +27,38 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.manifest import MANIFEST, SCHEMA_VERSION, write_manifest
+from pipeline.config import ConfigError, check, config_hash, to_dict
+from pipeline.formats import FORMATS, ShardWriter
+from pipeline.formats.wds import tar_path
+from pipeline.manifest import (
+    COORDINATES,
+    MANIFEST,
+    SCHEMA_VERSION,
+    DataEntry,
+    EncoderEntry,
+    FileEntry,
+    LatentEntry,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    write_manifest,
+)
 from pipeline.query_codec import entropy_bound_bytes
-from pipeline.records import ShardBlock, ShardError, array_names
+from pipeline.records import RecordSchema, ShardBlock, ShardError, record_schema
 from pipeline.samplers import SamplerConfig, make_sampler
 from pipeline.schedules import ScheduleConfig, k_per_epoch
-from pipeline.stages import EncodeStage, ImportanceStage, QueryPlanStage, ReadStage, assemble
-from pipeline.storage import sha256_bytes, write_atomic
-from pipeline.wds_format import write_tar
-from pipeline.zarr_format import create_arrays, write_block
-from ups.config import check, config_hash, to_dict
-from ups.data.pdebench import DataInfo
-from ups.data.splits import SPLITS, DataConfig, NormStats
-from ups.models.checkpoint import CheckpointError, file_sha256
-from ups.models.codec import Codec, load_codec
+from pipeline.sources.pdebench import DataInfo
+from pipeline.sources.splits import SPLITS, DataConfig, NormStats
+from pipeline.stages import (
+    EncoderLoader,
+    EncodeStage,
+    ImportanceStage,
+    LatentEncoder,
+    QueryPlanStage,
+    ReadStage,
+    assemble,
+)
+from pipeline.storage import file_sha256, sha256_bytes, write_atomic
 
 TOOL_VERSION = "ups-shards 0.1.0"
 
@@ -50,7 +68,9 @@ class BuildConfig:
     data: DataConfig = field(default_factory=DataConfig)
     out: str = "shards/burgers1d"
     format: Literal["zarr", "wds", "both"] = "both"
-    encoder: str | None = None  # codec checkpoint; null writes field-only shards
+    encoder: str | None = (
+        None  # encoder checkpoint, read by the build's encoder loader; null: field-only shards
+    )
     epochs: int = 10  # query sets precomputed per snapshot
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -105,7 +125,7 @@ class ShardPlan:
 
     @property
     def tar(self) -> str:
-        return f"wds/{self.name}.tar"
+        return tar_path(self.name)
 
     @property
     def record(self) -> str:
@@ -120,8 +140,7 @@ class BuildPlan:
     info: DataInfo
     splits: dict[str, list[int]]
     norm: NormStats
-    codec: Codec | None
-    encoder: dict[str, str] | None
+    encoder: LatentEncoder | None
     data_sha256: str
     k_per_epoch: list[int]
     sample_set_id: str
@@ -132,41 +151,39 @@ class BuildPlan:
     def chunk(self) -> int:
         return self.cfg.trajectories_per_shard * self.info.num_steps
 
-    def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        info = self.info
-        shapes = {
-            "snapshot_id": ((), "int64"),
-            "trajectory": ((), "int64"),
-            "time": ((), "int64"),
-            "fields": ((len(info.channels), *info.grid), "float32"),
-            "importance": ((info.num_points,), "float32"),
-            "queries": ((len(self.k_per_epoch), (info.num_points + 7) // 8), "uint8"),
-            "pi_scale": ((len(self.k_per_epoch), 2), "int64"),
-        }
-        if self.codec is not None:
-            enc = self.codec.cfg.encoder
-            shapes["latent"] = ((enc.num_tokens, enc.latent_dim), self.cfg.latent_dtype)
-        return {name: shapes[name] for name in array_names(self.codec is not None)}
+    def schema(self) -> RecordSchema:
+        latent = None
+        if self.encoder is not None:
+            latent = (*self.encoder.latent_shape, self.cfg.latent_dtype)
+        return record_schema(len(self.info.channels), self.info.grid, len(self.k_per_epoch), latent)
+
+    def writers(self) -> list[ShardWriter]:
+        """One writer per output format, in the config's order."""
+        root, schema = Path(self.cfg.out), self.schema()
+        return [FORMATS[fmt].writer(root, schema, self.chunk) for fmt in self.cfg.formats]
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def make_plan(cfg: BuildConfig) -> BuildPlan:
-    """Validate everything that can be validated before a single byte is written."""
+def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> BuildPlan:
+    """Validate everything that can be validated before a single byte is written.
+
+    ``load_encoder`` reads ``cfg.encoder`` (a checkpoint path) into a :class:`LatentEncoder`; the
+    pipeline knows no model, so a build with an encoder needs one (docs/design.md, section 3).
+    """
     source, splits = cfg.data.open()
     info = source.info
-    codec, encoder, norm = None, None, None
+    encoder = None
     if cfg.encoder is not None:
-        codec, norm, payload = load_codec(cfg.encoder, info)
-        trained_on = payload.get("splits")
-        if trained_on is not None and trained_on["train"] != splits["train"]:
-            raise CheckpointError(
-                f"checkpoint {cfg.encoder}: the encoder was trained on another train split than data.* gives; "
-                "use the same data.val_fraction, data.test_fraction and data.split_seed"
+        if load_encoder is None:
+            raise ConfigError(
+                f"option 'encoder': {cfg.encoder} needs an encoder loader, none was given "
+                "(tools/build_shards.py passes the codec's; run_build(cfg, load_encoder=...))"
             )
-        encoder = {"path": str(cfg.encoder), "sha256": file_sha256(cfg.encoder)}
+        encoder = load_encoder(cfg.encoder, info, splits)
+        norm = encoder.norm
     else:
         norm = NormStats.from_trajectories(source, splits["train"], progress=cfg.progress)
     ks = k_per_epoch(cfg.schedule, cfg.epochs, info.num_points)
@@ -186,7 +203,7 @@ def make_plan(cfg: BuildConfig) -> BuildPlan:
     build_id = _hash(
         {
             "sample_set_id": sample_set_id,
-            "encoder": encoder,
+            "encoder": None if encoder is None else encoder.identity,
             "format": cfg.format,
             "latent_dtype": cfg.latent_dtype,
             "trajectories_per_shard": cfg.trajectories_per_shard,
@@ -201,7 +218,7 @@ def make_plan(cfg: BuildConfig) -> BuildPlan:
             chunk = tuple(trajs[first : first + tps])
             shards.append(ShardPlan(split, index, chunk, first * steps, len(chunk) * steps))
     return BuildPlan(
-        cfg, info, splits, norm, codec, encoder, data_sha256, ks, sample_set_id, build_id, shards
+        cfg, info, splits, norm, encoder, data_sha256, ks, sample_set_id, build_id, shards
     )
 
 
@@ -254,17 +271,19 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
                     {"sample_set_id": plan.sample_set_id, "build_id": plan.build_id}
                 ).encode(),
             )
-        ready = root / ".zarr-ready"  # written once every array exists
-        if "zarr" in cfg.formats and not ready.exists():
-            for split in cfg.splits:
-                num = sum(s.count for s in plan.shards if s.split == split)
-                create_arrays(root / "zarr", split, plan.schema(), num, plan.chunk)
+        ready = root / ".formats-ready"  # written once every format's up-front files exist
+        if not ready.exists():
+            sizes = {
+                split: sum(s.count for s in plan.shards if s.split == split) for split in cfg.splits
+            }
+            for writer in plan.writers():
+                writer.create(sizes)
             ready.touch()
 
 
-def _file_entry(root: Path, name: str, count: int) -> dict[str, Any]:
+def _file_entry(root: Path, name: str, count: int) -> FileEntry:
     data = (root / name).read_bytes()
-    return {"bytes": len(data), "sha256": sha256_bytes(data), "count": count}
+    return FileEntry(bytes=len(data), sha256=sha256_bytes(data), count=count)
 
 
 def shard_is_done(root: Path, shard: ShardPlan, build_id: str) -> bool:
@@ -284,12 +303,12 @@ def shard_is_done(root: Path, shard: ShardPlan, build_id: str) -> bool:
     return True
 
 
-def remove_leftovers(root: Path, shard: ShardPlan, arrays: list[str]) -> None:
+def remove_leftovers(root: Path, shard: ShardPlan, writers: list[ShardWriter]) -> None:
     """Delete the temporary files a killed build left for ``shard`` (a partial tar, zarr's
     ``*.partial`` chunk files, a record's temporary name); only the shard's own rank calls this."""
-    patterns = [f"wds/.{shard.name}.tar.tmp-*", f"parts/.{shard.name}.json.tmp-*"]
-    patterns += [f"zarr/{shard.split}/{name}/c/{shard.index}.*.partial" for name in arrays]
-    patterns += [f"zarr/{shard.split}/{name}/c/{shard.index}/**/*.partial" for name in arrays]
+    patterns = [f"parts/.{shard.name}.json.tmp-*"]
+    for writer in writers:
+        patterns += writer.leftovers(shard.split, shard.index, shard.name)
     for pattern in patterns:
         for path in root.glob(pattern):
             path.unlink(missing_ok=True)
@@ -308,10 +327,11 @@ class Builder:
         sampler = make_sampler(cfg.sampler)
         self.read = ReadStage(source)
         self.encode = (
-            EncodeStage(plan.codec, plan.norm, device, cfg.batch_size, cfg.latent_dtype, cfg.amp)
-            if plan.codec
+            EncodeStage(plan.encoder, device, cfg.batch_size, cfg.latent_dtype, cfg.amp)
+            if plan.encoder
             else None
         )
+        self.writers = plan.writers()
         self.importance = ImportanceStage(sampler, plan.norm, plan.info.periodic, cfg.batch_size)
         self.query_plan = QueryPlanStage(sampler, plan.k_per_epoch, cfg.seed, plan.info.grid)
         self.seconds: dict[str, float] = defaultdict(float)
@@ -334,22 +354,14 @@ class Builder:
     def write(self, shard: ShardPlan, block: ShardBlock) -> None:
         start = time.perf_counter()
         files = []
-        if "zarr" in self.plan.cfg.formats:
-            files += [
-                f"zarr/{p}"
-                for p in write_block(
-                    self.root / "zarr", shard.split, shard.index, self.plan.chunk, block
-                )
-            ]
-        if "wds" in self.plan.cfg.formats:
-            write_tar(self.root / shard.tar, block)
-            files.append(shard.tar)
+        for writer in self.writers:
+            files += writer.write(shard.split, shard.index, shard.name, block)
         record = {
             "build_id": self.plan.build_id,
             "split": shard.split,
             "index": shard.index,
             "count": shard.count,
-            "files": {name: _file_entry(self.root, name, shard.count) for name in files},
+            "files": {name: to_dict(_file_entry(self.root, name, shard.count)) for name in files},
         }
         write_atomic(self.root / shard.record, json.dumps(record, sort_keys=True).encode())
         self.seconds["write"] += time.perf_counter() - start
@@ -391,7 +403,20 @@ class Builder:
         return out
 
 
-def finalize(plan: BuildPlan) -> dict[str, Any]:
+# build options that do not change what is built: left out of the manifest's config
+RUN_OPTIONS = (
+    "rank",
+    "world_size",
+    "finalize",
+    "progress",
+    "overwrite",
+    "finalize_timeout",
+    "device",
+    "amp",
+)
+
+
+def finalize(plan: BuildPlan) -> Manifest:
     """Merge the shard records into manifest.json (written last, atomically)."""
     root, cfg = Path(plan.cfg.out), plan.cfg
     missing = [s.record for s in plan.shards if not (root / s.record).exists()]
@@ -399,91 +424,68 @@ def finalize(plan: BuildPlan) -> dict[str, Any]:
         raise ShardError(
             f"{root}: cannot finalize, {len(missing)} shard(s) unfinished, e.g. {missing[:3]}; rerun the build"
         )
-    files: dict[str, Any] = {}
+    files: dict[str, FileEntry] = {}
     for shard in plan.shards:
-        files.update(json.loads((root / shard.record).read_text())["files"])
-    if "zarr" in cfg.formats:
-        for meta in sorted((root / "zarr").rglob("zarr.json")):
-            name = meta.relative_to(root).as_posix()
-            files[name] = _file_entry(root, name, 0)
-    info = plan.info
-    splits = {}
-    for split in cfg.splits:
-        own = [s for s in plan.shards if s.split == split]
-        splits[split] = {
-            "trajectories": plan.splits[split],
-            "num_snapshots": sum(s.count for s in own),
-            "snapshots_per_trajectory": info.num_steps,
-            "shards": [
-                {
-                    "index": s.index,
-                    "start": s.start,
-                    "count": s.count,
-                    "trajectories": list(s.trajectories),
-                    "tar": s.tar,
-                }
-                for s in own
-            ],
-        }
-    config = to_dict(cfg)
-    for key in (
-        "rank",
-        "world_size",
-        "finalize",
-        "progress",
-        "overwrite",
-        "finalize_timeout",
-        "device",
-        "amp",
-    ):
-        config.pop(key)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": TOOL_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": config,
-        "config_hash": config_hash(config),
-        "sample_set_id": plan.sample_set_id,
-        "build_id": plan.build_id,
-        "encoder": plan.encoder,
-        "latent": (
-            {
-                "tokens": plan.codec.cfg.encoder.num_tokens,
-                "dim": plan.codec.cfg.encoder.latent_dim,
-                "dtype": cfg.latent_dtype,
-            }
-            if plan.codec
-            else None
-        ),
-        "data": {
-            "path": str(cfg.data.path),
-            "sha256": plan.data_sha256,
-            "channels": list(info.channels),
-            "grid": list(info.grid),
-            "coordinates": "[0, 1] per axis, x first; flat indices in C order",
-            "periodic": list(info.periodic),
-            "dt": info.dt,
-            "params": info.params,
-            "norm": {"mean": list(plan.norm.mean), "std": list(plan.norm.std)},
-        },
-        "formats": cfg.formats,
-        "epochs": cfg.epochs,
-        "k_per_epoch": plan.k_per_epoch,
-        "query_bytes": _query_storage(plan, files),
-        "splits": splits,
-        "files": files,
-    }
+        record = json.loads((root / shard.record).read_text())
+        files.update({name: FileEntry(**entry) for name, entry in record["files"].items()})
+    for writer in plan.writers():
+        files.update({name: _file_entry(root, name, 0) for name in writer.metadata()})
+    config = {key: value for key, value in to_dict(cfg).items() if key not in RUN_OPTIONS}
+    encoder = plan.encoder
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        tool=TOOL_VERSION,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        config=config,
+        config_hash=config_hash(config),
+        sample_set_id=plan.sample_set_id,
+        build_id=plan.build_id,
+        encoder=None if encoder is None else EncoderEntry(**encoder.identity),
+        latent=None if encoder is None else LatentEntry(*encoder.latent_shape, cfg.latent_dtype),
+        data=_data_entry(plan),
+        formats=cfg.formats,
+        epochs=cfg.epochs,
+        k_per_epoch=plan.k_per_epoch,
+        query_bytes=_query_storage(plan, files),
+        splits={split: _split_entry(plan, split) for split in cfg.splits},
+        files=files,
+    )
     write_manifest(root, manifest)
     return manifest
 
 
-def _query_storage(plan: BuildPlan, files: dict[str, Any]) -> dict[str, float]:
+def _data_entry(plan: BuildPlan) -> DataEntry:
+    info = plan.info
+    return DataEntry(
+        path=str(plan.cfg.data.path),
+        sha256=plan.data_sha256,
+        channels=list(info.channels),
+        grid=list(info.grid),
+        coordinates=COORDINATES,
+        periodic=list(info.periodic),
+        dt=info.dt,
+        params=info.params,
+        norm=plan.norm,
+    )
+
+
+def _split_entry(plan: BuildPlan, split: str) -> SplitEntry:
+    own = [s for s in plan.shards if s.split == split]
+    return SplitEntry(
+        trajectories=plan.splits[split],
+        num_snapshots=sum(s.count for s in own),
+        snapshots_per_trajectory=plan.info.num_steps,
+        shards=[ShardEntry(s.index, s.start, s.count, list(s.trajectories), s.tar) for s in own],
+    )
+
+
+def _query_storage(plan: BuildPlan, files: dict[str, FileEntry]) -> dict[str, float]:
     """Bytes per snapshot-epoch of the stored query sets (zarr, compressed) vs the entropy bound."""
     n = plan.info.num_points
     sparse = [k for k in plan.k_per_epoch if k < n]
     bound = float(np.mean([entropy_bound_bytes(n, k) for k in sparse])) if sparse else 0.0
     out = {"entropy_bound": bound, "tar": (n + 7) // 8}
-    zarr_bytes = sum(v["bytes"] for name, v in files.items() if "/queries/c/" in name)
+    zarr_bytes = sum(v.bytes for name, v in files.items() if "/queries/c/" in name)
     if zarr_bytes:
         snapshots = sum(s.count for s in plan.shards)
         out["zarr"] = zarr_bytes / (snapshots * len(plan.k_per_epoch))
@@ -497,10 +499,13 @@ def resolve_rank(cfg: BuildConfig) -> tuple[int, int]:
     return rank, world
 
 
-def run_build(cfg: BuildConfig) -> dict[str, Any]:
-    """Build this rank's shards; rank 0 then waits for the others and writes the manifest."""
+def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> dict[str, Any]:
+    """Build this rank's shards; rank 0 then waits for the others and writes the manifest.
+
+    ``load_encoder`` turns ``cfg.encoder`` into a :class:`LatentEncoder` (see :func:`make_plan`).
+    """
     rank, world = resolve_rank(cfg)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, load_encoder)
     root = Path(cfg.out)
     if cfg.finalize:
         return {"manifest": finalize(plan), "seconds": {}}
@@ -513,8 +518,9 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         device = torch.device("cpu")
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
     todo = [s for s in mine if not shard_is_done(root, s, plan.build_id)]
+    writers = plan.writers()
     for shard in todo:
-        remove_leftovers(root, shard, list(plan.schema()))
+        remove_leftovers(root, shard, writers)
     builder = Builder(plan, device)
     start = time.perf_counter()
     builder.run(todo)

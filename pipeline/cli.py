@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TypeVar, get_type_hints
 
-from ups.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 T = TypeVar("T")
 

@@ -14,9 +14,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.grid import grid_coordinates
 from pipeline.records import ShardBlock
 from pipeline.shards import QuerySets, ShardSet
-from ups.data.pdebench import grid_coordinates
+from pipeline.sources.splits import NormStats
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What each batch carries, decided by the losses that consume it (one description for the
+    training loop, the loader, the collate and the benchmarks).
+
+    An example is a window of ``window + 1`` consecutive snapshots of one trajectory (0: single
+    snapshots; 1: pairs (u_t, u_{t+1}); h: rollout windows). Window positions in ``sparse_steps``
+    (0 = u_t, 1 = u_{t+1}) get this epoch's coords, targets and weights; those in ``dense_steps``
+    their full normalised fields; ``latents`` adds the cached latents of the whole window.
+    """
+
+    window: int = 0
+    sparse_steps: tuple[int, ...] = ()
+    dense_steps: tuple[int, ...] = ()
+    latents: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window < 0:
+            raise ValueError(f"BatchSpec.window: expected an integer >= 0, got {self.window}")
+        for name in ("sparse_steps", "dense_steps"):
+            steps = getattr(self, name)
+            if not set(steps) <= {0, 1} or any(step > self.window for step in steps):
+                raise ValueError(
+                    f"BatchSpec.{name}: expected window positions 0 (u_t) or 1 (u_t+1) within "
+                    f"window {self.window}, got {steps!r}"
+                )
 
 
 @dataclass
@@ -64,78 +93,62 @@ class Collate:
     calling thread; torch's CPU ops would start OpenMP teams whose spinning threads take the
     step's cores (docs/benchmarks.md, "The loader").
 
-    Per window position: ``sparse_steps`` (0 = u_t, 1 = u_{t+1}) get coords, targets, weights;
-    ``dense_steps`` get their full normalised fields; latents cover the whole window.
+    What a batch holds is the :class:`BatchSpec`.
     """
 
     def __init__(
         self,
-        grid_coords: np.ndarray,
-        mean: np.ndarray,
-        std: np.ndarray,
+        spec: BatchSpec,
+        *,
+        grid: tuple[int, ...],
+        norm: NormStats,
         dt: float,
         params: list[float],
-        window: int,
-        sparse_steps: tuple[int, ...],
-        dense_steps: tuple[int, ...],
-        latents: bool,
         pin_memory: bool = False,
     ):
-        self.grid_coords = np.asarray(grid_coords, dtype=np.float32)  # (N, d)
-        self.mean = np.asarray(mean, dtype=np.float32)  # (C,)
-        self.std = np.asarray(std, dtype=np.float32)  # (C,)
+        self.spec = spec
+        self.grid_coords = grid_coordinates(grid)  # (N, d)
+        self.mean = np.asarray(norm.mean, dtype=np.float32)  # (C,)
+        self.std = np.asarray(norm.std, dtype=np.float32)  # (C,)
         self.dt, self.params, self.pin_memory = dt, list(params), pin_memory
-        self.sparse_steps, self.dense_steps, self.latents = sparse_steps, dense_steps, latents
         # batch field <- (prepared array, window positions: one int, or a range for z_next)
         self.outputs: dict[str, tuple[str, int | range]] = {"snapshot_id": ("snapshot_id", 0)}
-        for step in sparse_steps:
+        for step in spec.sparse_steps:
             suffix = "" if step == 0 else "_next"
             for name in ("coords", "targets", "weights"):
                 self.outputs[name + suffix] = (name, step)
-        for step in dense_steps:
+        for step in spec.dense_steps:
             self.outputs["fields" if step == 0 else "fields_next"] = ("fields", step)
-        if latents:
+        if spec.latents:
             self.outputs["z"] = ("latent", 0)
-            self.outputs["z_next"] = ("latent", range(1, window + 1))
+            self.outputs["z_next"] = ("latent", range(1, spec.window + 1))
 
     @classmethod
-    def for_shards(
-        cls,
-        shards: ShardSet,
-        window: int,
-        sparse_steps: tuple[int, ...],
-        dense_steps: tuple[int, ...],
-        latents: bool,
-        pin_memory: bool = False,
-    ) -> Collate:
+    def for_shards(cls, shards: ShardSet, spec: BatchSpec, pin_memory: bool = False) -> Collate:
         """The collate for a shard set: grid, normalisation, dt and parameters from its manifest."""
-        data = shards.manifest["data"]
+        data = shards.manifest.data
         return cls(
-            grid_coordinates(tuple(data["grid"])),
-            np.asarray(data["norm"]["mean"]),
-            np.asarray(data["norm"]["std"]),
-            float(data["dt"]),
-            list(data["params"].values()),
-            window,
-            sparse_steps,
-            dense_steps,
-            latents,
-            pin_memory,
+            spec,
+            grid=tuple(data.grid),
+            norm=data.norm,
+            dt=data.dt,
+            params=list(data.params.values()),
+            pin_memory=pin_memory,
         )
 
     def prepare(self, block: ShardBlock, queries: QuerySets | None) -> dict[str, np.ndarray]:
         """A shard's arrays as batches hold them, for one epoch (S = snapshots in the shard)."""
         arrays = {"snapshot_id": block.snapshot_id}  # (S,)
-        if self.sparse_steps:
+        if self.spec.sparse_steps:
             if queries is None:
                 raise ValueError("sparse steps need the epoch's query sets")
             arrays["coords"] = np.take(self.grid_coords, queries.indices, axis=0)  # (S, k, d)
             arrays["targets"] = (queries.values - self.mean) / self.std  # (S, k, C)
             arrays["weights"] = queries.weights  # (S, k)
-        if self.dense_steps:
+        if self.spec.dense_steps:
             shape = (1, -1) + (1,) * (block.fields.ndim - 2)
             arrays["fields"] = (block.fields - self.mean.reshape(shape)) / self.std.reshape(shape)
-        if self.latents:
+        if self.spec.latents:
             arrays["latent"] = block.latent.astype(np.float32, copy=False)  # (S, T, D)
         return arrays
 

@@ -67,7 +67,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"option '{where}': expected a mapping, got {value!r}")
-        return dict(value)
+        args = get_args(tp)
+        value_tp = args[1] if len(args) == 2 else Any
+        return {key: _coerce(v, value_tp, f"{where}.{key}") for key, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -24,20 +24,19 @@ import dataclasses
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.multiprocessing  # registers the reductions that send shared tensors as handles
 
 from pipeline.collate import SparseBatch
-
-if TYPE_CHECKING:
-    from pipeline.loader import LoaderConfig
+from pipeline.graph import BatchGraph, LoaderPlan
 
 # (field name, dtype, shape, byte offset in the slot, bytes) per tensor field of a batch
 Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
 _ALIGN = 64  # byte alignment of every field in a slot
+_PIPE_GONE = (EOFError, BrokenPipeError, ConnectionResetError)  # the other end has closed
 
 
 def batch_layout(batch: SparseBatch) -> tuple[Layout, int]:
@@ -51,28 +50,18 @@ def batch_layout(batch: SparseBatch) -> tuple[Layout, int]:
     return layout, offset
 
 
-def serve_batches(
-    location: str,
-    split: str,
-    cfg: LoaderConfig,
-    plan: tuple,
-    start: tuple[int, int],
-    conn: Connection,
-) -> None:
-    """The child: run the in-process loader graph from ``start`` (epoch, examples to skip) and
-    put its batches into the ring's slots. ``conn`` carries slot numbers back (a slot is free
-    again) and ends with the parent (EOF)."""
-    from pipeline.loader import ShardLoader  # the child builds the graph it serves
-    from pipeline.shards import open_shards
-
+def serve_batches(plan: LoaderPlan, start: tuple[int, int], conn: Connection) -> None:
+    """The child: run the plan's graph from ``start`` (epoch, examples to skip) and put its
+    batches into the ring's slots. ``conn`` carries slot numbers back (a slot is free again) and
+    ends with the parent (EOF)."""
     torch.set_num_threads(1)  # the work is numpy; no OpenMP team spinning on the cores
+    graph = None
     try:
         try:
-            shards = open_shards(location, split, cfg.format)
-            loader = ShardLoader(shards, dataclasses.replace(cfg, process=False), *plan)
-            slots: list[torch.Tensor | None] = [None] * cfg.prefetch
-            free = deque(range(cfg.prefetch))
-            for batch in loader.batches_from(*start):
+            graph = BatchGraph(plan)
+            slots: list[torch.Tensor | None] = [None] * plan.cfg.prefetch
+            free = deque(range(plan.cfg.prefetch))
+            for batch in graph.batches(*start):
                 while conn.poll() or not free:  # collect the slots the parent gave back
                     free.append(conn.recv())
                 slot = free.popleft()
@@ -86,8 +75,8 @@ def serve_batches(
                     np.copyto(raw[offset : offset + size].view(value.dtype), value.ravel())
                 conn.send((slot, grown, batch.epoch, layout))
             conn.send(StopIteration())
-        except (EOFError, BrokenPipeError):
-            return  # the parent closed the loader
+        except _PIPE_GONE:  # the parent closed the loader
+            return
         except Exception as err:  # raised again in the training process, by LoaderProcess
             err.add_note(f"in the loader process:\n{traceback.format_exc()}")
             try:
@@ -96,28 +85,23 @@ def serve_batches(
                 conn.send(RuntimeError(f"in the loader process: {traceback.format_exc()}"))
         while True:  # stay until the parent closes: it may still be fetching a slot's handle
             conn.recv()
-    except (EOFError, BrokenPipeError):
+    except _PIPE_GONE:
         return
+    finally:
+        if graph is not None:
+            graph.stop()
 
 
 class LoaderProcess:
     """Iterator of the batches a :func:`serve_batches` child makes, delivered on ``device``
     (``None``: copied out of the slots on the CPU)."""
 
-    def __init__(
-        self,
-        location: str,
-        split: str,
-        cfg: LoaderConfig,
-        plan: tuple,
-        start: tuple[int, int],
-        device: torch.device | None,
-    ):
+    def __init__(self, plan: LoaderPlan, start: tuple[int, int], device: torch.device | None):
         context = torch.multiprocessing.get_context("spawn")  # never fork a CUDA process
         self._conn, child = context.Pipe()
         self._process = context.Process(
             target=serve_batches,
-            args=(location, split, cfg, plan, start, child),
+            args=(plan, start, child),
             name="loader",
             daemon=True,
         )
@@ -127,7 +111,7 @@ class LoaderProcess:
         self.cuda = device is not None and device.type == "cuda"
         self._slots: dict[int, torch.Tensor] = {}  # slot -> its shared (and pinned) buffer
         self._copying: deque[tuple[int, torch.cuda.Event]] = deque()  # slots read by copies
-        self._ring = cfg.prefetch
+        self._ring = plan.cfg.prefetch
 
     def __iter__(self) -> LoaderProcess:
         return self

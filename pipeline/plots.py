@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.grid import grid_coordinates
+from pipeline.samplers import effective_sample_size
 from pipeline.shards import ShardSet
-from ups.data.pdebench import grid_coordinates
 
 
 def plot_query_sets(
@@ -27,7 +29,7 @@ def plot_query_sets(
     """
     record = shards.snapshot(snapshot)
     grid = tuple(shards.grid)
-    names = shards.manifest["data"]["channels"]
+    names = shards.manifest.data.channels
     field = np.asarray(record["fields"][channel], dtype=np.float64)  # (*grid)
     q = np.asarray(record["importance"], dtype=np.float64)  # (N,)
     coords = grid_coordinates(grid)  # (N, d) in [0, 1], C order, x first
@@ -36,7 +38,7 @@ def plot_query_sets(
     title = (
         f"{shards.split} snapshot {snapshot} (trajectory {record['trajectory']}, "
         f"time {record['time']}), channel {names[channel]!r}, "
-        f"sampler {shards.manifest['config']['sampler']['kind']}"
+        f"sampler {shards.manifest.config['sampler']['kind']}"
     )
     if len(grid) == 1:
         fig = _plot_1d(coords[:, 0], field, q, sets, n, names[channel])
@@ -53,7 +55,7 @@ def plot_query_sets(
 
 
 def _label(epoch: int, indices: np.ndarray, weights: np.ndarray, n: int) -> str:
-    ess = weights.sum() ** 2 / (weights.astype(np.float64) ** 2).sum()
+    ess = float(effective_sample_size(torch.from_numpy(weights)))
     return f"epoch {epoch}: k={len(indices)} of N={n} ({len(indices) / n:.0%}), ESS {ess:.0f}"
 
 

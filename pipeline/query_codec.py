@@ -1,21 +1,20 @@
-"""Compact, exact storage of query index sets: a packed bitmask compressed with zstd.
+"""How a query set is stored: a bitmask over the grid's N points (bit i set <=> flat point i is
+queried), packed eight points to a byte, first point in the most significant bit (numpy's
+``packbits`` order).
 
-A set of k of N points carries log2(C(N, k)) bits of information (the entropy bound). The
-bitmask is N bits whatever k is, which is already at the bound for k = N/2; zstd's entropy coder
-takes a sparse (or dense) mask down to within ~1.2x of the bound for ratios 0.05 to 0.95 at
-N = 16384 (measured in docs/bench_samplers.md). Bitmasks also keep the zarr store simple: it
-stores the raw masks (``indices_to_bitmask``) and lets zarr's own zstd codec compress them.
+A set of k of N points carries log2(C(N, k)) bits of information (the entropy bound). The packed
+mask is N bits whatever k is; the zarr format compresses it with zstd to within ~1.2x of the bound
+for ratios 0.05 to 0.95 at N = 16384 (docs/bench_samplers.md), the tars hold it raw
+(docs/design.md, section 5). Packing runs where the sets are drawn (torch, on the GPU during a
+build); unpacking runs where they are read (numpy, in the loader's threads).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
-from numcodecs import Zstd
-
-ZSTD_LEVEL = 19  # level 3 is ~1.4x the bound at ratio 0.05, 19 is ~1.15x; ~0.2 ms per 2 KiB mask
+import torch
 
 
 def entropy_bound_bytes(n_points: int, k: int) -> float:
@@ -26,59 +25,30 @@ def entropy_bound_bytes(n_points: int, k: int) -> float:
     return log_choose / math.log(2) / 8
 
 
-def indices_to_bitmask(indices: np.ndarray | Sequence[int], n_points: int) -> np.ndarray:
-    """Distinct indices in [0, N) -> packed bitmask, uint8 (ceil(N / 8),), bit i set for index i."""
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= n_points):
-        raise ValueError(
-            f"indices: expected values in [0, {n_points}), got [{idx.min()}, {idx.max()}]"
-        )
-    mask = np.zeros(n_points, dtype=bool)
-    mask[idx] = True
-    if int(mask.sum()) != idx.size:
-        raise ValueError("indices: expected distinct values, found repeats")
-    return np.packbits(mask)
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(..., N) bool -> (..., ceil(N/8)) uint8, bit order as numpy.packbits (first point = MSB)."""
+    n = mask.shape[-1]
+    pad = (-n) % 8
+    if pad:
+        mask = torch.nn.functional.pad(mask, (0, pad))
+    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)  # (..., ceil(N/8), 8)
+    place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
+    return (bits * place).sum(-1, dtype=torch.uint8)
 
 
-def bitmask_to_indices(bitmask: np.ndarray, n_points: int) -> np.ndarray:
-    """Packed bitmask (ceil(N / 8),) uint8 -> the set indices, int64 ascending."""
-    bitmask = np.asarray(bitmask, dtype=np.uint8).reshape(-1)
-    if bitmask.size != (n_points + 7) // 8:
-        raise ValueError(
-            f"bitmask: expected {(n_points + 7) // 8} bytes for N={n_points}, got {bitmask.size}"
-        )
-    bits = np.unpackbits(bitmask)
-    if bits[n_points:].any():
-        raise ValueError(f"bitmask: bits set beyond N={n_points}")
-    return np.flatnonzero(bits[:n_points]).astype(np.int64)
-
-
-def encode_indices(
-    indices: np.ndarray | Sequence[int], n_points: int, level: int = ZSTD_LEVEL
-) -> bytes:
-    """One index set -> zstd-compressed bitmask bytes (decode with ``decode_indices``)."""
-    return bytes(Zstd(level=level).encode(indices_to_bitmask(indices, n_points)))
-
-
-def decode_indices(data: bytes, n_points: int) -> np.ndarray:
-    """Inverse of ``encode_indices``: int64 indices, ascending."""
-    return bitmask_to_indices(np.frombuffer(Zstd().decode(data), dtype=np.uint8), n_points)
-
-
-def encode_index_stack(
-    sets: Sequence[np.ndarray | Sequence[int]], n_points: int, level: int = ZSTD_LEVEL
-) -> bytes:
-    """E index sets (an (E, k) array, or E arrays of varying k) -> one compressed blob of E masks."""
-    masks = [indices_to_bitmask(s, n_points) for s in sets]
-    return bytes(
-        Zstd(level=level).encode(np.concatenate(masks) if masks else np.zeros(0, np.uint8))
-    )
-
-
-def decode_index_stack(data: bytes, n_points: int) -> list[np.ndarray]:
-    """Inverse of ``encode_index_stack``: a list of E int64 index arrays, each ascending."""
-    raw = np.frombuffer(Zstd().decode(data), dtype=np.uint8)
-    row = (n_points + 7) // 8
-    if raw.size % row:
-        raise ValueError(f"index stack: {raw.size} bytes is not a whole number of {row}-byte masks")
-    return [bitmask_to_indices(m, n_points) for m in raw.reshape(-1, row)]
+def unpack_indices(bitmasks: np.ndarray, n_points: int, k: int, where: str) -> np.ndarray:
+    """Packed bitmasks (S, ceil(N/8)) uint8 holding k points each -> their indices (S, k) int64,
+    ascending per row. A row with another count of points is a ShardError-worthy mismatch: it is
+    reported as ValueError naming ``where`` for the caller to wrap."""
+    s = len(bitmasks)
+    bits = np.unpackbits(bitmasks, axis=1, count=n_points).view(bool)  # (S, N)
+    flat = np.flatnonzero(bits)  # positions of the set bits, row by row, ascending
+    # every row holds exactly k bits iff, cut into rows of k, each row stays in its own grid row
+    exact = flat.size == s * k
+    if exact and s:
+        indices = flat.reshape(s, k) - (np.arange(s) * n_points)[:, None]  # (S, k)
+        exact = indices[:, 0].min() >= 0 and indices[:, -1].max() < n_points
+    if not exact:
+        counts = sorted(set(bits.sum(axis=1).tolist()))
+        raise ValueError(f"{where}: query bitmasks hold {counts} points, the manifest says k={k}")
+    return indices if s else np.zeros((0, k), dtype=np.int64)

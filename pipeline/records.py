@@ -1,4 +1,4 @@
-"""The logical record of a shard set (DESIGN.md section 6), shared by both formats.
+"""The logical record of a shard set (docs/design.md, section 6), shared by both formats.
 
 Per snapshot: ids (snapshot_id, trajectory, time), the cached latent (absent in field-only
 shards), the full target fields in physical units, the sampling distribution q over grid points
@@ -10,6 +10,7 @@ probabilities -- a cache of what follows from q and k_e, so that weights cost O(
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -53,6 +54,30 @@ class ShardBlock:
         return ShardBlock(**{name: value[rows] for name, value in self.arrays().items()})
 
 
-def array_names(has_latent: bool) -> tuple[str, ...]:
-    names = (*ID_ARRAYS, "fields", "importance", "queries", "pi_scale")
-    return (*names, "latent") if has_latent else names
+# record name -> (shape of one snapshot's entry, dtype)
+RecordSchema = dict[str, tuple[tuple[int, ...], str]]
+
+
+def record_schema(
+    channels: int,
+    grid: tuple[int, ...],
+    epochs: int,
+    latent: tuple[int, int, str] | None,
+) -> RecordSchema:
+    """What one snapshot holds, per record name, for a set of ``epochs`` query sets; ``latent``
+    is (tokens, width, dtype), or None for field-only shards. The writers create their arrays from
+    it and readers check what they read against it."""
+    n = math.prod(grid)
+    schema: RecordSchema = {
+        "snapshot_id": ((), "int64"),
+        "trajectory": ((), "int64"),
+        "time": ((), "int64"),
+        "fields": ((channels, *grid), "float32"),
+        "importance": ((n,), "float32"),
+        "queries": ((epochs, (n + 7) // 8), "uint8"),
+        "pi_scale": ((epochs, 2), "int64"),
+    }
+    if latent is not None:
+        tokens, width, dtype = latent
+        schema["latent"] = ((tokens, width), dtype)
+    return schema

@@ -1,6 +1,6 @@
 """Query-point samplers: which k of a snapshot's N grid points an epoch's losses are evaluated at.
 
-Every sampler splits its work in two (DESIGN.md section 5):
+Every sampler splits its work in two (docs/design.md, section 5):
 
 - ``probabilities(fields, periodic)`` -> q (B, N): the per-snapshot, epoch-independent sampling
   distribution. It is stored with the snapshot in the shards.
@@ -27,8 +27,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError, check
 from pipeline.keys import random_bits, snapshot_keys
-from ups.config import ConfigError, check
 
 # Independent random streams of one snapshot key (pipeline.keys.random_bits).
 _STREAM_UNIFORM = 0
@@ -123,7 +123,7 @@ def inclusion_scale(q: torch.Tensor, k: int) -> torch.Tensor:
 
     Two integers per snapshot-epoch: stored beside the query sets, they make a query set's
     weights an O(k) computation from q at its points (:func:`weights_from_scale`), exactly equal
-    to :func:`weights`.
+    to (k / N) / pi from :func:`inclusion_probabilities`.
     """
     _check_q(q, k)
     c = _cap(q, k)
@@ -131,25 +131,14 @@ def inclusion_scale(q: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def weights_from_scale(
-    q_at: torch.Tensor, n_points: int, k: int, scale: torch.Tensor, beta: float = 1.0
-) -> torch.Tensor:
-    """Loss weights (B, k) float32 from q at the drawn points (B, k) and the scale (B, 2)."""
-    if k == n_points:  # a dense epoch: every point, with certainty
-        return torch.ones(q_at.shape, dtype=torch.float32, device=q_at.device)
-    remaining, total = scale[:, :1], scale[:, 1:]
-    pi = remaining * _fixed_point(q_at, n_points).double() / total.clamp(min=1).double()
-    pi = torch.where(pi >= _CAP, 1.0, pi)
-    if (pi == 0).any():
-        raise ValueError("indices include points with zero inclusion probability: not drawn from q")
-    return ((k / n_points) / pi).pow(beta).float()
-
-
-def weights_from_scale_numpy(
     q_at: np.ndarray, n_points: int, k: int, scale: np.ndarray, beta: float = 1.0
 ) -> np.ndarray:
-    """:func:`weights_from_scale` in numpy, the same IEEE operations: the streaming loader's host
-    twin. numpy runs on the calling thread only, while torch's CPU ops start an OpenMP team whose
-    spinning threads take the cores the training step's launch thread needs."""
+    """Loss weights (S, k) float32 (k / (N pi_i))**beta from q at the drawn points (S, k) and the
+    stored scale (S, 2): an O(k) computation, exactly equal to the weights from the full capping.
+
+    numpy on purpose: the streaming loader computes these beside the training step, and numpy
+    stays on the calling thread, while torch's CPU ops start an OpenMP team whose spinning
+    threads take the cores the step's launch thread needs."""
     if k == n_points:
         return np.ones(q_at.shape, dtype=np.float32)
     remaining, total = scale[:, :1], scale[:, 1:]
@@ -171,8 +160,9 @@ def weights(q: torch.Tensor, k: int, indices: torch.Tensor, beta: float = 1.0) -
     beta = 1 is the unbiased Horvitz-Thompson weight; beta = 0 gives w = 1, a deliberate focus on
     the points q favours. Uniform sampling gives w == 1 exactly.
     """
-    scale = inclusion_scale(q, k)
-    return weights_from_scale(q.gather(1, indices), q.shape[1], k, scale, beta)
+    scale = inclusion_scale(q, k).cpu().numpy()
+    q_at = q.gather(1, indices).cpu().numpy()
+    return torch.from_numpy(weights_from_scale(q_at, q.shape[1], k, scale, beta)).to(q.device)
 
 
 def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
@@ -269,19 +259,26 @@ def _require_q(q: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
         )
 
 
-class UniformSampler(Sampler):
+class _GridSampler(Sampler):
+    """A sampler whose q depends on the grid only, the same for every snapshot."""
+
+    def grid_q(self, grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """q (N,) float32 of every snapshot on ``grid``."""
+        raise NotImplementedError
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
+
+
+class UniformSampler(_GridSampler):
     """k distinct points uniformly at random: the k smallest of per-point hash values."""
 
     kind = "uniform"
 
-    @staticmethod
-    def grid_q(grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def grid_q(self, grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """q = 1/N for every point (N,) float32."""
         n = math.prod(grid)
         return torch.full((n,), 1.0 / n, dtype=torch.float32, device=device)
-
-    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
-        return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
 
     def _draw(
         self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
@@ -318,7 +315,7 @@ def _block_layout(
     return _BlockLayout(block_of.reshape(-1), sizes.reshape(-1))
 
 
-class StratifiedSampler(Sampler):
+class StratifiedSampler(_GridSampler):
     """Equal allocation over blocks of the grid, uniform within a block.
 
     Each block gets floor(k / nblocks) points and the k mod nblocks extra points go to blocks
@@ -346,9 +343,6 @@ class StratifiedSampler(Sampler):
         """q_i = 1 / (nblocks * n_block(i)) (N,) float32: each block holds 1/nblocks of the mass."""
         layout = self._layout(grid, device)
         return (1.0 / (len(layout.sizes) * layout.sizes[layout.block_of].double())).float()
-
-    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
-        return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
 
     def _draw(
         self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ups.config import ConfigError, check
+from pipeline.config import ConfigError, check
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 

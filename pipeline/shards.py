@@ -13,12 +13,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.manifest import read_manifest
+from pipeline.formats import FORMATS
+from pipeline.manifest import ShardEntry, read_listed, read_manifest
+from pipeline.query_codec import unpack_indices
 from pipeline.records import ShardBlock, ShardError
-from pipeline.samplers import weights_from_scale_numpy
-from pipeline.storage import join, read_bytes, sha256_bytes
-from pipeline.wds_format import read_tar
-from pipeline.zarr_format import ZarrReader
+from pipeline.samplers import weights_from_scale
 
 
 @dataclass
@@ -37,24 +36,18 @@ def gather_queries(
 
     Vectorised over the block, so the streaming loader does it once per shard and epoch in its
     read-ahead threads, not per example; in numpy, which stays on the calling thread (see
-    :func:`weights_from_scale_numpy`). The weights follow from the stored q and the two integers
-    of ``pi_scale``: only q at the k points is read.
+    :func:`weights_from_scale`). The weights follow from the stored q and the two integers of
+    ``pi_scale``: only q at the k points is read.
     """
     s, n = len(block), block.importance.shape[1]
-    bits = np.unpackbits(block.queries[:, stored_epoch], axis=1, count=n).view(bool)  # (S, N)
-    flat = np.flatnonzero(bits)  # positions of the set bits, row by row, ascending
-    # every row holds exactly k bits iff, cut into rows of k, each row stays in its own grid row
-    exact = flat.size == s * k
-    if exact and s:
-        indices = flat.reshape(s, k) - (np.arange(s) * n)[:, None]  # (S, k)
-        exact = indices[:, 0].min() >= 0 and indices[:, -1].max() < n
-    if not exact:
-        counts = sorted(set(bits.sum(axis=1).tolist()))
-        raise ShardError(f"{where}: query bitmasks hold {counts} points, the manifest says k={k}")
+    try:
+        indices = unpack_indices(block.queries[:, stored_epoch], n, k, where)  # (S, k)
+    except ValueError as err:
+        raise ShardError(str(err)) from None
     fields = block.fields.reshape(s, -1, n)  # (S, C, N)
     values = np.take_along_axis(fields, indices[:, None, :], axis=2)  # (S, C, k)
     q_at = np.take_along_axis(block.importance, indices, axis=1)  # (S, k)
-    weights = weights_from_scale_numpy(q_at, n, k, block.pi_scale[:, stored_epoch], beta)
+    weights = weights_from_scale(q_at, n, k, block.pi_scale[:, stored_epoch], beta)
     return QuerySets(indices, np.ascontiguousarray(values.transpose(0, 2, 1)), weights)
 
 
@@ -66,39 +59,35 @@ class ShardSet:
     ):
         self.location = str(location).rstrip("/")
         self.manifest, self.manifest_sha256 = read_manifest(self.location)
-        splits = self.manifest["splits"]
+        splits = self.manifest.splits
         if split not in splits:
             raise ShardError(
                 f"{self.location}: no split '{split}'; the manifest has {sorted(splits)}"
             )
-        available = self.manifest["formats"]
+        available = self.manifest.formats
         if format == "auto":
             format = "zarr" if "zarr" in available else "wds"
         if format not in available:
             raise ShardError(f"{self.location}: no '{format}' shards; the manifest has {available}")
         self.split, self.format = split, format
-        self.shards: list[dict[str, Any]] = splits[split]["shards"]
-        self.grid = tuple(self.manifest["data"]["grid"])
-        self.k_per_epoch: list[int] = self.manifest["k_per_epoch"]
-        self.beta = float(self.manifest["config"]["sampler"]["beta"])
-        self._checksums = {name: entry["sha256"] for name, entry in self.manifest["files"].items()}
-        self._zarr = (
-            ZarrReader(join(self.location, "zarr"), split, self._checksums)
-            if format == "zarr"
-            else None
-        )
+        self.shards: list[ShardEntry] = splits[split].shards
+        self.steps = splits[split].snapshots_per_trajectory  # snapshots per trajectory
+        self.grid = tuple(self.manifest.data.grid)
+        self.k_per_epoch: list[int] = self.manifest.k_per_epoch
+        self.beta = self.manifest.sampler_beta
+        self._reader = FORMATS[format].reader(self.location, split, self.manifest)
         self._cached: tuple[int, ShardBlock] | None = None
 
     @property
     def sample_set_id(self) -> str:
-        return self.manifest["sample_set_id"]
+        return self.manifest.sample_set_id
 
     @property
     def epochs(self) -> int:
         return len(self.k_per_epoch)
 
     def __len__(self) -> int:
-        return sum(s["count"] for s in self.shards)
+        return sum(s.count for s in self.shards)
 
     def k_for_epoch(self, epoch: int, wrap: bool = False) -> tuple[int, int]:
         """(query-set index, k) for a training epoch; epochs beyond the precomputed sets need ``wrap``."""
@@ -119,40 +108,22 @@ class ShardSet:
         if cache and self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         shard = self.shards[index]
-        if self.format == "zarr":
-            block = self._zarr.read(shard["start"], shard["start"] + shard["count"])
-        else:
-            block = read_tar(self._read_verified(shard["tar"]), join(self.location, shard["tar"]))
-        if len(block) != shard["count"]:
+        block = self._reader.read(shard)
+        if len(block) != shard.count:
             raise ShardError(
-                f"{self.location}: shard {index} of '{self.split}' holds {len(block)} snapshots, manifest says {shard['count']}"
+                f"{self.location}: shard {index} of '{self.split}' holds {len(block)} snapshots, manifest says {shard.count}"
             )
         if cache:
             self._cached = (index, block)
         return block
-
-    def _read_verified(self, name: str) -> bytes:
-        location = join(self.location, name)
-        try:
-            data = read_bytes(location)
-        except (FileNotFoundError, OSError) as err:
-            raise ShardError(f"{location}: missing shard file ({err})") from None
-        entry = self.manifest["files"][name]
-        if len(data) != entry["bytes"]:
-            raise ShardError(
-                f"{location}: {len(data)} bytes, the manifest says {entry['bytes']} (truncated shard file)"
-            )
-        if sha256_bytes(data) != entry["sha256"]:
-            raise ShardError(f"{location}: checksum mismatch (corrupt or edited shard file)")
-        return data
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard index, row within the shard) of snapshot ``i`` of this split."""
         if not 0 <= i < len(self):
             raise IndexError(f"snapshot {i} out of range [0, {len(self)}) in split '{self.split}'")
         for index, shard in enumerate(self.shards):
-            if i < shard["start"] + shard["count"]:
-                return index, i - shard["start"]
+            if i < shard.start + shard.count:
+                return index, i - shard.start
         raise AssertionError("unreachable")
 
     def snapshot(self, i: int) -> dict[str, Any]:
@@ -174,22 +145,21 @@ class ShardSet:
 
     def trajectories(self, limit: int | None = None) -> Iterator[np.ndarray]:
         """Whole trajectories of this split, each (T, C, *grid) in physical units, in stored order."""
-        steps = self.manifest["splits"][self.split]["snapshots_per_trajectory"]
         produced = 0
         for index in range(len(self.shards)):
             block = self.read_shard(index)
-            for first in range(0, len(block), steps):
+            for first in range(0, len(block), self.steps):
                 if limit is not None and produced >= limit:
                     return
-                yield block.fields[first : first + steps]
+                yield block.fields[first : first + self.steps]
                 produced += 1
 
     def verify(self) -> list[str]:
         """Read every file of the set (all splits) and return a message per problem found."""
         problems = []
-        for name in sorted(self.manifest["files"]):
+        for name in sorted(self.manifest.files):
             try:
-                self._read_verified(name)
+                read_listed(self.manifest, self.location, name)
             except ShardError as err:
                 problems.append(str(err))
         return problems

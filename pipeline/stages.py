@@ -1,34 +1,49 @@
 """The stages of one build pass, each a small unit with one job.
 
-read (HDF5, lazily) -> encode (frozen GridEncoder, GPU) -> importance q (GPU) -> query plan
+read (HDF5, lazily) -> encode (a frozen LatentEncoder, GPU) -> importance q (GPU) -> query plan
 (E bitmasks from the sampler and schedule, GPU) -> writers (zarr chunks, webdataset tars).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pipeline.keys import snapshot_keys
+from pipeline.query_codec import pack_bits
 from pipeline.records import ShardBlock
 from pipeline.samplers import Sampler, inclusion_scale
-from ups.data.pdebench import PDEBenchFile
-from ups.data.splits import NormStats
-from ups.models.codec import Codec
+from pipeline.sources.pdebench import DataInfo, PDEBenchFile
+from pipeline.sources.splits import NormStats
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """(..., N) bool -> (..., ceil(N/8)) uint8, bit order as numpy.packbits (first point = MSB)."""
-    n = mask.shape[-1]
-    pad = (-n) % 8
-    if pad:
-        mask = torch.nn.functional.pad(mask, (0, pad))
-    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
-    place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
-    return (bits * place).sum(-1, dtype=torch.uint8)
+class LatentEncoder(Protocol):
+    """What a build needs of a trained encoder; the pipeline never imports a model library.
+
+    Any encoder fits -- a grid encoder, a point-cloud encoder, someone else's model -- as long as it
+    turns normalised full grids into (tokens, width) latents and says who it is. ``identity`` goes
+    into the manifest (and so into checkpoints made on the shards); ``norm`` is the normalisation
+    it was trained with, which the shards then record. ``tools/build_shards.py`` hands in the codec
+    of ``ups.models.codec``.
+    """
+
+    identity: dict[str, str]  # {"path": ..., "sha256": ...} of its checkpoint
+    norm: NormStats
+    latent_shape: tuple[int, int]  # (tokens T, width D)
+
+    def to(self, device: torch.device) -> LatentEncoder:
+        """Move to ``device`` for inference (eval mode, no gradients)."""
+
+    def encode(self, fields: torch.Tensor) -> torch.Tensor:
+        """Normalised fields (B, C, *grid) -> latents (B, T, D), on the fields' device."""
+
+
+# encoder loader: (checkpoint path, the data it will encode, its trajectory splits) -> encoder
+EncoderLoader = Callable[[str, DataInfo, dict[str, list[int]]], LatentEncoder]
 
 
 class ReadStage:
@@ -54,10 +69,15 @@ class EncodeStage:
     """Normalised full grids -> latent tokens, with the frozen encoder, in batches, no grad."""
 
     def __init__(
-        self, codec: Codec, norm: NormStats, device: torch.device, batch: int, dtype: str, amp: bool
+        self, encoder: LatentEncoder, device: torch.device, batch: int, dtype: str, amp: bool
     ):
-        self.encoder = codec.encoder.to(device).eval().requires_grad_(False)
-        self.norm, self.device, self.batch, self.dtype = norm, device, batch, np.dtype(dtype)
+        self.encoder = encoder.to(device)
+        self.norm, self.device, self.batch, self.dtype = (
+            encoder.norm,
+            device,
+            batch,
+            np.dtype(dtype),
+        )
         self.amp = amp and device.type == "cuda"
 
     @torch.no_grad()
@@ -68,7 +88,7 @@ class EncodeStage:
         out = []
         with autocast:
             for chunk in self.norm.normalize(fields).split(self.batch):
-                out.append(self.encoder(chunk).float().cpu().numpy())
+                out.append(self.encoder.encode(chunk).float().cpu().numpy())
         return np.concatenate(out).astype(self.dtype)  # (S, T, D)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -26,15 +28,17 @@ def read_bytes(location: str) -> bytes:
         return f.read()
 
 
-def exists(location: str) -> bool:
-    if not is_url(location):
-        return Path(location).exists()
-    fs, path = fsspec.core.url_to_fs(location)
-    return fs.exists(path)
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a local file, read in 1 MiB blocks (source HDF5 files can be tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def zarr_store(location: str, read_only: bool = True):
@@ -47,9 +51,21 @@ def zarr_store(location: str, read_only: bool = True):
     return LocalStore(path, read_only=read_only)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed into place when the block succeeds,
+    so a reader never sees a half-written file. A failed block leaves ``path`` as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ups.data.generate import generate
+from pipeline.sources.generate import generate
 
 torch.set_num_threads(2)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ups.data.splits import DataConfig, NormStats
+from pipeline.sources.splits import DataConfig, NormStats
 from ups.models.codec import Codec, CodecConfig, save_codec
 from ups.models.decoder import DecoderConfig
 from ups.models.encoder import EncoderConfig

@@ -25,13 +25,16 @@ import zarr
 from helpers import serve_directory, tiny_codec_checkpoint
 
 from pipeline.build import BuildConfig, run_build
+from pipeline.config import load_config
 from pipeline.records import ShardError
 from pipeline.schedules import k_per_epoch
 from pipeline.shards import open_shards
-from ups.config import load_config
-from ups.data.generate import generate
-from ups.data.splits import DataConfig
-from ups.models.codec import load_codec
+from pipeline.sources.generate import generate
+from pipeline.sources.splits import DataConfig
+from ups.models.codec import load_codec, load_encoder
+
+# real builds, many through the command line: the fast lane (pytest -m "not slow") leaves them out
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "tools" / "build_shards.py"
@@ -73,7 +76,7 @@ def build_args(data: Path, out: Path, *extra: str, encoder: Path | None = None) 
 def build_here(args: list[str]) -> Path:
     """Build in this process, parsing the arguments exactly as the CLI does."""
     cfg = load_config(BuildConfig, None, args)
-    run_build(cfg)
+    run_build(cfg, load_encoder=load_encoder)
     return Path(cfg.out)
 
 
@@ -420,7 +423,13 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
     assert re.search(rf"\({finished} already done\)", rerun.stdout), rerun.stdout
     assert_same_files(reference, out)
     assert open_shards(out).verify() == []
-    expected = {*manifest_of(out)["files"], "manifest.json", "build.json", ".lock", ".zarr-ready"}
+    expected = {
+        *manifest_of(out)["files"],
+        "manifest.json",
+        "build.json",
+        ".lock",
+        ".formats-ready",
+    }
     expected |= {p.relative_to(out).as_posix() for p in (out / "parts").glob("*.json")}
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == expected
 

@@ -3,8 +3,8 @@ from typing import Literal
 
 import pytest
 
-from ups.cli import parse_config
-from ups.config import ConfigError, check, config_hash, load_config
+from pipeline.cli import parse_config
+from pipeline.config import ConfigError, check, config_hash, load_config
 
 
 @dataclass

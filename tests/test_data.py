@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ups.data.generate import generate, ns_rhs
-from ups.data.pdebench import DataError, PDEBenchFile
-from ups.data.splits import NormStats, split_trajectories
+from pipeline.sources.generate import generate, ns_rhs
+from pipeline.sources.pdebench import DataError, PDEBenchFile
+from pipeline.sources.splits import NormStats, split_trajectories
 
 RNG = np.random.default_rng(0)
 

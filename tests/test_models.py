@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ups.data.pdebench import DataInfo
-from ups.data.splits import NormStats
-from ups.models.checkpoint import CheckpointError, file_sha256
+from pipeline.sources.pdebench import DataInfo
+from pipeline.sources.splits import NormStats
+from pipeline.storage import file_sha256
+from ups.models.checkpoint import CheckpointError
 from ups.models.codec import Codec, CodecConfig, load_codec, save_codec
 from ups.models.decoder import DecoderConfig
 from ups.models.encoder import EncoderConfig, GridEncoder

@@ -1,58 +1,60 @@
-"""Query-set codec: exact round trips, and bytes against the entropy bound."""
+"""Query-set storage: packed bitmasks round-trip exactly, and compress near the entropy bound."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from numcodecs import Zstd
 
-from pipeline.query_codec import (
-    bitmask_to_indices,
-    decode_index_stack,
-    decode_indices,
-    encode_index_stack,
-    encode_indices,
-    entropy_bound_bytes,
-    indices_to_bitmask,
-)
+from pipeline.formats.zarr import QUERY_ZSTD_LEVEL
+from pipeline.query_codec import entropy_bound_bytes, pack_bits, unpack_indices
 
 N = 16384
 
 
-def random_set(n: int, k: int, seed: int = 0) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False)).astype(np.int64)
+def random_sets(n: int, k: int, rows: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([np.sort(rng.choice(n, k, replace=False)) for _ in range(rows)]).astype(
+        np.int64
+    )
 
 
-@pytest.mark.parametrize("k", [0, 1, 2, 100, N // 2, N - 1, N])
+def masks_of(indices: np.ndarray, n: int) -> torch.Tensor:
+    mask = torch.zeros(len(indices), n, dtype=torch.bool)
+    return mask.scatter_(1, torch.from_numpy(indices), True)
+
+
+@pytest.mark.parametrize("k", [1, 2, 100, N // 2, N - 1, N])
 def test_round_trip(k: int) -> None:
-    idx = random_set(N, k)
-    out = decode_indices(encode_indices(idx, N), N)
+    idx = random_sets(N, k)
+    packed = pack_bits(masks_of(idx, N)).numpy()
+    assert packed.dtype == np.uint8 and packed.shape == (3, N // 8)
+    out = unpack_indices(packed, N, k, "test")
     assert out.dtype == np.int64 and np.array_equal(out, idx)
 
 
 @pytest.mark.parametrize("n", [1, 7, 9, 1000])
-def test_bitmask_round_trip_for_n_not_a_multiple_of_8(n: int) -> None:
-    idx = random_set(n, n // 2 + 1, seed=n)
-    mask = indices_to_bitmask(idx, n)
-    assert mask.dtype == np.uint8 and mask.shape == ((n + 7) // 8,)
-    assert np.array_equal(bitmask_to_indices(mask, n), idx)
+def test_packing_is_numpys_for_n_not_a_multiple_of_8(n: int) -> None:
+    k = n // 2 + 1
+    idx = random_sets(n, k, seed=n)
+    mask = masks_of(idx, n)
+    packed = pack_bits(mask).numpy()
+    assert np.array_equal(packed, np.packbits(mask.numpy(), axis=1))
+    assert np.array_equal(unpack_indices(packed, n, k, "test"), idx)
 
 
-def test_stack_round_trip_with_varying_k() -> None:
-    sets = [random_set(N, k, seed=k) for k in (64, 4928, 8192, N)]
-    assert all(
-        np.array_equal(a, b)
-        for a, b in zip(decode_index_stack(encode_index_stack(sets, N), N), sets, strict=True)
-    )
-    square = np.stack([random_set(1000, 300, seed=s) for s in range(5)])  # an (E, k) array
-    assert np.array_equal(
-        np.stack(decode_index_stack(encode_index_stack(square, 1000), 1000)), square
-    )
+def test_a_wrong_count_is_named() -> None:
+    packed = pack_bits(masks_of(random_sets(1000, 30), 1000)).numpy()
+    with pytest.raises(ValueError, match=r"shard 3: query bitmasks hold \[30\] points.*k=31"):
+        unpack_indices(packed, 1000, 31, "shard 3")
 
 
-def test_bytes_within_1_5x_of_the_entropy_bound() -> None:
+def test_zarr_bytes_within_1_5x_of_the_entropy_bound() -> None:
     for ratio in (0.05, 0.1, 0.3, 0.5):
         k = round(ratio * N)
-        size = np.mean([len(encode_indices(random_set(N, k, seed=s), N)) for s in range(3)])
+        packed = pack_bits(masks_of(random_sets(N, k), N)).numpy()
+        size = np.mean([len(Zstd(level=QUERY_ZSTD_LEVEL).encode(row)) for row in packed])
         bound = entropy_bound_bytes(N, k)
         print(f"ratio {ratio}: {size:.0f} bytes, bound {bound:.0f}, {size / bound:.3f}x")
         assert size <= 1.5 * bound
@@ -64,14 +66,5 @@ def test_entropy_bound_values() -> None:
     assert entropy_bound_bytes(N, N // 2) == pytest.approx(
         (N - 0.5 * np.log2(np.pi * N / 2)) / 8, rel=1e-6
     )
-
-
-def test_bad_input_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="distinct"):
-        indices_to_bitmask([1, 1, 2], 10)
-    with pytest.raises(ValueError, match=r"in \[0, 10\)"):
-        indices_to_bitmask([3, 10], 10)
-    with pytest.raises(ValueError, match="expected 2 bytes"):
-        bitmask_to_indices(np.zeros(3, np.uint8), 10)
-    with pytest.raises(ValueError, match="beyond N=10"):
-        bitmask_to_indices(np.array([0, 0b00100000], np.uint8), 10)
+    with pytest.raises(ValueError, match="0 <= k <= N"):
+        entropy_bound_bytes(10, 11)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ConfigError, from_dict
 from pipeline.keys import snapshot_keys
 from pipeline.samplers import (
     SAMPLER_KINDS,
@@ -22,9 +23,7 @@ from pipeline.samplers import (
     sample_query_sets,
     weights,
     weights_from_scale,
-    weights_from_scale_numpy,
 )
-from ups.config import ConfigError, from_dict
 
 GRIDS = {1: (1000,), 2: (30, 34)}  # blocks do not divide these grids, and N is no power of two
 
@@ -67,6 +66,7 @@ def samplers() -> list:
     return [UniformSampler(), StratifiedSampler(), GradientSampler(alpha=0.3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [1, 2])
 @pytest.mark.parametrize("name", ["front", "wave", "noise"])
 @pytest.mark.parametrize("ratio", [0.5, 0.3, 0.1])
@@ -87,6 +87,7 @@ def test_weighted_estimate_is_unbiased(dim: int, name: str, ratio: float) -> Non
         )
 
 
+@pytest.mark.slow
 def test_gradient_and_stratified_have_lower_variance_on_a_sharp_front() -> None:
     """The loss is the error of a surrogate that smears the front (slope 20 instead of 80)."""
     grid = (48, 48)
@@ -159,38 +160,26 @@ def test_gradient_sampler_caps_sharp_points() -> None:
     assert (pi == 1).sum() > 0, "the front should saturate some points at this ratio"
 
 
-def test_stored_scale_gives_exactly_the_weights() -> None:
-    """Two integers per snapshot-epoch (the capping's fixed point) reproduce the weights from q at
-    the drawn points alone, bit for bit, capped points included."""
-    sampler = make_sampler(SamplerConfig(kind="gradient", alpha=0.2))
-    q = sampler.probabilities(
-        torch.cat([field("front", (30, 34)), field("noise", (30, 34))]), [False, False]
-    )
-    for k in (51, 300, 900):
-        idx, w = sample_query_sets(sampler, q, k, 3, [0, 1], 0, (30, 34))
-        scale = inclusion_scale(q, k)
-        assert torch.equal(weights_from_scale(q.gather(1, idx), q.shape[1], k, scale), w)
-        pi = inclusion_probabilities(q, k).gather(1, idx)
-        torch.testing.assert_close(w.double(), (k / q.shape[1]) / pi, rtol=1e-6, atol=0)
-    assert (inclusion_probabilities(q, 900) == 1).any(), "the front caps some points at k = 900"
-    assert torch.equal(
-        weights_from_scale(q[:, :5], q.shape[1], q.shape[1], scale), torch.ones(2, 5)
-    )
-
-
 @pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
-def test_numpy_weights_equal_the_torch_weights(beta: float) -> None:
-    """The loader's numpy twin gives the same float32 weights as the samplers' torch code."""
+def test_stored_scale_gives_the_weights(beta: float) -> None:
+    """Two integers per snapshot-epoch (the capping's fixed point) and q at the drawn points alone
+    give the weights (k / (N pi))**beta of the full capping, capped points and dense epochs
+    included."""
     sampler = make_sampler(SamplerConfig(kind="gradient", alpha=0.2))
     q = sampler.probabilities(
         torch.cat([field("front", (30, 34)), field("noise", (30, 34))]), [False, False]
     )
-    for k in (51, 300, 900, q.shape[1]):  # 900 caps some points; N: a dense epoch
+    n = q.shape[1]
+    for k in (51, 300, 900):
         idx, _ = sample_query_sets(sampler, q, k, 3, [0, 1], 0, (30, 34))
-        q_at, scale = q.gather(1, idx), inclusion_scale(q, k)
-        expect = weights_from_scale(q_at, q.shape[1], k, scale, beta)
-        got = weights_from_scale_numpy(q_at.numpy(), q.shape[1], k, scale.numpy(), beta)
-        assert got.dtype == np.float32 and np.array_equal(got, expect.numpy())
+        scale = inclusion_scale(q, k).numpy()
+        w = weights_from_scale(q.gather(1, idx).numpy(), n, k, scale, beta)
+        assert w.dtype == np.float32
+        pi = inclusion_probabilities(q, k).gather(1, idx).numpy()
+        np.testing.assert_allclose(w, ((k / n) / pi) ** beta, rtol=1e-6, atol=0)
+    assert (inclusion_probabilities(q, 900) == 1).any(), "the front caps some points at k = 900"
+    dense = weights_from_scale(q[:, :5].numpy(), n, n, inclusion_scale(q, n).numpy(), beta)
+    assert np.array_equal(dense, np.ones((2, 5), np.float32))
 
 
 def test_inclusion_probabilities_sum_to_k_and_redistribute_excess() -> None:

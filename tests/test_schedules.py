@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from pipeline.config import ConfigError, from_dict
 from pipeline.schedules import ScheduleConfig, k_per_epoch, ratio_per_epoch
-from ups.config import ConfigError, from_dict
 
 N = 16384
 

@@ -17,16 +17,20 @@ import torch
 from helpers import serve_directory
 
 from pipeline.build import BuildConfig, run_build
-from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.config import load_config
+from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
-from ups.config import load_config
-from ups.data.generate import generate
-from ups.data.splits import DataConfig
+from pipeline.sources.generate import generate
+from pipeline.sources.splits import DataConfig
 from ups.models.checkpoint import CheckpointError, load_checkpoint
+from ups.models.codec import load_encoder
 from ups.training.train import TrainConfig, Trainer, train
+
+# end-to-end training runs: the fast lane (pytest -m "not slow") leaves them out
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # Training runs on the CPU even where a GPU is present: these tests compare runs bit for bit, and
@@ -76,7 +80,8 @@ def build(
             trajectories_per_shard=2,
             device="cpu",
             progress=False,
-        )
+        ),
+        load_encoder=load_encoder,
     )
     return out
 
@@ -181,11 +186,12 @@ def test_sparse_operator_loss_matches_the_dense_loss_in_expectation(flow, tmp_pa
         trainer.models.operator.out.weight, std=0.05
     )  # a fixed, non-trivial model
     shards = open_shards(str(shards_dir))
-    slice_size = ShardLoader(
-        shards, LoaderConfig(workers=0), 1, 1, (0, 1), (), True
-    ).batches_per_epoch
-    sparse = ShardLoader(shards, LoaderConfig(workers=0), slice_size, 1, (0, 1), (), True)
-    dense = ShardLoader(shards, LoaderConfig(workers=0), slice_size, 1, (), (0, 1), True)
+    pairs = BatchSpec(window=1, sparse_steps=(0, 1), latents=True)
+    dense_pairs = BatchSpec(window=1, dense_steps=(0, 1), latents=True)
+    cfg = LoaderConfig(workers=0)
+    slice_size = ShardLoader(shards, cfg, batch_size=1, spec=pairs).batches_per_epoch
+    sparse = ShardLoader(shards, cfg, batch_size=slice_size, spec=pairs)
+    dense = ShardLoader(shards, cfg, batch_size=slice_size, spec=dense_pairs)
     gen = torch.Generator()
     with torch.no_grad():
         dense_cfg = config("stage=operator", "loss.mode=dense", f"codec_checkpoint={flow['codec']}")

@@ -9,11 +9,12 @@ Several processes: --rank R --world-size W (or torchrun's environment); rank 0 w
 from __future__ import annotations
 
 from pipeline.build import BuildConfig, run_build
+from pipeline.cli import fail, parse_config
+from pipeline.config import ConfigError
 from pipeline.records import ShardError
-from ups.cli import fail, parse_config
-from ups.config import ConfigError
-from ups.data.pdebench import DataError
+from pipeline.sources.pdebench import DataError
 from ups.models.checkpoint import CheckpointError
+from ups.models.codec import load_encoder
 
 
 def print_summary(summary: dict) -> None:
@@ -31,23 +32,22 @@ def print_summary(summary: dict) -> None:
                 print(f"{stage:<12}{seconds[stage]:>10.2f}{rate:>14.1f}")
     manifest = summary.get("manifest")
     if manifest:
-        files = manifest["files"]
         for fmt, prefix in (("zarr", "zarr/"), ("wds", "wds/")):
-            if fmt in manifest["formats"]:
-                total = sum(v["bytes"] for k, v in files.items() if k.startswith(prefix))
+            if fmt in manifest.formats:
+                total = sum(v.bytes for k, v in manifest.files.items() if k.startswith(prefix))
                 print(f"{fmt:<5} {total / 1e6:10.2f} MB")
-        q = manifest["query_bytes"]
+        q = manifest.query_bytes
         stored = ", ".join(f"{fmt} {q[fmt]:.0f}" for fmt in ("zarr", "tar") if fmt in q)
         print(
             f"query sets, bytes per snapshot-epoch: {stored}; entropy bound {q['entropy_bound']:.0f}"
         )
-        print(f"sample_set_id {manifest['sample_set_id']}")
+        print(f"sample_set_id {manifest.sample_set_id}")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(BuildConfig, argv, __doc__)
     try:
-        summary = run_build(cfg)
+        summary = run_build(cfg, load_encoder=load_encoder)
     except (ShardError, ConfigError, DataError, CheckpointError) as err:
         fail(str(err))
     print_summary(summary)

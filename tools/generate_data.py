@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ups.cli import parse_config
-from ups.config import check
-from ups.data.generate import generate
+from pipeline.cli import parse_config
+from pipeline.config import check
+from pipeline.sources.generate import generate
 
 
 @dataclass

@@ -17,68 +17,41 @@ import sys
 
 import numpy as np
 
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet, open_shards
 
-REQUIRED_KEYS = (
-    "schema_version",
-    "tool",
-    "config",
-    "sample_set_id",
-    "encoder",
-    "latent",
-    "data",
-    "formats",
-    "epochs",
-    "k_per_epoch",
-    "query_bytes",
-    "splits",
-    "files",
-)
 
-
-def check_manifest(manifest: dict) -> list[str]:
-    """Problems with the manifest's keys and counts (its schema version is checked on reading)."""
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        return [f"manifest.json: missing key(s) {missing}"]
+def check_manifest(manifest: Manifest) -> list[str]:
+    """Problems with the manifest's counts (its schema and types are checked on reading)."""
     problems = []
-    if len(manifest["k_per_epoch"]) != manifest["epochs"]:
+    if len(manifest.k_per_epoch) != manifest.epochs:
         problems.append(
-            f"manifest.json: {len(manifest['k_per_epoch'])} k_per_epoch entries for {manifest['epochs']} epochs"
+            f"manifest.json: {len(manifest.k_per_epoch)} k_per_epoch entries for {manifest.epochs} epochs"
         )
-    for split, entry in manifest["splits"].items():
-        counted = sum(s["count"] for s in entry["shards"])
-        expected = len(entry["trajectories"]) * entry["snapshots_per_trajectory"]
-        if not counted == entry["num_snapshots"] == expected:
+    for split, entry in manifest.splits.items():
+        counted = sum(s.count for s in entry.shards)
+        expected = len(entry.trajectories) * entry.snapshots_per_trajectory
+        if not counted == entry.num_snapshots == expected:
             problems.append(
                 f"manifest.json: split '{split}' counts disagree (shards {counted}, "
-                f"num_snapshots {entry['num_snapshots']}, trajectories x steps {expected})"
+                f"num_snapshots {entry.num_snapshots}, trajectories x steps {expected})"
             )
-        for shard in entry["shards"]:
-            if "wds" in manifest["formats"] and shard["tar"] not in manifest["files"]:
-                problems.append(f"manifest.json: {shard['tar']} is not among the listed files")
+        for shard in entry.shards:
+            if "wds" in manifest.formats and shard.tar not in manifest.files:
+                problems.append(f"manifest.json: {shard.tar} is not among the listed files")
     return problems
 
 
-def check_record_shapes(location: str, manifest: dict) -> list[str]:
-    """Read the first shard of every split in every format and compare its arrays to the manifest."""
-    data, latent = manifest["data"], manifest["latent"]
-    n = int(np.prod(data["grid"]))
-    expected = {
-        "fields": ((len(data["channels"]), *data["grid"]), "float32"),
-        "importance": ((n,), "float32"),
-        "queries": ((manifest["epochs"], (n + 7) // 8), "uint8"),
-        "pi_scale": ((manifest["epochs"], 2), "int64"),
-    }
-    if latent is not None:
-        expected["latent"] = ((latent["tokens"], latent["dim"]), latent["dtype"])
+def check_record_shapes(location: str, manifest: Manifest) -> list[str]:
+    """Read the first shard of every split in every format and compare its arrays to the
+    record schema the manifest implies."""
+    expected = manifest.record_schema()
     problems = []
-    for split, entry in manifest["splits"].items():
-        if not entry["shards"]:
+    for split, entry in manifest.splits.items():
+        if not entry.shards:
             continue
-        for fmt in manifest["formats"]:
+        for fmt in manifest.formats:
             try:
                 block = open_shards(location, split, fmt).read_shard(0)
             except ShardError as err:
@@ -95,53 +68,52 @@ def check_record_shapes(location: str, manifest: dict) -> list[str]:
     return problems
 
 
-def _mb(manifest: dict, prefix: str) -> tuple[float, int]:
-    entries = [v for k, v in manifest["files"].items() if k.startswith(prefix)]
-    return sum(v["bytes"] for v in entries) / 1e6, len(entries)
+def _mb(manifest: Manifest, prefix: str) -> tuple[float, int]:
+    entries = [v for k, v in manifest.files.items() if k.startswith(prefix)]
+    return sum(v.bytes for v in entries) / 1e6, len(entries)
 
 
 def summary(shards: ShardSet) -> str:
     m = shards.manifest
-    data, cfg = m["data"], m["config"]
-    n = int(np.prod(data["grid"]))
+    data, cfg = m.data, m.config
+    n = m.num_points
     lines = [
         f"shard set      {shards.location}",
-        f"schema         version {m['schema_version']}, {m['tool']}, created {m.get('created', '?')}",
-        f"sample_set_id  {m['sample_set_id']}",
+        f"schema         version {m.schema_version}, {m.tool}, created {m.created}",
+        f"sample_set_id  {m.sample_set_id}",
         f"manifest       sha256 {shards.manifest_sha256}",
     ]
-    enc = m["encoder"]
-    if enc is None:
+    enc, lat = m.encoder, m.latent
+    if enc is None or lat is None:
         lines.append("encoder        none (field-only shards)")
     else:
-        lat = m["latent"]
         lines.append(
-            f"encoder        {enc['path']} (sha256 {enc['sha256'][:16]}), latent {lat['tokens']} x {lat['dim']} {lat['dtype']}"
+            f"encoder        {enc.path} (sha256 {enc.sha256[:16]}), latent {lat.tokens} x {lat.dim} {lat.dtype}"
         )
-    grid = "x".join(str(g) for g in data["grid"])
+    grid = "x".join(str(g) for g in data.grid)
     lines += [
-        f"data           {data['path']} (sha256 {data['sha256'][:16]})",
-        f"grid           {grid} ({len(data['grid'])}D, N={n}), channels {data['channels']}, periodic {data['periodic']}, dt {data['dt']}",
+        f"data           {data.path} (sha256 {data.sha256[:16]})",
+        f"grid           {grid} ({len(data.grid)}D, N={n}), channels {data.channels}, periodic {data.periodic}, dt {data.dt}",
     ]
     sampler = cfg["sampler"]
     lines.append(
         f"sampler        {sampler['kind']} (alpha {sampler['alpha']}, beta {sampler['beta']}), "
         f"schedule {cfg['schedule']['kind']}, seed {cfg['seed']}"
     )
-    ks = m["k_per_epoch"]
+    ks = m.k_per_epoch
     ratios = " ".join(f"{k / n:.2f}" for k in ks)
-    lines.append(f"epochs         {m['epochs']}, k_e {ks}")
+    lines.append(f"epochs         {m.epochs}, k_e {ks}")
     lines.append(f"               k_e / N {ratios}")
-    for split, entry in m["splits"].items():
+    for split, entry in m.splits.items():
         lines.append(
-            f"split {split:<8} {len(entry['trajectories'])} trajectories x {entry['snapshots_per_trajectory']} "
-            f"snapshots = {entry['num_snapshots']} snapshots in {len(entry['shards'])} shards"
+            f"split {split:<8} {len(entry.trajectories)} trajectories x {entry.snapshots_per_trajectory} "
+            f"snapshots = {entry.num_snapshots} snapshots in {len(entry.shards)} shards"
         )
     for fmt, prefix in (("zarr", "zarr/"), ("wds", "wds/")):
-        if fmt in m["formats"]:
+        if fmt in m.formats:
             mb, count = _mb(m, prefix)
             lines.append(f"format {fmt:<7} {mb:.2f} MB in {count} files")
-    q = m["query_bytes"]
+    q = m.query_bytes
     bound = q["entropy_bound"]
     stored = []
     for fmt in ("zarr", "tar"):
@@ -210,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"verify         FAILED: {len(problems)} problem(s)")
         print("\n".join(f"BAD  {p}" for p in problems), file=sys.stderr)
         return 1
-    print(f"verify         OK: {len(manifest['files'])} files match their sha256")
+    print(f"verify         OK: {len(manifest.files)} files match their sha256")
     if args.plot:
         epochs = list(range(min(3, shards.epochs))) if args.epochs is None else args.epochs
         bad = [e for e in epochs if not 0 <= e < shards.epochs]

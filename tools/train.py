@@ -10,9 +10,9 @@ Several processes: torchrun --nproc_per_node N tools/train.py ...
 
 from __future__ import annotations
 
+from pipeline.cli import fail, parse_config
+from pipeline.config import ConfigError
 from pipeline.records import ShardError
-from ups.cli import fail, parse_config
-from ups.config import ConfigError
 from ups.evaluation import format_metrics
 from ups.models.checkpoint import CheckpointError
 from ups.training.train import TrainConfig, train

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from ups.data.splits import NormStats
+from pipeline.sources.splits import NormStats
 from ups.models.codec import Codec
 
 

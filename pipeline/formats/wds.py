@@ -20,7 +20,9 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.records import ID_ARRAYS, ShardBlock
+from pipeline.manifest import Manifest, ShardEntry, read_listed
+from pipeline.records import ID_ARRAYS, RecordSchema, ShardBlock
+from pipeline.storage import join
 
 ARRAY_MEMBERS = ("fields", "importance", "queries", "pi_scale", "latent")
 
@@ -35,31 +37,54 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_tar(path: Path, block: ShardBlock) -> None:
-    """Write one shard tar through webdataset's ShardWriter, to a temporary name renamed on close."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_pattern = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-")).replace("%", "%%") + "%d"
-    arrays = block.arrays()
-    with wds.ShardWriter(
-        tmp_pattern,
-        maxcount=len(block) + 1,
-        post=lambda name: os.replace(name, path),
-        verbose=0,
-        encoder=False,
-        mtime=0.0,
-        user="ups",
-        group="ups",
-    ) as sink:
-        for i in range(len(block)):
-            ids = {name: int(arrays[name][i]) for name in ID_ARRAYS}
-            sample = {
-                "__key__": sample_key(ids["trajectory"], ids["time"]),
-                "meta.json": json.dumps(ids).encode(),
-            }
-            for name in ARRAY_MEMBERS:
-                if name in arrays:
-                    sample[f"{name}.npy"] = _npy(arrays[name][i])
-            sink.write(sample)
+def tar_path(name: str) -> str:
+    """Where shard ``name``'s tar lies, relative to the set's root."""
+    return f"wds/{name}.tar"
+
+
+class WdsWriter:
+    """Writes one tar per shard under ``wds/``, through webdataset's ShardWriter."""
+
+    def __init__(self, root: Path, schema: RecordSchema, chunk: int):
+        self.root = root
+
+    def create(self, snapshots_per_split: dict[str, int]) -> None:
+        """Nothing to create before the shards: each tar stands alone."""
+
+    def write(self, split: str, index: int, name: str, block: ShardBlock) -> list[str]:
+        """Write shard ``name``'s tar to a temporary name, renamed into place when it is whole."""
+        relative = tar_path(name)
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_pattern = str(path.with_name(f".{path.name}.tmp-{os.getpid()}-")).replace("%", "%%")
+        arrays = block.arrays()
+        with wds.ShardWriter(
+            tmp_pattern + "%d",
+            maxcount=len(block) + 1,
+            post=lambda written: os.replace(written, path),
+            verbose=0,
+            encoder=False,
+            mtime=0.0,
+            user="ups",
+            group="ups",
+        ) as sink:
+            for i in range(len(block)):
+                ids = {id_name: int(arrays[id_name][i]) for id_name in ID_ARRAYS}
+                sample = {
+                    "__key__": sample_key(ids["trajectory"], ids["time"]),
+                    "meta.json": json.dumps(ids).encode(),
+                }
+                for member in ARRAY_MEMBERS:
+                    if member in arrays:
+                        sample[f"{member}.npy"] = _npy(arrays[member][i])
+                sink.write(sample)
+        return [relative]
+
+    def leftovers(self, split: str, index: int, name: str) -> list[str]:
+        return [f"wds/.{name}.tar.tmp-*"]
+
+    def metadata(self) -> list[str]:
+        return []
 
 
 # np.load parses each .npy header with ast.literal_eval, and CPython 3.11's parser is not safe
@@ -73,15 +98,23 @@ def _load_npy(data: bytes) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def read_tar(data: bytes, location: str) -> ShardBlock:
-    """Parse a shard tar (already read and verified) with webdataset's tar reader."""
-    files = ({**f, "__url__": location} for f in tar_file_iterator(io.BytesIO(data)))
-    columns: dict[str, list] = {}
-    for sample in group_by_keys(files):
-        meta = json.loads(sample["meta.json"])
-        for name in ID_ARRAYS:
-            columns.setdefault(name, []).append(meta[name])
-        for name in ARRAY_MEMBERS:
-            if f"{name}.npy" in sample:
-                columns.setdefault(name, []).append(_load_npy(sample[f"{name}.npy"]))
-    return ShardBlock(**{name: np.stack(values) for name, values in columns.items()})
+class WdsReader:
+    """Reads one split's shards from their tars, each read whole and verified, then parsed with
+    webdataset's tar reader."""
+
+    def __init__(self, location: str, split: str, manifest: Manifest):
+        self.location, self.manifest = location, manifest
+
+    def read(self, shard: ShardEntry) -> ShardBlock:
+        data = read_listed(self.manifest, self.location, shard.tar)
+        files = tar_file_iterator(io.BytesIO(data))
+        located = ({**f, "__url__": join(self.location, shard.tar)} for f in files)
+        columns: dict[str, list] = {}
+        for sample in group_by_keys(located):
+            meta = json.loads(sample["meta.json"])
+            for name in ID_ARRAYS:
+                columns.setdefault(name, []).append(meta[name])
+            for name in ARRAY_MEMBERS:
+                if f"{name}.npy" in sample:
+                    columns.setdefault(name, []).append(_load_npy(sample[f"{name}.npy"]))
+        return ShardBlock(**{name: np.stack(values) for name, values in columns.items()})

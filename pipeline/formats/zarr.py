@@ -8,7 +8,6 @@ snapshots and every writer owns whole chunks (no two processes ever touch one ch
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import WrapperStore
 
-from pipeline.records import ShardBlock, ShardError
-from pipeline.storage import join, zarr_store
+from pipeline.manifest import Manifest, ShardEntry
+from pipeline.records import RecordSchema, ShardBlock, ShardError
+from pipeline.storage import join, sha256_bytes, zarr_store
 
 ZSTD_LEVEL = 3  # fields, latents, importance: fast
 QUERY_ZSTD_LEVEL = 19  # the bitmasks are small; level 19 brings them near the entropy bound
@@ -28,42 +28,57 @@ def chunk_path(split: str, name: str, chunk_index: int, ndim: int) -> str:
     return "/".join([split, name, "c", str(chunk_index), *["0"] * (ndim - 1)])
 
 
-def create_arrays(
-    root: Path, split: str, schema: dict[str, tuple[tuple[int, ...], str]], num: int, chunk: int
-) -> None:
-    """Create (or overwrite the metadata of) the arrays of one split; chunks are written later."""
-    group = zarr.open_group(zarr_store(str(root), read_only=False), mode="a", zarr_format=3)
-    split_group = group.require_group(split)
-    for name, (tail, dtype) in schema.items():
-        split_group.create_array(
-            name,
-            shape=(num, *tail),
-            chunks=(chunk, *tail),
-            dtype=dtype,
-            compressors=ZstdCodec(level=QUERY_ZSTD_LEVEL if name == "queries" else ZSTD_LEVEL),
-            fill_value=0,
-            overwrite=True,
+class ZarrWriter:
+    """Writes the ``zarr/`` store of a set: arrays created once, then one chunk per array per shard."""
+
+    def __init__(self, root: Path, schema: RecordSchema, chunk: int):
+        self.root, self.schema, self.chunk = root / "zarr", schema, chunk
+
+    def create(self, snapshots_per_split: dict[str, int]) -> None:
+        """Create (or overwrite the metadata of) every split's arrays; chunks are written later."""
+        group = zarr.open_group(
+            zarr_store(str(self.root), read_only=False), mode="a", zarr_format=3
         )
+        for split, num in snapshots_per_split.items():
+            split_group = group.require_group(split)
+            for name, (tail, dtype) in self.schema.items():
+                level = QUERY_ZSTD_LEVEL if name == "queries" else ZSTD_LEVEL
+                split_group.create_array(
+                    name,
+                    shape=(num, *tail),
+                    chunks=(self.chunk, *tail),
+                    dtype=dtype,
+                    compressors=ZstdCodec(level=level),
+                    fill_value=0,
+                    overwrite=True,
+                )
 
+    def write(self, split: str, index: int, name: str, block: ShardBlock) -> list[str]:
+        """Write one block into its own chunk of every array; returns the chunk files written."""
+        group = zarr.open_group(zarr_store(str(self.root), read_only=False), mode="r+")[split]
+        start = index * self.chunk
+        written = []
+        for array_name, values in block.arrays().items():
+            # write_empty_chunks: a block equal to the fill value (e.g. the ids of trajectory 0)
+            # must still leave its chunk file, which the shard record and the manifest list.
+            array = group[array_name].with_config({"write_empty_chunks": True})
+            array[start : start + len(values)] = values
+            written.append("zarr/" + chunk_path(split, array_name, index, values.ndim))
+        return written
 
-def write_block(
-    root: Path, split: str, chunk_index: int, chunk: int, block: ShardBlock
-) -> list[str]:
-    """Write one block into its own chunk of every array; returns the chunk files written."""
-    group = zarr.open_group(zarr_store(str(root), read_only=False), mode="r+")[split]
-    start = chunk_index * chunk
-    written = []
-    for name, values in block.arrays().items():
-        # write_empty_chunks: a block equal to the fill value (e.g. the ids of trajectory 0)
-        # must still leave its chunk file, which the shard record and the manifest list.
-        array = group[name].with_config({"write_empty_chunks": True})
-        array[start : start + len(values)] = values
-        written.append(chunk_path(split, name, chunk_index, values.ndim))
-    return written
+    def leftovers(self, split: str, index: int, name: str) -> list[str]:
+        """zarr's ``*.partial`` chunk files of the shard's chunks."""
+        patterns = []
+        for array_name in self.schema:
+            patterns.append(f"zarr/{split}/{array_name}/c/{index}.*.partial")
+            patterns.append(f"zarr/{split}/{array_name}/c/{index}/**/*.partial")
+        return patterns
 
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    def metadata(self) -> list[str]:
+        return [
+            meta.relative_to(self.root.parent).as_posix()
+            for meta in sorted(self.root.rglob("zarr.json"))
+        ]
 
 
 class _VerifyingStore(WrapperStore):
@@ -82,7 +97,7 @@ class _VerifyingStore(WrapperStore):
             )
         verify = buf is not None and expected is not None and byte_range is None
         # hash off zarr's event loop thread, so that reads of several shards verify in parallel
-        if verify and await asyncio.to_thread(_sha256, buf.to_bytes()) != expected:
+        if verify and await asyncio.to_thread(sha256_bytes, buf.to_bytes()) != expected:
             raise ShardError(
                 f"{join(self._location, key)}: checksum mismatch (corrupt or edited shard file)"
             )
@@ -90,9 +105,11 @@ class _VerifyingStore(WrapperStore):
 
 
 class ZarrReader:
-    """Reads contiguous snapshot blocks of one split, verifying each chunk file it touches."""
+    """Reads one split's shards as contiguous snapshot blocks, verifying each chunk file it touches."""
 
-    def __init__(self, location: str, split: str, checksums: dict[str, str]):
+    def __init__(self, location: str, split: str, manifest: Manifest):
+        location = join(location, "zarr")
+        checksums = {name: entry.sha256 for name, entry in manifest.files.items()}
         store = _VerifyingStore(zarr_store(location, read_only=True), location, checksums)
         try:
             group = zarr.open_group(store, mode="r")[split]
@@ -100,6 +117,7 @@ class ZarrReader:
             raise ShardError(f"{location}: no zarr group '{split}' ({err})") from None
         self._arrays = {name: group[name] for name in group.array_keys()}
 
-    def read(self, start: int, stop: int) -> ShardBlock:
-        data = {name: np.asarray(arr[start:stop]) for name, arr in self._arrays.items()}
+    def read(self, shard: ShardEntry) -> ShardBlock:
+        stop = shard.start + shard.count
+        data = {name: np.asarray(arr[shard.start : stop]) for name, arr in self._arrays.items()}
         return ShardBlock(**data)

@@ -188,17 +188,6 @@ class PDEBenchFile:
             )
         return np.ascontiguousarray(traj)
 
-    def grid_coordinates(self) -> np.ndarray:
-        """Normalised query coordinates of every grid point, (N, d) float32 in [0, 1], C order."""
-        return grid_coordinates(self.info.grid)
-
-
-def grid_coordinates(grid: tuple[int, ...]) -> np.ndarray:
-    """Coordinates in [0, 1] per axis (x first) of every point of ``grid``, (N, d) float32, C order."""
-    axes = [np.linspace(0.0, 1.0, n, dtype=np.float64) for n in grid]
-    mesh = np.meshgrid(*axes, indexing="ij")
-    return np.stack([m.reshape(-1) for m in mesh], axis=-1).astype(np.float32)
-
 
 def _detect_layout(f: h5py.File, path: Path) -> str:
     keys = list(f.keys())

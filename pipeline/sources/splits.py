@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ups.config import check
-from ups.data.pdebench import DataError, PDEBenchFile
+from pipeline.config import check
+from pipeline.sources.pdebench import DataError, PDEBenchFile
 
 SPLITS = ("train", "val", "test")
 

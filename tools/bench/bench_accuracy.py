@@ -17,8 +17,8 @@ reuse them cyclically, which is why the cosine schedule is compared at equal ste
 Runs are spread over the visible GPUs, one worker process per GPU. Results go to
 OUT/bench_accuracy.json after every run; ``--report`` renders the markdown table and the plot.
 
-    python tools/bench_accuracy.py --out-dir docs/bench            # on a GPU machine
-    python tools/bench_accuracy.py --smoke --out-dir /tmp/acc       # tiny, on a CPU
+    python tools/bench/bench_accuracy.py --out-dir docs/bench            # on a GPU machine
+    python tools/bench/bench_accuracy.py --smoke --out-dir /tmp/acc       # tiny, on a CPU
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ import torch
 from bench_common import environment_lines, markdown_table
 
 from pipeline.build import BuildConfig, run_build
+from pipeline.config import load_config
+from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
-from ups.config import load_config
-from ups.data.generate import generate
-from ups.data.splits import DataConfig
+from pipeline.sources.generate import generate
+from pipeline.sources.splits import DataConfig
+from ups.models.codec import load_encoder
 from ups.training.train import TrainConfig, Trainer
 
 # name -> (sampler kind, schedule overrides); "dense" trains with loss.mode=dense
@@ -170,8 +172,11 @@ class Study:
         codec_metrics = trainer.fit()
         self.codec = self.tmp / "codec" / "codec.pt"
         # query sets for exactly the epochs of the equal-steps runs
-        pairs = open_shards(fields).manifest["splits"]["train"]
-        batches = len(pairs["trajectories"]) * (pairs["snapshots_per_trajectory"] - 1) // a.batch
+        pairs = BatchSpec(window=1)  # the operator stage's examples: (u_t, u_{t+1}) pairs
+        no_process = LoaderConfig(process=False)
+        batches = ShardLoader(
+            open_shards(fields), no_process, batch_size=a.batch, spec=pairs
+        ).batches_per_epoch
         epochs = max(4, math.ceil(a.train_steps / batches))  # the cosine schedule needs a few
         self.shards = {}
         for name, spec in CONFIGS.items():
@@ -209,7 +214,8 @@ class Study:
                 schedule=ScheduleConfig(**schedule),
                 trajectories_per_shard=4,
                 progress=False,
-            )
+            ),
+            load_encoder=load_encoder,
         )
         return str(out)
 

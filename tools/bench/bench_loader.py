@@ -5,7 +5,7 @@ Every loader produces the same operator-stage batches: pairs (u_t, u_{t+1}) with
 this epoch's sparse (coords, targets, weights) for both snapshots. Prints a markdown table and
 writes it to docs/bench_loader.md.
 
-    python tools/bench_loader.py [--out docs/bench_loader.md] [--resolution 128] [--batches 300]
+    python tools/bench/bench_loader.py [--out docs/bench_loader.md] [--resolution 128] [--batches 300]
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import zarr
 from bench_common import environment_lines, forever, markdown_table
 
 from pipeline.build import BuildConfig, run_build
-from pipeline.collate import Collate
+from pipeline.collate import BatchSpec, Collate
 from pipeline.loader import LoaderConfig, ShardLoader
-from pipeline.records import ShardBlock, array_names
+from pipeline.records import ShardBlock
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import gather_queries, open_shards
-from ups.data.generate import generate
-from ups.data.splits import DataConfig, NormStats
-from ups.models.codec import Codec, CodecConfig, save_codec
+from pipeline.sources.generate import generate
+from pipeline.sources.splits import DataConfig, NormStats
+from ups.models.codec import Codec, CodecConfig, load_encoder, save_codec
 from ups.models.decoder import DecoderConfig
 from ups.models.encoder import EncoderConfig
 
@@ -55,8 +55,12 @@ def build_set(root: Path, resolution: int, trajectories: int, steps: int) -> Pat
         trajectories_per_shard=2,
         progress=False,
     )
-    run_build(build)
+    run_build(build, load_encoder=load_encoder)
     return Path(build.out)
+
+
+# what every loader here produces: operator-stage pairs with latents and sparse terms for both
+PAIRS = BatchSpec(window=1, sparse_steps=(0, 1), latents=True)
 
 
 def time_batches(batches, count: int, batch_size: int) -> float:
@@ -75,17 +79,18 @@ class ZarrPairs(torch.utils.data.Dataset):
     def __init__(self, location: Path):
         self.shards = open_shards(str(location))
         self.group = zarr.open_group(str(location / "zarr"), mode="r")["train"]
-        steps = self.shards.manifest["splits"]["train"]["snapshots_per_trajectory"]
+        steps = self.shards.steps
         self.starts = [i for i in range(len(self.shards)) if i % steps != steps - 1]
         self.k = self.shards.k_per_epoch[0]
-        self.collate = Collate.for_shards(self.shards, 1, (0, 1), (), True)
+        self.collate = Collate.for_shards(self.shards, PAIRS)
+        self.names = list(self.shards.manifest.record_schema())
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> dict:
         rows = slice(self.starts[i], self.starts[i] + 2)
-        block = ShardBlock(**{name: self.group[name][rows] for name in array_names(True)})
+        block = ShardBlock(**{name: self.group[name][rows] for name in self.names})
         queries = gather_queries(block, 0, self.k, self.shards.beta)
         return {"arrays": self.collate.prepare(block, queries), "row": 0, "epoch": 0}
 
@@ -106,7 +111,7 @@ def main() -> None:
         for process, fmt, workers in itertools.product((True, False), ("zarr", "wds"), (0, 1, 2)):
             shards = open_shards(str(location), "train", fmt)
             cfg = LoaderConfig(workers=workers, format=fmt, wrap_epochs=True, process=process)
-            loader = ShardLoader(shards, cfg, args.batch_size, 1, (0, 1), (), True)
+            loader = ShardLoader(shards, cfg, batch_size=args.batch_size, spec=PAIRS)
             rate = time_batches(forever(loader), args.batches, args.batch_size)
             loader.close()
             where = "loader process" if process else "threads"

@@ -5,7 +5,7 @@ distribution q from the fields, then one query set -- on CPU, and on CUDA when a
 Storage: bytes per snapshot-epoch of the zstd bitmask codec against the entropy bound
 log2(C(N, k)) / 8.
 
-    python tools/bench_samplers.py --out docs/bench_samplers.md
+    python tools/bench/bench_samplers.py --out docs/bench_samplers.md
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_common import environment_lines
+from numcodecs import Zstd
 
+from pipeline.formats.zarr import QUERY_ZSTD_LEVEL
 from pipeline.keys import snapshot_keys
-from pipeline.query_codec import encode_indices, entropy_bound_bytes
+from pipeline.query_codec import entropy_bound_bytes, pack_bits
 from pipeline.samplers import SAMPLER_KINDS, SamplerConfig, make_sampler
 
 
@@ -78,7 +80,10 @@ def throughput_table(args: argparse.Namespace) -> list[str]:
 
 
 def mean_encoded_bytes(indices: torch.Tensor, n_points: int) -> float:
-    return float(np.mean([len(encode_indices(row, n_points)) for row in indices.cpu().numpy()]))
+    """Mean bytes of one set's bitmask, compressed as the zarr format compresses query sets."""
+    mask = torch.zeros(len(indices), n_points, dtype=torch.bool).scatter_(1, indices.cpu(), True)
+    packed = pack_bits(mask).numpy()
+    return float(np.mean([len(Zstd(level=QUERY_ZSTD_LEVEL).encode(row)) for row in packed]))
 
 
 def codec_table(args: argparse.Namespace) -> list[str]:
@@ -112,7 +117,7 @@ def header() -> list[str]:
         "",
         *environment_lines(),
         "- throughput = `probabilities` + one `sample` (one epoch) per snapshot, fields already on "
-        "the device; CPU timings are for relative comparison only (DESIGN.md section 10)",
+        "the device; CPU timings are for relative comparison only (docs/design.md, section 10)",
         "- storage: zstd-compressed packed bitmask (`pipeline.query_codec`); the bound is "
         "log2(C(N, k)) / 8 bytes, for uniformly random sets",
         "",

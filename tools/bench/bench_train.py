@@ -17,8 +17,8 @@ at several ratios) and measures, with the library's own training step (``Models`
 Results go to OUT/bench_train.json after every section; ``--report`` turns that JSON into the
 markdown tables of docs/benchmarks.md.
 
-    python tools/bench_train.py --out-dir docs/bench           # on a GPU
-    python tools/bench_train.py --smoke --out-dir /tmp/bench   # tiny, on a CPU: checks the script
+    python tools/bench/bench_train.py --out-dir docs/bench           # on a GPU
+    python tools/bench/bench_train.py --smoke --out-dir /tmp/bench   # tiny, on a CPU: checks the script
 """
 
 from __future__ import annotations
@@ -38,19 +38,19 @@ import torch
 from bench_common import environment_lines, forever, markdown_table
 
 from pipeline.build import BuildConfig, run_build
+from pipeline.config import load_config
 from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
-from ups.config import load_config
-from ups.data.generate import generate
-from ups.data.splits import DataConfig, NormStats
-from ups.models.codec import Codec, CodecConfig, save_codec
+from pipeline.sources.generate import generate
+from pipeline.sources.splits import DataConfig, NormStats
+from ups.models.codec import Codec, CodecConfig, load_encoder, save_codec
 from ups.models.decoder import AnyPointDecoder, DecoderConfig
 from ups.models.encoder import EncoderConfig
 from ups.models.operator import LatentOperator, OperatorConfig
 from ups.training.losses import weighted_point_loss
-from ups.training.train import Models, TrainConfig
+from ups.training.train import Models, TrainConfig, batch_spec
 
 RATIOS = (1.0, 0.5, 0.3, 0.1, 0.05)
 
@@ -181,7 +181,7 @@ class Bench:
                 trajectories_per_shard=4,
                 progress=False,
             )
-            summary = run_build(cfg)
+            summary = run_build(cfg, load_encoder=load_encoder)
             build_seconds[str(ratio)] = summary["seconds"]
             self.shards[ratio] = cfg.out
         n = a.resolution**2
@@ -274,10 +274,6 @@ class Bench:
         process: bool = True,
     ) -> ShardLoader:
         shards = open_shards(self.shards[ratio if ratio < 1 else 0.1], "train", fmt)
-        window = 1 if stage == "operator" else 0
-        steps = (0, 1) if stage == "operator" else (0,)
-        sparse = steps if mode == "sparse" else ()
-        dense = (0,) if stage == "codec" else (steps if mode != "sparse" else ())
         cfg = LoaderConfig(
             workers=self.args.workers if workers is None else workers,
             cache_mb=cache_mb,
@@ -286,16 +282,8 @@ class Bench:
             wrap_epochs=True,
             process=process,
         )
-        return ShardLoader(
-            shards,
-            cfg,
-            self.args.batch,
-            window,
-            sparse,
-            dense,
-            stage == "operator",
-            device=self.device,
-        )
+        spec = batch_spec(self.train_config(stage, mode))
+        return ShardLoader(shards, cfg, batch_size=self.args.batch, spec=spec, device=self.device)
 
     def resident(self, loader: ShardLoader, count: int = 6) -> list:
         batches = []
@@ -474,178 +462,192 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def report(results: dict) -> str:
+HEAD = ["config", "median ms", "p10 ms", "p90 ms", "peak GiB"]
+
+
+def row(name: str, r: dict) -> list[str]:
+    """One timing row: median / p10 / p90 / peak memory, or the error."""
+    return (
+        [
+            name,
+            fmt(r.get("median_ms"), 2),
+            fmt(r.get("p10_ms"), 2),
+            fmt(r.get("p90_ms"), 2),
+            fmt(r.get("peak_gib"), 2),
+        ]
+        if "median_ms" in r
+        else [name, r.get("error", "-"), "", "", ""]
+    )
+
+
+def setup_table(results: dict) -> list[str]:
+    """Render the data line and table 0: build_shards seconds per stage and ratio."""
+    setup = results["sections"].get("setup", {})
+    if "N" not in setup:
+        return []
+    lines = [
+        f"- data: {setup['data']}; N = {setup['N']} points; k per ratio: {setup['k']}",
+        "",
+        "### 0. build_shards per stage (latent shards, gradient importance, zarr + tars)",
+        "",
+    ]
+    stages = ("read", "encode", "importance", "query plan", "write", "total")
+    rows = [
+        [ratio, *(fmt(sec.get(stage), 2) for stage in stages)]
+        for ratio, sec in setup["build_seconds"].items()
+    ]
+    head = ["ratio", "read s", "encode s", "importance s", "query plan s", "write s", "total s"]
+    return [*lines, *markdown_table(head, rows), ""]
+
+
+def decoder_step_table(results: dict) -> list[str]:
+    """Render table 1: the decoder-loss step per ratio, speed-up and memory vs dense."""
     s = results["sections"]
-    lines = ["## Training-step benchmark (GPU)", "", *results["environment"], ""]
-    setup = s.get("setup", {})
-    if "N" in setup:
-        lines += [
-            f"- data: {setup['data']}; N = {setup['N']} points; k per ratio: {setup['k']}",
-            "",
-        ]
-        lines += [
-            "### 0. build_shards per stage (latent shards, gradient importance, zarr + tars)",
-            "",
-        ]
-        rows = []
-        for ratio, sec in setup["build_seconds"].items():
-            rows.append(
-                [
-                    ratio,
-                    *(
-                        fmt(sec.get(stage), 2)
-                        for stage in (
-                            "read",
-                            "encode",
-                            "importance",
-                            "query plan",
-                            "write",
-                            "total",
-                        )
-                    ),
-                ]
-            )
-        lines += [
-            *markdown_table(
-                [
-                    "ratio",
-                    "read s",
-                    "encode s",
-                    "importance s",
-                    "query plan s",
-                    "write s",
-                    "total s",
-                ],
-                rows,
-            ),
-            "",
-        ]
-
-    def row(name, r):
-        return (
-            [
-                name,
-                fmt(r.get("median_ms"), 2),
-                fmt(r.get("p10_ms"), 2),
-                fmt(r.get("p90_ms"), 2),
-                fmt(r.get("peak_gib"), 2),
-            ]
-            if "median_ms" in r
-            else [name, r.get("error", "-"), "", "", ""]
+    if "decoder_step" not in s or "1.0" not in s["decoder_step"]:
+        return []
+    dec = s["decoder_step"]
+    width = results["args"]["width"]
+    lines = [
+        f"### 1. Decoder-loss step (decoder hidden {width}, 3 cross-attention layers, batch {results['args']['batch']})",
+        "",
+    ]
+    rows = []
+    dense = dec["1.0"]
+    for r in RATIOS:
+        d = dec[str(r)]
+        speed = (
+            dense["median_ms"] / d["median_ms"]
+            if "median_ms" in d and "median_ms" in dense
+            else None
         )
+        mem = d["peak_gib"] / dense["peak_gib"] if "peak_gib" in d and "peak_gib" in dense else None
+        rows.append(
+            [*row(f"ratio {r} (k={d.get('k')})", d), fmt(speed, 2) + "x", fmt(mem, 3) + "x"]
+        )
+    return [*lines, *markdown_table([*HEAD, "speed-up vs dense", "memory vs dense"], rows), ""]
 
-    head = ["config", "median ms", "p10 ms", "p90 ms", "peak GiB"]
-    if "decoder_step" in s and "1.0" in s["decoder_step"]:
-        dec = s["decoder_step"]
-        width = results["args"]["width"]
-        lines += [
-            f"### 1. Decoder-loss step (decoder hidden {width}, 3 cross-attention layers, batch {results['args']['batch']})",
-            "",
-        ]
-        rows = []
-        dense = dec["1.0"]
-        for r in RATIOS:
-            d = dec[str(r)]
-            speed = (
-                dense["median_ms"] / d["median_ms"]
-                if "median_ms" in d and "median_ms" in dense
-                else None
-            )
-            mem = (
-                d["peak_gib"] / dense["peak_gib"]
-                if "peak_gib" in d and "peak_gib" in dense
-                else None
-            )
-            rows.append(
-                [*row(f"ratio {r} (k={d.get('k')})", d), fmt(speed, 2) + "x", fmt(mem, 3) + "x"]
-            )
-        lines += [*markdown_table([*head, "speed-up vs dense", "memory vs dense"], rows), ""]
-    for stage in ("operator", "codec"):
-        key = f"{stage}_steps"
-        if key not in s or "1.0" not in s[key]:
+
+def stage_steps_table(results: dict, stage: str) -> list[str]:
+    """Render table 2 for one stage: whole steps per ratio against the Amdahl bound."""
+    key = f"{stage}_steps"
+    s = results["sections"]
+    if key not in s or "1.0" not in s[key]:
+        return []
+    st = s[key]
+    dense = st["1.0"]["median_ms"]
+    if stage == "operator":
+        rest = st["no_decoder"]["median_ms"]
+        f = (dense - rest) / dense
+    else:
+        dec = st["decoder_only_1.0"]["median_ms"]
+        f = dec / dense
+    lines = [
+        f"### 2. Whole {stage}-stage step, batches resident on the GPU",
+        "",
+        f"- dense decoder share f = {f:.3f}",
+        "",
+    ]
+    rows = []
+    for r in RATIOS:
+        d = st[str(r)]
+        if "median_ms" not in d:
+            rows.append([f"ratio {r}", d.get("error", "-"), "", "", "", "", "", ""])
             continue
-        st = s[key]
-        dense = st["1.0"]["median_ms"]
-        if stage == "operator":
-            rest = st["no_decoder"]["median_ms"]
-            f = (dense - rest) / dense
-        else:
-            dec = st["decoder_only_1.0"]["median_ms"]
-            f = dec / dense
-        lines += [
-            f"### 2. Whole {stage}-stage step, batches resident on the GPU",
-            "",
-            f"- dense decoder share f = {f:.3f}",
-            "",
-        ]
-        rows = []
-        for r in RATIOS:
-            d = st[str(r)]
-            if "median_ms" not in d:
-                rows.append([f"ratio {r}", d.get("error", "-"), "", "", "", "", "", ""])
-                continue
-            speed = dense / d["median_ms"]
-            bound = 1 / ((1 - f) + f * r)
-            rows.append(
-                [
-                    *row(f"ratio {r}", d),
-                    fmt(d.get("optimizer_ms"), 2),
-                    f"{speed:.2f}x",
-                    f"{bound:.2f}x",
-                    f"{speed / bound:.2f}",
-                ]
-            )
-        lines += [
-            *markdown_table([*head, "optimizer ms", "speed-up", "Amdahl bound", "of bound"], rows),
-            "",
-        ]
-        extra = {k: v for k, v in st.items() if k.startswith(("no_decoder", "decoder_only"))}
-        lines += [*markdown_table(head, [row(k, v) for k, v in extra.items()]), ""]
-    if "streaming" in s and "resident" in s["streaming"]:
-        st = s["streaming"]
-        base = st["resident"].get("mean_ms")
-        lines += [
-            "### 3. Streaming from shards vs GPU-resident batches (operator stage, ratio 0.1)",
-            "",
-            "- mean = wall time of all timed steps / steps: the throughput cost of streaming",
-            f"- the configurations take turns in {len(st['resident'].get('round_mean_ms', [0]))} "
-            "rounds; each row is its median round, the last column all rounds' means",
-            "- process CPU: the training process's CPU time per step, all its threads (a loader "
-            "process's own is not counted); main-thread waits: voluntary context switches of the "
-            "training thread per step (waits for the interpreter lock or the GPU)",
-            "",
-        ]
-        rows = [
+        speed = dense / d["median_ms"]
+        bound = 1 / ((1 - f) + f * r)
+        rows.append(
             [
-                *row(k, v),
-                fmt(v.get("mean_ms"), 2),
-                fmt(v["mean_ms"] / base, 3) + "x" if "mean_ms" in v and base else "-",
-                fmt(v.get("process_cpu_ms"), 1),
-                fmt(v.get("main_waits"), 1),
-                ", ".join(fmt(m, 2) for m in v.get("round_mean_ms", [])),
+                *row(f"ratio {r}", d),
+                fmt(d.get("optimizer_ms"), 2),
+                f"{speed:.2f}x",
+                f"{bound:.2f}x",
+                f"{speed / bound:.2f}",
             ]
-            for k, v in st.items()
-            if is_result(v)
+        )
+    lines += [
+        *markdown_table([*HEAD, "optimizer ms", "speed-up", "Amdahl bound", "of bound"], rows),
+        "",
+    ]
+    extra = {k: v for k, v in st.items() if k.startswith(("no_decoder", "decoder_only"))}
+    return [*lines, *markdown_table(HEAD, [row(k, v) for k, v in extra.items()]), ""]
+
+
+def streaming_table(results: dict) -> list[str]:
+    """Render table 3: streaming from shards vs GPU-resident batches."""
+    s = results["sections"]
+    if "streaming" not in s or "resident" not in s["streaming"]:
+        return []
+    st = s["streaming"]
+    base = st["resident"].get("mean_ms")
+    lines = [
+        "### 3. Streaming from shards vs GPU-resident batches (operator stage, ratio 0.1)",
+        "",
+        "- mean = wall time of all timed steps / steps: the throughput cost of streaming",
+        f"- the configurations take turns in {len(st['resident'].get('round_mean_ms', [0]))} "
+        "rounds; each row is its median round, the last column all rounds' means",
+        "- process CPU: the training process's CPU time per step, all its threads (a loader "
+        "process's own is not counted); main-thread waits: voluntary context switches of the "
+        "training thread per step (waits for the interpreter lock or the GPU)",
+        "",
+    ]
+    rows = [
+        [
+            *row(k, v),
+            fmt(v.get("mean_ms"), 2),
+            fmt(v["mean_ms"] / base, 3) + "x" if "mean_ms" in v and base else "-",
+            fmt(v.get("process_cpu_ms"), 1),
+            fmt(v.get("main_waits"), 1),
+            ", ".join(fmt(m, 2) for m in v.get("round_mean_ms", [])),
         ]
-        extra = ["process CPU ms", "main-thread waits", "round means ms"]
-        lines += [*markdown_table([*head, "mean ms", "mean vs resident", *extra], rows), ""]
-    if "three_ways" in s:
-        lines += [
-            "### 4. Three ways to get sparse queries (operator stage, ratio 0.1, streaming from zarr)",
-            "",
-        ]
-        lines += [
-            *markdown_table(head, [row(k, v) for k, v in s["three_ways"].items() if is_result(v)]),
-            "",
-        ]
-    if "compiled" in s:
-        lines += ["### 5. torch.compile (operator and codec stage, resident batches)", ""]
-        rows = [
-            [*row(k, v), fmt(v.get("compile_and_run_seconds"), 1)]
-            for k, v in s["compiled"].items()
-            if is_result(v)
-        ]
-        lines += [*markdown_table([*head, "compile + run s"], rows), ""]
+        for k, v in st.items()
+        if is_result(v)
+    ]
+    extra = ["process CPU ms", "main-thread waits", "round means ms"]
+    return [*lines, *markdown_table([*HEAD, "mean ms", "mean vs resident", *extra], rows), ""]
+
+
+def three_ways_table(results: dict) -> list[str]:
+    """Render table 4: dense, on-the-fly and precomputed sparse queries."""
+    s = results["sections"]
+    if "three_ways" not in s:
+        return []
+    rows = [row(k, v) for k, v in s["three_ways"].items() if is_result(v)]
+    return [
+        "### 4. Three ways to get sparse queries (operator stage, ratio 0.1, streaming from zarr)",
+        "",
+        *markdown_table(HEAD, rows),
+        "",
+    ]
+
+
+def compiled_table(results: dict) -> list[str]:
+    """Render table 5: eager vs torch.compile steps."""
+    s = results["sections"]
+    if "compiled" not in s:
+        return []
+    rows = [
+        [*row(k, v), fmt(v.get("compile_and_run_seconds"), 1)]
+        for k, v in s["compiled"].items()
+        if is_result(v)
+    ]
+    return [
+        "### 5. torch.compile (operator and codec stage, resident batches)",
+        "",
+        *markdown_table([*HEAD, "compile + run s"], rows),
+        "",
+    ]
+
+
+def report(results: dict) -> str:
+    """Render the whole markdown report: environment, then tables 0 to 5."""
+    lines = ["## Training-step benchmark (GPU)", "", *results["environment"], ""]
+    lines += setup_table(results)
+    lines += decoder_step_table(results)
+    for stage in ("operator", "codec"):
+        lines += stage_steps_table(results, stage)
+    lines += streaming_table(results)
+    lines += three_ways_table(results)
+    lines += compiled_table(results)
     return "\n".join(lines)
 
 

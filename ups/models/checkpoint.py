@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.storage import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -16,11 +16,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write atomically: a reader never sees a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
@@ -29,7 +26,7 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
         raise CheckpointError(
             f"checkpoint {path} is not readable ({type(err).__name__}: {err})"
@@ -38,14 +35,6 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {path}: expected a '{kind}' checkpoint, found {found!r}")
     return payload
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def config_diff(saved: Any, expected: Any, prefix: str = "") -> list[str]:

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ups.config import from_dict, to_dict
-from ups.data.pdebench import DataInfo, grid_coordinates
-from ups.data.splits import NormStats
-from ups.models.checkpoint import load_checkpoint, require_match, save_checkpoint
+from pipeline.config import from_dict, to_dict
+from pipeline.grid import grid_coordinates
+from pipeline.sources.pdebench import DataInfo
+from pipeline.sources.splits import NormStats
+from pipeline.storage import file_sha256
+from ups.models.checkpoint import CheckpointError, load_checkpoint, require_match, save_checkpoint
 from ups.models.decoder import AnyPointDecoder, DecoderConfig
 from ups.models.encoder import EncoderConfig, GridEncoder
 
@@ -86,3 +88,35 @@ def load_codec(
     codec.load_state_dict(payload["state_dict"])
     norm = NormStats(tuple(payload["norm"]["mean"]), tuple(payload["norm"]["std"]))
     return codec, norm, payload
+
+
+class CodecEncoder:
+    """A trained codec's frozen encoder, as a build's ``LatentEncoder`` (pipeline/stages.py)."""
+
+    def __init__(self, codec: Codec, norm: NormStats, path: str | Path):
+        self.module = codec.encoder.eval().requires_grad_(False)
+        self.norm = norm
+        self.identity = {"path": str(path), "sha256": file_sha256(path)}
+        enc = codec.cfg.encoder
+        self.latent_shape = (enc.num_tokens, enc.latent_dim)
+
+    def to(self, device: torch.device) -> CodecEncoder:
+        self.module.to(device)
+        return self
+
+    def encode(self, fields: torch.Tensor) -> torch.Tensor:
+        """(B, C, *grid) normalised -> (B, T, D)."""
+        return self.module(fields)
+
+
+def load_encoder(path: str, info: DataInfo, splits: dict[str, list[int]]) -> CodecEncoder:
+    """The build's encoder loader: the codec at ``path``, refused when trained on other data or
+    on another train split than the build's."""
+    codec, norm, payload = load_codec(path, info)
+    trained_on = payload.get("splits")
+    if trained_on is not None and trained_on["train"] != splits["train"]:
+        raise CheckpointError(
+            f"checkpoint {path}: the encoder was trained on another train split than data.* gives; "
+            "use the same data.val_fraction, data.test_fraction and data.split_seed"
+        )
+    return CodecEncoder(codec, norm, path)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ups.config import check
-from ups.data.pdebench import grid_coordinates
+from pipeline.config import check
+from pipeline.grid import grid_coordinates
 from ups.models.layers import Block, FourierFeatures
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ups.config import check
+from pipeline.config import check
 from ups.models.layers import MLP, Block
 
 

@@ -1,7 +1,7 @@
 """Losses at sparse query points.
 
 Every physical-space loss takes values at k query points and returns the importance-weighted
-estimate of the full-grid mean (DESIGN.md section 5): with weights w_i = k / (N pi_i) the
+estimate of the full-grid mean (docs/design.md, section 5): with weights w_i = k / (N pi_i) the
 estimate of (1/N) sum_i l_i is the plain mean over the k points of w_i l_i, and uniform
 sampling has w = 1.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ups.config import ConfigError
+from pipeline.config import ConfigError
 
 
 def weighted_point_loss(
@@ -59,18 +59,6 @@ def latent_rollout_loss(
         z = operator(z, dt, params)
         losses.append(latent_one_step_loss(z, window[:, step]))
     return torch.stack(losses).mean()
-
-
-def inverse_decoding_loss(
-    encoder: nn.Module, decoder_grid: torch.Tensor, z: torch.Tensor
-) -> torch.Tensor:
-    """Re-encode a *dense* decoded grid and compare with the latent it came from.
-
-    This loss is kept dense on purpose: the GridEncoder reads full grids (patches), so it needs
-    the decoder's output at every grid point; a sparse query set cannot feed it.
-    decoder_grid (B, C, *grid) is the decoder's output on the full grid for latent z (B, T, D).
-    """
-    return F.mse_loss(encoder(decoder_grid).float(), z.float())
 
 
 def check_query_sample_ratio(ratio: float, option: str = "loss.query_sample_ratio") -> None:

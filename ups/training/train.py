@@ -30,19 +30,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.collate import SparseBatch
+from pipeline.config import check, from_dict, to_dict
+from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.shards import ShardSet, open_shards
-from ups.config import check, from_dict, to_dict
-from ups.data.pdebench import DataInfo
-from ups.data.splits import NormStats
+from pipeline.sources.splits import NormStats
+from pipeline.storage import file_sha256
 from ups.evaluation import evaluate
-from ups.models.checkpoint import (
-    CheckpointError,
-    file_sha256,
-    load_checkpoint,
-    require_match,
-    save_checkpoint,
-)
+from ups.models.checkpoint import CheckpointError, load_checkpoint, require_match, save_checkpoint
 from ups.models.codec import Codec, CodecConfig, load_codec, save_codec
 from ups.models.operator import LatentOperator, OperatorConfig
 from ups.training.losses import (
@@ -154,18 +149,33 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def data_info(shards: ShardSet) -> DataInfo:
-    data = shards.manifest["data"]
-    split = shards.manifest["splits"][shards.split]
-    return DataInfo(
-        channels=tuple(data["channels"]),
-        grid=tuple(data["grid"]),
-        dt=float(data["dt"]),
-        num_steps=split["snapshots_per_trajectory"],
-        num_trajectories=len(split["trajectories"]),
-        periodic=tuple(data["periodic"]),
-        params=dict(data["params"]),
+def batch_spec(cfg: TrainConfig) -> BatchSpec:
+    """What the stage's losses read from each batch (docs/design.md, section 7).
+
+    codec: single snapshots, the full fields (encoder input) and, for sparse losses, the epoch's
+    query points. operator: windows of cached latents (pairs, or rollout windows), and for the
+    decoder losses u_t and u_{t+1} at the epoch's query points -- or their full fields when the
+    loss is dense or draws its points on the fly.
+    """
+    sparse = cfg.loss.mode == "sparse"
+    if cfg.stage == "codec":
+        return BatchSpec(window=0, sparse_steps=(0,) if sparse else (), dense_steps=(0,))
+    return BatchSpec(
+        window=max(1, cfg.loss.rollout_steps),
+        sparse_steps=(0, 1) if sparse else (),
+        dense_steps=() if sparse else (0, 1),
+        latents=True,
     )
+
+
+def param_groups(models: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices and embeddings (>= 2 dimensions), none on
+    biases, norm scales and other vectors, whose decay only shrinks them towards zero."""
+    params = [p for p in models.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -194,24 +204,23 @@ class Models(nn.Module):
 
 
 def build_models(cfg: TrainConfig, shards: ShardSet) -> tuple[Models, NormStats]:
-    info = data_info(shards)
-    data = shards.manifest["data"]
-    norm = NormStats(tuple(data["norm"]["mean"]), tuple(data["norm"]["std"]))
+    info = shards.manifest.data_info(shards.split)
+    norm = shards.manifest.data.norm
     if cfg.stage == "codec":
         return Models(Codec(cfg.codec, info), None), norm
-    encoder = shards.manifest["encoder"]
+    encoder = shards.manifest.encoder
     if encoder is None:
         raise CheckpointError(
             f"{shards.location}: field-only shards (no latents); stage=operator needs shards built with encoder=..."
         )
-    if file_sha256(cfg.codec_checkpoint) != encoder["sha256"]:
+    if file_sha256(cfg.codec_checkpoint) != encoder.sha256:
         raise CheckpointError(
-            f"checkpoint {cfg.codec_checkpoint}: its sha256 differs from the encoder the shards were built with ({encoder['path']})"
+            f"checkpoint {cfg.codec_checkpoint}: its sha256 differs from the encoder the shards were built with ({encoder.path})"
         )
     codec, norm, _ = load_codec(cfg.codec_checkpoint, info)
     codec.encoder.requires_grad_(False)  # frozen: the cached latents came from it
-    latent = shards.manifest["latent"]
-    operator = LatentOperator(cfg.operator, latent["dim"], latent["tokens"], len(info.params))
+    latent = shards.manifest.latent
+    operator = LatentOperator(cfg.operator, latent.dim, latent.tokens, len(info.params))
     return Models(codec, operator), norm
 
 
@@ -270,23 +279,14 @@ class Trainer:
         self.shards = open_shards(cfg.shards, "train", cfg.loader.format)
         self.models, self.norm = build_models(cfg, self.shards)
         self.models.to(self.device)
-        window = (
-            0 if cfg.stage == "codec" else max(1, cfg.loss.rollout_steps)
-        )  # snapshots after u_t
-        steps = (0,) if cfg.stage == "codec" else (0, 1)
-        sparse = steps if cfg.loss.mode == "sparse" else ()
-        dense = (0,) if cfg.stage == "codec" else ((0, 1) if cfg.loss.mode != "sparse" else ())
         self.loader = ShardLoader(
             self.shards,
             cfg.loader,
-            cfg.batch_size,
-            window,
-            sparse,
-            dense,
-            cfg.stage == "operator",
-            self.rank,
-            self.world,
-            self.device,
+            batch_size=cfg.batch_size,
+            spec=batch_spec(cfg),
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
         )
         epochs = cfg.epochs or self.shards.epochs
         self.total_steps = epochs * self.loader.batches_per_epoch
@@ -296,9 +296,8 @@ class Trainer:
         self.shards.k_for_epoch(
             last_epoch, cfg.loader.wrap_epochs
         )  # epochs beyond the query sets: fail now
-        params = [p for p in self.models.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+            param_groups(self.models, cfg.optim.weight_decay), lr=cfg.optim.lr
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.optim, self.total_steps)
@@ -318,6 +317,11 @@ class Trainer:
             self._resume(cfg.resume)
         if cfg.compile:
             self.models.compile()
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.amp and self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         self.step_fn = (
             nn.parallel.DistributedDataParallel(
                 self.models, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -405,7 +409,7 @@ class Trainer:
 
     def validate(self, split: str = "val", limit: int | None = None) -> dict[str, float]:
         shards = open_shards(self.cfg.shards, split, self.cfg.loader.format)
-        info = data_info(shards)
+        info = shards.manifest.data_info(split)
         return evaluate(
             self.models.codec,
             self.norm,
@@ -418,88 +422,104 @@ class Trainer:
 
     # -- the loop
     def fit(self) -> dict[str, float]:
-        cfg = self.cfg
-        writer = None
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if cfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(self.out / "tb"))
-        per_epoch = self.loader.batches_per_epoch
-        eval_every = cfg.eval_every or per_epoch
-        ckpt_every = cfg.checkpoint_every or per_epoch
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if cfg.amp and self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
+        """Train to ``total_steps``, validating and checkpointing on the way; then test."""
+        writer = self._open_writer()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc=f"train {cfg.stage}",
-            disable=not cfg.progress or self.rank != 0,
+            desc=f"train {self.cfg.stage}",
+            disable=not self.cfg.progress or self.rank != 0,
         )
-        seen, tick = 0, time.perf_counter()
-        clock = time.perf_counter()  # train_seconds counts the loop, not validation or checkpoints
+        self._seen, self._tick = 0, time.perf_counter()  # for samples/s between log lines
+        self._clock = time.perf_counter()  # train_seconds counts the loop, not eval or checkpoints
         self.models.train()
         while self.step < self.total_steps:
             for batch in self.loader:
-                if batch.epoch != self.step // per_epoch:
-                    raise RuntimeError(
-                        f"loader epoch {batch.epoch} out of step with training step {self.step}"
-                    )
-                with autocast:
-                    terms = self.step_fn(batch, cfg, self.gen)
-                self.optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.models.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                seen += batch.snapshot_id.shape[0] * self.world
-                if cfg.log_batches:
-                    self._log_batch(batch)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    values = self._reduce({k: float(v.detach()) for k, v in terms.items()})
-                    rate = seen / (time.perf_counter() - tick)
-                    record = {
-                        "step": self.step,
-                        "epoch": batch.epoch,
-                        "train_seconds": self.train_seconds + time.perf_counter() - clock,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "samples_per_s": rate,
-                    }
-                    self._log({**record, **{f"train/{k}": v for k, v in values.items()}}, writer)
-                    bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
-                    seen, tick = 0, time.perf_counter()
+                terms, grad_norm = self._train_step(batch)
+                self._log_step(batch, terms, grad_norm, writer, bar)
                 bar.update(1)
-                last = self.step == self.total_steps
-                due_ckpt, due_eval = (
-                    self.step % ckpt_every == 0 or last,
-                    self.step % eval_every == 0 or last,
-                )
-                if due_ckpt or due_eval:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    self.train_seconds += time.perf_counter() - clock
-                    if due_ckpt:
-                        self.save(self.out / "checkpoint.pt")
-                    if due_eval:
-                        if self.rank == 0:
-                            metrics = self.validate("val", cfg.eval_trajectories)
-                            record = {"step": self.step, "train_seconds": self.train_seconds}
-                            self._log(
-                                {**record, **{f"val/{k}": v for k, v in metrics.items()}}, writer
-                            )
-                        if self.world > 1:
-                            dist.barrier()
-                    clock = time.perf_counter()
+                self._checkpoint_and_validate(writer)
                 if self.step >= self.total_steps:
                     break
         bar.close()
         self.loader.close()
+        return self._test(writer)
+
+    def _train_step(self, batch: SparseBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimisation step: the stage's losses, backward, clipped gradients, update."""
+        if batch.epoch != self.step // self.loader.batches_per_epoch:
+            raise RuntimeError(
+                f"loader epoch {batch.epoch} out of step with training step {self.step}"
+            )
+        with self.autocast:
+            terms = self.step_fn(batch, self.cfg, self.gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.models.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return terms, grad_norm
+
+    def _log_step(self, batch, terms, grad_norm, writer, bar) -> None:
+        """Every ``log_every`` steps (and the last): the losses averaged over ranks, lr, rate."""
+        self._seen += batch.snapshot_id.shape[0] * self.world
+        if self.cfg.log_batches:
+            self._log_batch(batch)
+        if self.step % self.cfg.log_every != 0 and self.step != self.total_steps:
+            return
+        values = self._reduce({k: float(v.detach()) for k, v in terms.items()})
+        rate = self._seen / (time.perf_counter() - self._tick)
+        record = {
+            "step": self.step,
+            "epoch": batch.epoch,
+            "train_seconds": self.train_seconds + time.perf_counter() - self._clock,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "samples_per_s": rate,
+        }
+        self._log({**record, **{f"train/{k}": v for k, v in values.items()}}, writer)
+        bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
+        self._seen, self._tick = 0, time.perf_counter()
+
+    def _checkpoint_and_validate(self, writer) -> None:
+        """Save and validate when due; the time they take is not training time."""
+        per_epoch, cfg, last = (
+            self.loader.batches_per_epoch,
+            self.cfg,
+            self.step == self.total_steps,
+        )
+        due_ckpt = self.step % (cfg.checkpoint_every or per_epoch) == 0 or last
+        due_eval = self.step % (cfg.eval_every or per_epoch) == 0 or last
+        if not (due_ckpt or due_eval):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += time.perf_counter() - self._clock
+        if due_ckpt:
+            self.save(self.out / "checkpoint.pt")
+        if due_eval:
+            if self.rank == 0:
+                metrics = self.validate("val", cfg.eval_trajectories)
+                record = {"step": self.step, "train_seconds": self.train_seconds}
+                self._log({**record, **{f"val/{k}": v for k, v in metrics.items()}}, writer)
+            if self.world > 1:
+                dist.barrier()
+        self._clock = time.perf_counter()
+
+    def _open_writer(self):
+        """Rank 0's TensorBoard writer (None on other ranks or with tensorboard off)."""
+        if self.rank != 0:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tb"))
+
+    def _test(self, writer) -> dict[str, float]:
+        """Rank 0: the dense test metrics, the trained model file, the last log records."""
         final = {}
         if self.rank == 0:
             final = self.validate("test")
@@ -538,7 +558,7 @@ class Trainer:
         """The trained model file: codec.pt (stage codec) or operator.pt (stage operator)."""
         identity = {
             **self._identity(),
-            "splits": {s: v["trajectories"] for s, v in self.shards.manifest["splits"].items()},
+            "splits": {s: v.trajectories for s, v in self.shards.manifest.splits.items()},
         }
         if self.cfg.stage == "codec":
             save_codec(self.out / "codec.pt", self.models.codec, self.norm, extra=identity)
@@ -548,7 +568,7 @@ class Trainer:
                 {
                     "kind": "operator",
                     "config": to_dict(self.cfg.operator),
-                    "latent": self.shards.manifest["latent"],
+                    "latent": to_dict(self.shards.manifest.latent),
                     "num_params": self.models.operator.num_params,
                     "state_dict": self.models.operator.state_dict(),
                     "decoder": self.models.codec.decoder.state_dict(),

@@ -1,0 +1,54 @@
+"""Shard formats: one module per format, its writer and reader together, and this registry.
+
+Every format holds the same logical records (pipeline/records.py) and is listed file by file in
+the manifest. A writer creates a set's files under a build's output directory, one shard at a
+time; a reader reads one shard of a split back as a ShardBlock, verified against the manifest.
+Adding a format is a module with these two classes and a line here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from pipeline.formats.wds import WdsReader, WdsWriter
+from pipeline.formats.zarr import ZarrReader, ZarrWriter
+from pipeline.manifest import Manifest, ShardEntry
+from pipeline.records import RecordSchema, ShardBlock
+
+
+class ShardWriter(Protocol):
+    """Writes one format's files of a shard set under ``root`` (paths it returns are relative)."""
+
+    def __init__(self, root: Path, schema: RecordSchema, chunk: int) -> None: ...
+
+    def create(self, snapshots_per_split: dict[str, int]) -> None:
+        """Once per build, before any shard: whatever must exist first (zarr's arrays)."""
+
+    def write(self, split: str, index: int, name: str, block: ShardBlock) -> list[str]:
+        """Write shard ``index`` of ``split`` (named ``name``); the files written."""
+
+    def leftovers(self, split: str, index: int, name: str) -> list[str]:
+        """Glob patterns of the temporary files a killed write of this shard can leave."""
+
+    def metadata(self) -> list[str]:
+        """Files besides the shards' own that the manifest must list (zarr.json)."""
+
+
+class ShardReader(Protocol):
+    """Reads shards of one split, each verified against the manifest before it is used."""
+
+    def __init__(self, location: str, split: str, manifest: Manifest) -> None: ...
+
+    def read(self, shard: ShardEntry) -> ShardBlock: ...
+
+
+class ShardFormat(NamedTuple):
+    writer: type[ShardWriter]
+    reader: type[ShardReader]
+
+
+FORMATS: dict[str, ShardFormat] = {
+    "zarr": ShardFormat(ZarrWriter, ZarrReader),
+    "wds": ShardFormat(WdsWriter, WdsReader),
+}

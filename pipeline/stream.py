@@ -1,0 +1,252 @@
+"""The loader's source node: which examples a rank streams, in which order, read ahead.
+
+Order. An epoch's examples are (shard, example-in-shard) pairs: a global permutation of the
+split's shards from (seed, epoch), each shard's examples in place. That global stream is cut
+into ``world_size`` contiguous, equal slices of floor(M / world_size) examples (the remainder of
+M is dropped: every rank sees the same number of examples, so DDP never hangs). A rank's slice
+is read in groups of ``shuffle_shards`` shard segments whose examples are permuted from
+(seed, epoch, rank, group): the shuffle buffer. Decoded shards stay in a bounded RAM cache
+(``cache_mb``), so a split that fits is read and verified once, not every epoch. A shard's query
+sets of an epoch are decoded, gathered and normalised in one vectorised pass over the shard
+(``gather_queries``, ``Collate.prepare``), in threads ahead of the stream, so each snapshot is
+prepared once per epoch and the collate only cuts batches out of prepared arrays.
+
+The state is (epoch, examples emitted): resuming seeks to that example, re-reads one group and
+skips within it; it never replays the epoch (docs/design.md, section 7).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from torchdata.nodes import BaseNode
+
+from pipeline.collate import Collate
+from pipeline.loader_config import LoaderConfig
+from pipeline.records import ShardBlock, ShardError
+from pipeline.shards import ShardSet, gather_queries
+
+_ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
+
+
+def _rng(*key: int) -> np.random.Generator:
+    """A generator keyed by integers only (no global state)."""
+    return np.random.default_rng(np.random.SeedSequence(list(key)))
+
+
+class ShardStream(BaseNode[dict]):
+    """Source node: yields the examples of this rank's slice of every epoch, in a seeded order.
+
+    An example is a window of ``window + 1`` consecutive snapshots of one trajectory (window 0:
+    single snapshots for the codec; 1: pairs (u_t, u_{t+1}); h: rollout windows). Each epoch
+    yields the first ``per_epoch`` examples of its shuffled slice (whole batches), then
+    the stream runs on into the next epoch without a pause: shard reads run ahead across the
+    epoch boundary. It ends before the first epoch that has no query sets.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        cfg: LoaderConfig,
+        collate: Collate,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+    ):
+        super().__init__()
+        window, steps = collate.spec.window, shards.steps
+        if window >= steps:
+            raise ShardError(
+                f"{shards.location}: windows of {window + 1} snapshots need trajectories of at least {window + 1}; these have {steps}"
+            )
+        self.shards, self.window, self.rank, self.world_size = shards, window, rank, world_size
+        self.collate = collate  # prepares each shard's arrays for an epoch
+        self.seed, self.shuffle_shards, self.wrap_epochs = (
+            cfg.seed,
+            cfg.shuffle_shards,
+            cfg.wrap_epochs,
+        )
+        self.steps = steps
+        self.per_trajectory = steps - window  # examples per trajectory
+        self.examples_per_shard = [s.count // steps * self.per_trajectory for s in shards.shards]
+        self.per_rank = sum(self.examples_per_shard) // world_size
+        self.per_epoch = self.per_rank // batch_size * batch_size
+        self._start = (0, 0)
+        self.read_ahead, self.read_threads = cfg.read_ahead, cfg.read_threads
+        self._pool: ThreadPoolExecutor | None = None  # shard reads, ahead of use
+        self._decode: ThreadPoolExecutor | None = None  # query sets, after reads
+        self._stopped = threading.Event()
+        self._ahead: dict[tuple[int, int], list[tuple[Future, Future]]] = {}  # (read, decoded)
+        self._cache: OrderedDict[int, ShardBlock] = OrderedDict()  # shard -> block, LRU
+        self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
+        self._reading: dict[int, Future] = {}  # shard -> read in flight
+        self._plans: dict[int, list[list[tuple[int, int, int]]]] = {}
+
+    def has_epoch(self, epoch: int) -> bool:
+        return self.wrap_epochs or epoch < self.shards.epochs
+
+    # -- the plan of an epoch: which (shard, example range) segments, in which groups
+    def _groups(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        if epoch not in self._plans:
+            order = _rng(self.seed, epoch, _ORDER_STREAM).permutation(len(self.shards.shards))
+            lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+            segments, offset = [], 0
+            for shard in order.tolist():
+                n = self.examples_per_shard[shard]
+                start, stop = max(lo, offset), min(hi, offset + n)
+                if start < stop:
+                    segments.append((shard, start - offset, stop - offset))
+                offset += n
+            self._plans = {e: g for e, g in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = [
+                segments[i : i + self.shuffle_shards]
+                for i in range(0, len(segments), self.shuffle_shards)
+            ]
+        return self._plans[epoch]
+
+    def _upcoming(self, epoch: int, group: int) -> list[tuple[int, int]]:
+        """(epoch, group) of this group and the ``read_ahead`` after it, across epochs."""
+        keys = []
+        while len(keys) <= self.read_ahead and self.has_epoch(epoch):
+            if group < len(self._groups(epoch)):
+                keys.append((epoch, group))
+                group += 1
+            else:
+                epoch, group = epoch + 1, 0
+        return keys
+
+    def _blocks(self, epoch: int, group: int) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
+        """The group's shard blocks with their arrays prepared for ``epoch``. Its shards are read
+        and prepared in parallel, and the next ``read_ahead`` groups (of this epoch or the next)
+        are already in flight while this one streams."""
+        wanted = self._upcoming(epoch, group)
+        self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
+        for e, g in wanted:
+            if (e, g) not in self._ahead:
+                self._ahead[(e, g)] = [
+                    self._prepare(shard, e) for shard, _, _ in self._groups(e)[g]
+                ]
+        pending = {id(read) for futures in self._ahead.values() for read, _ in futures}
+        self._reading = {s: f for s, f in self._reading.items() if id(f) in pending}
+        prepared = [decoded.result() for _, decoded in self._ahead.pop((epoch, group))]
+        for (shard, _, _), (block, _) in zip(self._groups(epoch)[group], prepared, strict=True):
+            self._remember(shard, block)
+        return prepared
+
+    def _prepare(self, shard: int, epoch: int) -> tuple[Future, Future]:
+        """Futures of the shard's block and of (block, its arrays prepared for ``epoch``)."""
+        read = self._read(shard)
+        return read, self._decode.submit(self._decoded, read, shard, epoch)
+
+    def _decoded(
+        self, read: Future, shard: int, epoch: int
+    ) -> tuple[ShardBlock, dict[str, np.ndarray]]:
+        """(block, its arrays for ``epoch``): the epoch's query sets decoded and gathered, then
+        the collate's per-shard preparation. Runs in the ``_decode`` threads."""
+        block, queries = read.result(), None
+        if self.collate.spec.sparse_steps:
+            stored, k = self.shards.k_for_epoch(epoch, self.wrap_epochs)
+            where = f"{self.shards.location}: shard {shard} of '{self.shards.split}', epoch {epoch}"
+            queries = gather_queries(block, stored, k, self.shards.beta, where)
+        return block, self.collate.prepare(block, queries)
+
+    def _read(self, shard: int) -> Future:
+        """A future of the shard's block: from the cache, a read in flight, or a new read."""
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            done: Future = Future()
+            done.set_result(self._cache[shard])
+            return done
+        if shard not in self._reading:
+            self._reading[shard] = self._pool.submit(self.shards.read_shard, shard, cache=False)
+        return self._reading[shard]
+
+    def _remember(self, shard: int, block: ShardBlock) -> None:
+        """Keep decoded blocks (least recently used out first) within ``cache_mb``."""
+        if shard in self._cache or block.nbytes > self._cache_limit:
+            return
+        self._cache[shard] = block
+        self._cache_bytes += block.nbytes
+        while self._cache_bytes > self._cache_limit:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+
+    def _load_group(self) -> None:
+        """Read this group's shard segments, join their prepared arrays and fix the shuffled order.
+
+        Joined, the group's arrays let the collate cut a batch with one copy per array instead of
+        one per shard and array: each copy is a point where the loader threads and the training
+        step hand the interpreter lock to each other."""
+        group = self._groups(self.epoch)[self._group]
+        prepared = [arrays for _, arrays in self._blocks(self.epoch, self._group)]
+        joined = prepared[0]
+        if len(prepared) > 1:
+            joined = {name: np.concatenate([a[name] for a in prepared]) for name in joined}
+        offsets = np.cumsum([0] + [len(a["snapshot_id"]) for a in prepared[:-1]])  # in joined
+        self._examples = []
+        for (_, start, stop), offset in zip(group, offsets.tolist(), strict=True):
+            for e in range(start, stop):
+                first = offset + (e // self.per_trajectory) * self.steps + e % self.per_trajectory
+                self._examples.append({"arrays": joined, "row": first, "epoch": self.epoch})
+        self._order = _rng(
+            self.seed, self.epoch, self.rank, self._group, _SHUFFLE_STREAM
+        ).permutation(len(self._examples))
+
+    def start(self, epoch: int, skip: int) -> None:
+        """Where the next reset(None) begins: ``skip`` examples into ``epoch`` (no replay)."""
+        self.shards.k_for_epoch(epoch, self.wrap_epochs)  # epochs beyond the query sets fail here
+        self._start = (epoch, skip)
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self._stopped.clear()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.read_threads)
+            self._decode = ThreadPoolExecutor(max_workers=self.read_threads)
+        state = initial_state or {"epoch": self._start[0], "skip": self._start[1]}
+        self.epoch, self._emitted = state["epoch"], state["skip"]
+        # seek to the example ``skip`` positions into this rank's slice of the epoch
+        skip, self._group = state["skip"], 0
+        groups = self._groups(self.epoch)
+        while self._group < len(groups):
+            size = sum(stop - start for _, start, stop in groups[self._group])
+            if skip < size:
+                break
+            skip, self._group = skip - size, self._group + 1
+        self._examples, self._order, self._offset = [], np.zeros(0, dtype=np.int64), skip
+        if self._group < len(groups):
+            self._load_group()
+
+    def stop(self) -> None:
+        """End the stream: ``next`` raises StopIteration from now on, so every node downstream
+        finishes its threads the way torchdata ends any graph; reads in flight are dropped."""
+        self._stopped.set()
+        for pool in (self._pool, self._decode):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._decode = None
+        self._ahead, self._reading = {}, {}
+
+    def next(self) -> dict:
+        if self._stopped.is_set():
+            raise StopIteration
+        if self._emitted >= self.per_epoch:  # on into the next epoch
+            if not self.has_epoch(self.epoch + 1):
+                raise StopIteration
+            self.epoch, self._group, self._offset, self._emitted = self.epoch + 1, 0, 0, 0
+            self._load_group()
+        while self._offset >= len(self._order):  # on into the next group
+            self._group, self._offset = self._group + 1, 0
+            self._load_group()
+        example = self._examples[self._order[self._offset]]
+        self._offset += 1
+        self._emitted += 1
+        return example
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "skip": self._emitted}
