@@ -518,10 +518,9 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
         device = torch.device("cpu")
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
     todo = [s for s in mine if not shard_is_done(root, s, plan.build_id)]
-    writers = plan.writers()
-    for shard in todo:
-        remove_leftovers(root, shard, writers)
     builder = Builder(plan, device)
+    for shard in todo:
+        remove_leftovers(root, shard, builder.writers)
     start = time.perf_counter()
     builder.run(todo)
     seconds = dict(builder.seconds, total=time.perf_counter() - start)

@@ -77,7 +77,6 @@ class ShardLoader:
         """The stream of batches on ``device``, from ``skip`` examples into ``epoch``, on across
         epochs until the query sets end. Stops the stream opened before, if any."""
         self.close()
-        self.shards.k_for_epoch(epoch, self.cfg.wrap_epochs)  # epochs beyond the sets fail here
         if self.cfg.process:
             self._process = LoaderProcess(self.plan, (epoch, skip), self.device)
             return self._process
