@@ -13,8 +13,10 @@ weights w_i = k / (N pi_i) follow from the stored q and k_e alone and the estima
 
 Reproducibility: every sum that decides q or a draw is taken in int64 fixed point, which is exact
 and so independent of reduction order, batch size, thread count and device; everything else is
-integer or elementwise IEEE arithmetic. So the same fields and key give byte-identical q and sets
-in any batch and, by construction, on CPU and CUDA (tests/test_samplers.py checks it on a GPU).
+integer or elementwise, correctly rounded IEEE arithmetic (the one square root is corrected to the
+IEEE result, which torch's vectorised CPU sqrt misses). So the same fields and key give
+byte-identical q and sets in any batch and on CPU and CUDA (``test_cuda_equals_cpu`` in
+tests/test_samplers.py checks it where a GPU is present; CI has none).
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def _cap(q: torch.Tensor, k: int) -> _Capping:
             break
         capped |= newly
     if ((remaining > 0) & (total == 0)).any():
-        raise ValueError(f"q has fewer than k={k} points with positive probability; use alpha > 0")
+        raise ValueError(
+            f"q has fewer than k={k} points with positive probability, so no draw of k distinct "
+            "points follows it"
+        )
     return _Capping(pi.masked_fill(capped, 1.0), capped, mass, total, remaining)
 
 
@@ -118,12 +123,15 @@ def inclusion_probabilities(q: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def inclusion_scale(q: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, 2) int64 [remaining, total]: the capping's fixed point, so that for every point
-    pi_i = remaining * fixed(q_i) / total, or 1 where that reaches 1 (the capped points).
+    """(B, 2) int64 [remaining, total]: the capping's fixed point. The k - remaining capped points
+    (pi = 1) are the ones with the largest q, and every other point has
+    pi_i = remaining * fixed(q_i) / total. Capping that takes all k points gives remaining = 0:
+    every other point then has pi = 0 and is never drawn.
 
     Two integers per snapshot-epoch: stored beside the query sets, they make a query set's
     weights an O(k) computation from q at its points (:func:`weights_from_scale`), exactly equal
-    to (k / N) / pi from :func:`inclusion_probabilities`.
+    to (k / N) / pi from :func:`inclusion_probabilities`. Every draw holds all capped points, so
+    they are the k - remaining largest q of the set itself.
     """
     _check_q(q, k)
     c = _cap(q, k)
@@ -136,19 +144,37 @@ def weights_from_scale(
     """Loss weights (S, k) float32 (k / (N pi_i))**beta from q at the drawn points (S, k) and the
     stored scale (S, 2): an O(k) computation, exactly equal to the weights from the full capping.
 
+    A draw holds every capped point, and capped points have larger q than all others, so the
+    k - remaining largest q of a set are its capped points (pi = 1); the rest have
+    pi = remaining * fixed(q) / total, computed as in the capping itself. This also holds where
+    capping takes all k points (remaining = 0) and where the last point was capped just below 1.
+
     numpy on purpose: the streaming loader computes these beside the training step, and numpy
     stays on the calling thread, while torch's CPU ops start an OpenMP team whose spinning
     threads take the cores the step's launch thread needs."""
     if k == n_points:
         return np.ones(q_at.shape, dtype=np.float32)
+    scale = np.asarray(scale)
+    if scale.shape != (q_at.shape[0], 2) or q_at.shape[1:] != (k,):
+        raise ValueError(
+            f"weights: q at the drawn points {q_at.shape} and scale {scale.shape} do not fit k={k}"
+        )
     remaining, total = scale[:, :1], scale[:, 1:]
+    if ((remaining < 0) | (remaining > k) | (total < 0)).any():
+        raise ValueError(f"weights: scale is not a capping's [remaining, total] for k={k}")
     fixed = np.round(q_at.astype(np.float64) * 2.0 ** _frac_bits(n_points)).astype(np.int64)
     pi = (
         remaining.astype(np.float64)
         * fixed.astype(np.float64)
         / np.maximum(total, 1).astype(np.float64)
     )
-    pi = np.where(pi >= _CAP, 1.0, pi)
+    capped = np.zeros(fixed.shape, dtype=bool)
+    n_capped = k - remaining[:, 0]
+    for c in np.unique(n_capped[n_capped > 0]).tolist():  # the c largest q of a row are capped
+        rows = np.flatnonzero(n_capped == c)
+        threshold = np.partition(fixed[rows], k - c, axis=1)[:, k - c : k - c + 1]
+        capped[rows] = fixed[rows] >= threshold
+    pi = np.where(capped & (fixed > 0), 1.0, pi)
     if (pi == 0).any():
         raise ValueError("indices include points with zero inclusion probability: not drawn from q")
     return np.power((k / n_points) / pi, beta).astype(np.float32)
@@ -382,8 +408,27 @@ def _derivative(u: torch.Tensor, dim: int, periodic: bool) -> torch.Tensor:
     return torch.gradient(u, dim=dim, edge_order=1)[0] * n
 
 
+def _sqrt_rounded(t: torch.Tensor) -> torch.Tensor:
+    """sqrt of a float32 tensor, correctly rounded (the IEEE result), the same bits on every device.
+
+    torch's CPU sqrt is vectorised with an approximation that misses the correctly rounded float
+    by one unit in about 1 in 6 values (AVX2, torch 2.13), while CUDA rounds correctly. One exact
+    correction step fixes the guess: a midpoint m between two adjacent floats has at most 25
+    significant bits, so m * m is exact in float64, and t > m^2 decides which side the true root
+    lies on (it never equals a midpoint)."""
+    y = t.sqrt()  # within one unit of the correctly rounded root
+    up = torch.nextafter(y, torch.full_like(y, math.inf))
+    down = torch.nextafter(y, torch.zeros_like(y))
+    t64, y64 = t.double(), y.double()
+    hi = (y64 + up.double()) * 0.5  # exact
+    lo = (y64 + down.double()) * 0.5
+    y = torch.where(t64 > hi * hi, up, y)
+    return torch.where((t64 < lo * lo) & (down < y), down, y)
+
+
 def gradient_magnitude(fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
-    """|grad u| (B, N) float32: sqrt of the sum of squared derivatives over channels and axes."""
+    """|grad u| (B, N) float32: sqrt of the sum of squared derivatives over channels and axes,
+    correctly rounded on every device."""
     grid = fields.shape[2:]
     if min(grid) < 2:
         raise ValueError(f"gradient: every grid axis needs >= 2 points, got grid {tuple(grid)}")
@@ -392,7 +437,7 @@ def gradient_magnitude(fields: torch.Tensor, periodic: Sequence[bool]) -> torch.
         d = _derivative(fields, 2 + axis, bool(wraps))  # (B, C, *grid)
         for c in range(fields.shape[1]):  # a fixed summation order: same bits on every device
             total = total + d[:, c] * d[:, c]
-    return total.sqrt().reshape(fields.shape[0], -1)
+    return _sqrt_rounded(total).reshape(fields.shape[0], -1)
 
 
 def _pps_units(c: _Capping) -> torch.Tensor:
@@ -407,12 +452,24 @@ def _pps_units(c: _Capping) -> torch.Tensor:
     return units.masked_fill(c.capped, _UNIT)
 
 
+ALPHA_EXPECTED = (
+    "a number in (0, 1] ([0.2, 1] is sensible): alpha = 0 gives points with zero gradient no "
+    "chance of being drawn, so the weighted loss is biased"
+)
+
+
+def _check_alpha(alpha: object) -> None:
+    """alpha in (0, 1], or one ConfigError naming the option."""
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    check(number and 0.0 < alpha <= 1.0, "sampler.alpha", ALPHA_EXPECTED, alpha)
+
+
 class GradientSampler(Sampler):
     """Importance sampling towards sharp features: q = alpha/N + (1 - alpha) |grad u| / sum |grad u|.
 
-    alpha is the uniform share: each weight is at most 1/alpha. alpha in [0.2, 1] is sensible;
-    smaller alpha is accepted, but alpha = 0 never samples points with zero gradient (the estimate is
-    then unbiased only where the loss vanishes there). An all-zero gradient gives uniform q.
+    alpha in (0, 1] is the uniform share: every point has q >= alpha/N and each weight is at most
+    1/alpha. alpha in [0.2, 1] is sensible; alpha = 0 is refused, since it would never draw points
+    with zero gradient and so bias the weighted loss. An all-zero gradient gives uniform q.
 
     Draw: randomised systematic PPS (Hartley & Rao 1962) over pi = inclusion_probabilities(q, k):
     the points are visited in a random order from the key, pi is laid out on a line in integer
@@ -426,7 +483,7 @@ class GradientSampler(Sampler):
 
     def __init__(self, alpha: float = 0.3, beta: float = 1.0) -> None:
         super().__init__(beta)
-        check(0.0 <= alpha <= 1.0, "sampler.alpha", "a number in [0, 1]", alpha)
+        _check_alpha(alpha)
         self.alpha = alpha
 
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
@@ -465,8 +522,9 @@ SAMPLER_KINDS = tuple(_FACTORIES)
 
 @dataclass
 class SamplerConfig:
-    """Which sampler draws the query sets. alpha: gradient's uniform share; beta: weight exponent;
-    block: stratified block lengths per grid axis (default 16 in 1D, 8x8 in 2D, 4x4x4 in 3D)."""
+    """Which sampler draws the query sets. alpha: gradient's uniform share, in (0, 1]; beta: weight
+    exponent, in [0, 1]; block: stratified block lengths per grid axis (default 16 in 1D, 8x8 in
+    2D, 4x4x4 in 3D)."""
 
     kind: str = "uniform"
     alpha: float = 0.3
@@ -475,12 +533,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         check(self.kind in _FACTORIES, "sampler.kind", f"one of {list(SAMPLER_KINDS)}", self.kind)
-        check(
-            0.0 <= self.alpha <= 1.0,
-            "sampler.alpha",
-            "a number in [0, 1] ([0.2, 1] is sensible)",
-            self.alpha,
-        )
+        _check_alpha(self.alpha)
         check(
             0.0 <= self.beta <= 1.0, "sampler.beta", "a number in [0, 1] (1 = unbiased)", self.beta
         )

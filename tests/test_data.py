@@ -184,3 +184,27 @@ def test_splits_are_trajectory_disjoint_and_stats_come_from_train(burgers_file):
     torch.testing.assert_close(stats.denormalize(stats.normalize(x)), x)
     with pytest.raises(DataError, match="cannot give non-empty train/val/test"):
         split_trajectories(2, 0.1, 0.1, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("pde", "kwargs"),
+    [("burgers1d", {"resolution": 64}), ("ns2d", {"resolution": 32, "dt": 0.5})],
+)
+def test_generated_file_is_byte_identical_whatever_the_thread_count(tmp_path, pde, kwargs):
+    """The same command writes the same bytes (so the same sample_set_id downstream) with one
+    torch thread or two, and leaves the caller's thread count as it was."""
+    import hashlib
+
+    before = torch.get_num_threads()
+    digests = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            path = generate(
+                pde, tmp_path / f"{threads}.h5", 3, 4, seed=5, batch=2, progress=False, **kwargs
+            )
+            assert torch.get_num_threads() == threads
+            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]

@@ -10,14 +10,19 @@
 
 Both are pseudo-spectral with 2/3 dealiasing and an integrating-factor RK4 step (the stiff
 diffusion is integrated exactly), in float64; the time step obeys a CFL limit. Random initial
-conditions come from a seeded CPU generator, so a seed gives the same file on any device.
+conditions come from a seeded CPU generator. On the CPU the solver runs on one torch thread, so
+the same command writes a byte-identical file whatever the thread count: torch splits elementwise
+work and MKL splits FFTs by thread count, and a split can change the last bit of a float64 value
+and so of a float32 one. Datasets are written with
+track_times=False, so no timestamp varies either.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -171,6 +176,21 @@ def solve_ns(w0: torch.Tensor, steps: int, dt_out: float, nu: float) -> torch.Te
 # ---------------------------------------------------------------- writing
 
 
+@contextmanager
+def _one_cpu_thread(device: str) -> Iterator[None]:
+    """Run torch's CPU work on one thread (restored after), so results do not depend on how many
+    threads split it."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def generate(
     pde: str,
     out: str | Path,
@@ -206,19 +226,21 @@ def generate(
         else np.arange(resolution) / resolution
     )
     with (
+        _one_cpu_thread(device),
         h5py.File(tmp, "w") as f,
         tqdm(total=trajectories, desc=f"generate {pde}", unit="traj", disable=not progress) as bar,
     ):
         f.attrs.update({"pde": pde, "nu": nu, "boundary": "periodic"})
         t = np.arange(steps + 1) * dt if pde == "burgers1d" else np.arange(steps) * dt
         if pde == "burgers1d":
-            f.create_dataset("x-coordinate", data=coords.astype(np.float32))
-            f.create_dataset("t-coordinate", data=t.astype(np.float32))
+            f.create_dataset("x-coordinate", data=coords.astype(np.float32), track_times=False)
+            f.create_dataset("t-coordinate", data=t.astype(np.float32), track_times=False)
             tensor = f.create_dataset(
                 "tensor",
                 (trajectories, steps, resolution),
                 dtype=np.float32,
                 chunks=(1, steps, resolution),
+                track_times=False,
             )
         else:
             f.attrs["channels"] = ["vorticity"]
@@ -237,11 +259,14 @@ def generate(
                 for j in range(n):
                     g = f.create_group(f"{start + j:04d}")
                     g.create_dataset(
-                        "data", data=w[j][..., None], chunks=(1, resolution, resolution, 1)
+                        "data",
+                        data=w[j][..., None],
+                        chunks=(1, resolution, resolution, 1),
+                        track_times=False,
                     )
-                    g.create_dataset("grid/x", data=coords.astype(np.float32))
-                    g.create_dataset("grid/y", data=coords.astype(np.float32))
-                    g.create_dataset("grid/t", data=t.astype(np.float32))
+                    g.create_dataset("grid/x", data=coords.astype(np.float32), track_times=False)
+                    g.create_dataset("grid/y", data=coords.astype(np.float32), track_times=False)
+                    g.create_dataset("grid/t", data=t.astype(np.float32), track_times=False)
             bar.update(n)
     os.replace(tmp, out)
     return out
