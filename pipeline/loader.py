@@ -68,6 +68,8 @@ class ShardLoader:
         else:
             self.shards.k_for_epoch(self.epoch, self.cfg.wrap_epochs)  # a clear error
         while self._batches < self.batches_per_epoch:
+            if self._stream is None:  # closed while this epoch was iterated
+                return
             batch = next(self._stream)
             assert batch.epoch == self.epoch, (batch.epoch, self.epoch)
             self._batches += 1
@@ -86,11 +88,13 @@ class ShardLoader:
         return (batch.to(self.device, non_blocking=True) for batch in batches)
 
     def close(self) -> None:
-        """Stop the loader process, or the graph's threads."""
+        """Stop the loader process, or the graph's threads; iterating again restarts the stream
+        where it stopped (after the last delivered batch)."""
         if self._process is not None:
             self._process.close()
             self._process = None
         self.graph.stop()
+        self._stream = None
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last delivered batch; independent of workers and prefetch depth."""

@@ -15,15 +15,25 @@ A slot is a shared-memory byte buffer. The child allocates it, and a larger one 
 does not fit (an epoch with more query points); the parent maps it once and, with CUDA, pins it
 (``cudaHostRegister``), so the copy out of it is asynchronous. Nothing is pickled per batch but
 the layout: a few names, dtypes, shapes and offsets.
+
+Failures: what the child raises (a corrupt shard's ShardError) is raised again in the parent; a
+child that dies (SIGKILL, the out-of-memory killer) is one LoaderError, a ShardError the tools
+print as one line. Ctrl-C is the parent's alone, and the child leaves nothing for the resource
+tracker to clean up, so no run ends with a traceback or warning of the child's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing
+import pickle
+import signal
+import threading
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -32,11 +42,61 @@ import torch.multiprocessing  # registers the reductions that send shared tensor
 
 from pipeline.collate import SparseBatch
 from pipeline.graph import BatchGraph, LoaderPlan
+from pipeline.records import ShardError
 
 # (field name, dtype, shape, byte offset in the slot, bytes) per tensor field of a batch
 Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
 _ALIGN = 64  # byte alignment of every field in a slot
 _PIPE_GONE = (EOFError, BrokenPipeError, ConnectionResetError)  # the other end has closed
+
+
+class _ParentGone(Exception):
+    """The training process closed its end of the pipe: it closed the loader, or exited."""
+
+
+def _talk(call: Any, *args: Any) -> Any:
+    """``call(*args)`` on the child's end of the pipe; _ParentGone where the parent has gone, so
+    that an OSError of the graph (a connection reset while reading a remote shard) is not taken
+    for the parent's leaving but reported to it."""
+    try:
+        return call(*args)
+    except _PIPE_GONE as err:
+        raise _ParentGone from err
+
+
+class LoaderError(ShardError, RuntimeError):
+    """The loader process died (killed, out of memory) or could not send what it raised. A
+    ShardError, so the tools print it as one line."""
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err``, or a LoaderError with its message where it would not pickle and unpickle (an
+    exception whose ``__init__`` does not take its ``args``): the parent must get a message."""
+    try:
+        pickle.loads(ForkingPickler.dumps(err))
+        return err
+    except Exception:
+        portable = LoaderError(f"in the loader process: {type(err).__name__}: {err}")
+        portable.add_note(f"in the loader process:\n{traceback.format_exc()}")
+        return portable
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "it has not exited"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        how = f"it was killed by {name} (exit code {exitcode})"
+        if -exitcode == signal.SIGKILL:
+            how += (
+                "; if the out-of-memory killer sent it, lower loader.cache_mb, loader.prefetch "
+                "or loader.read_ahead"
+            )
+        return how
+    return f"it exited with code {exitcode}"
 
 
 def batch_layout(batch: SparseBatch) -> tuple[Layout, int]:
@@ -55,6 +115,16 @@ def serve_batches(plan: LoaderPlan, start: tuple[int, int], conn: Connection) ->
     batches into the ring's slots. ``conn`` carries slot numbers back (a slot is free again) and
     ends with the parent (EOF)."""
     torch.set_num_threads(1)  # the work is numpy; no OpenMP team spinning on the cores
+    # Ctrl-C is the training process's to handle: it closes this one (or, at its exit, its
+    # multiprocessing terminates it); a KeyboardInterrupt here would only print a traceback.
+    # Already ignored where the parent started this process from its main thread.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # This process starts no other. With the fork method, the multiprocessing Event torchdata's
+    # ParallelMapper makes even for threads is an anonymous semaphore, gone with the process, not a
+    # named one the resource tracker must unlink (and warn of as leaked) when this process is
+    # killed or terminated rather than left to exit.
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
     graph = None
     try:
         try:
@@ -62,8 +132,8 @@ def serve_batches(plan: LoaderPlan, start: tuple[int, int], conn: Connection) ->
             slots: list[torch.Tensor | None] = [None] * plan.cfg.prefetch
             free = deque(range(plan.cfg.prefetch))
             for batch in graph.batches(*start):
-                while conn.poll() or not free:  # collect the slots the parent gave back
-                    free.append(conn.recv())
+                while _talk(conn.poll) or not free:  # collect the slots the parent gave back
+                    free.append(_talk(conn.recv))
                 slot = free.popleft()
                 layout, nbytes = batch_layout(batch)
                 grown = None
@@ -73,16 +143,13 @@ def serve_batches(plan: LoaderPlan, start: tuple[int, int], conn: Connection) ->
                 for name, _, _, offset, size in layout:
                     value = getattr(batch, name).numpy()
                     np.copyto(raw[offset : offset + size].view(value.dtype), value.ravel())
-                conn.send((slot, grown, batch.epoch, layout))
-            conn.send(StopIteration())
-        except _PIPE_GONE:  # the parent closed the loader
+                _talk(conn.send, (slot, grown, batch.epoch, layout))
+            _talk(conn.send, StopIteration())
+        except _ParentGone:  # the parent closed the loader
             return
         except Exception as err:  # raised again in the training process, by LoaderProcess
             err.add_note(f"in the loader process:\n{traceback.format_exc()}")
-            try:
-                conn.send(err)
-            except Exception:  # an exception that does not pickle
-                conn.send(RuntimeError(f"in the loader process: {traceback.format_exc()}"))
+            conn.send(_portable(err))
         while True:  # stay until the parent closes: it may still be fetching a slot's handle
             conn.recv()
     except _PIPE_GONE:
@@ -105,7 +172,19 @@ class LoaderProcess:
             name="loader",
             daemon=True,
         )
-        self._process.start()
+        # Ctrl-C reaches the child too (one process group): it must not raise KeyboardInterrupt
+        # there, not even while the child imports. An ignored SIGINT stays ignored across exec,
+        # and Python then installs no handler of its own; the parent's is restored at once.
+        # (signal's rules: only the main thread sets handlers; one set in C cannot be put back)
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGINT) if main else None
+        if handler is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._process.start()
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
         child.close()
         self.device = device
         self.cuda = device is not None and device.type == "cuda"
@@ -117,6 +196,8 @@ class LoaderProcess:
         return self
 
     def __next__(self) -> SparseBatch:
+        if self._process is None:  # closed
+            raise StopIteration
         message = self._receive()
         if isinstance(message, BaseException):
             raise message
@@ -132,7 +213,8 @@ class LoaderProcess:
             self._copying.append((slot, copied))
         else:
             raw = raw.to(self.device or "cpu", copy=True)
-            self._conn.send(slot)
+            with contextlib.suppress(OSError):  # a dead child: the next receive says so
+                self._conn.send(slot)
         fields = {
             name: raw[offset : offset + size].view(dtype).view(shape)
             for name, dtype, shape, offset, size in layout
@@ -140,7 +222,9 @@ class LoaderProcess:
         return SparseBatch(epoch=epoch, **fields)
 
     def _receive(self) -> Any:
-        """The child's next message; gives back the slots whose copies have finished."""
+        """The child's next message; gives back the slots whose copies have finished. A child
+        that died, or a pipe that failed, is one LoaderError, within a second or two."""
+        problem: OSError | EOFError | None = None
         try:
             while True:
                 while self._copying and self._copying[0][1].query():
@@ -153,11 +237,16 @@ class LoaderProcess:
                     return self._conn.recv()
                 if not self._process.is_alive():
                     break
-        except (EOFError, OSError):  # the child's end of the pipe is gone
-            pass
-        self._process.join(timeout=10)
-        raise RuntimeError(
-            f"the loader process ended without a word (exit code {self._process.exitcode})"
+        except (EOFError, OSError) as err:  # the child's end is gone; or a slot's handle failed
+            problem = err
+        gone = problem is None or isinstance(problem, _PIPE_GONE)
+        self._process.join(timeout=10 if gone else 1)
+        if self._process.exitcode is None and problem is not None:
+            raise LoaderError(
+                f"receiving a batch from the loader process: {type(problem).__name__}: {problem}"
+            ) from problem
+        raise LoaderError(
+            f"the loader process ended without a word: {_how_it_ended(self._process.exitcode)}"
         )
 
     def _adopt(self, slot: int, buffer: torch.Tensor) -> None:
