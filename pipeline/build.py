@@ -4,14 +4,18 @@ The work is a deterministic plan of output shards (whole trajectories each), com
 way by every rank; rank r builds shards r, r + W, r + 2W, ... Each finished shard leaves a small
 record under ``parts/`` (its files' sizes and sha256), written after its files are in place: a
 rerun skips shards whose record verifies and redoes the rest. The finalize step merges the
-records into ``manifest.json``, written last.
+records into ``manifest.json``, written last; a rerun of a finished build changes no byte.
+
+A build owns its output directory while it runs (one lock per rank: a second build of the same
+rank refuses at once) and owns only the files it writes there: ``overwrite`` removes those and
+refuses when the directory holds anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
+import fnmatch
 import json
 import os
 import shutil
@@ -27,10 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, check, config_hash, to_dict
+from pipeline.config import ConfigError, check, config_diff, to_dict
 from pipeline.formats import FORMATS, ShardWriter
-from pipeline.formats.wds import tar_path
 from pipeline.manifest import (
+    BUILD_STATE,
     COORDINATES,
     MANIFEST,
     SCHEMA_VERSION,
@@ -41,6 +45,13 @@ from pipeline.manifest import (
     Manifest,
     ShardEntry,
     SplitEntry,
+    build_config_hash,
+    build_id,
+    formats_of,
+    read_manifest,
+    sample_set_id,
+    shard_name,
+    tar_path,
     write_manifest,
 )
 from pipeline.query_codec import entropy_bound_bytes
@@ -97,6 +108,14 @@ class BuildConfig:
             self.trajectories_per_shard,
         )
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        check(
+            self.finalize_timeout > 0,
+            "finalize_timeout",
+            "a positive number",
+            self.finalize_timeout,
+        )
+        check(bool(self.out), "out", "a directory path", self.out)
         check(
             bool(self.splits) and set(self.splits) <= set(SPLITS),
             "splits",
@@ -106,7 +125,7 @@ class BuildConfig:
 
     @property
     def formats(self) -> list[str]:
-        return ["zarr", "wds"] if self.format == "both" else [self.format]
+        return formats_of(self.format)
 
 
 @dataclass(frozen=True)
@@ -121,7 +140,7 @@ class ShardPlan:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.index:06d}"
+        return shard_name(self.split, self.index)
 
     @property
     def tar(self) -> str:
@@ -163,10 +182,6 @@ class BuildPlan:
         return [FORMATS[fmt].writer(root, schema, self.chunk) for fmt in self.cfg.formats]
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> BuildPlan:
     """Validate everything that can be validated before a single byte is written.
 
@@ -188,27 +203,23 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
         norm = NormStats.from_trajectories(source, splits["train"], progress=cfg.progress)
     ks = k_per_epoch(cfg.schedule, cfg.epochs, info.num_points)
     data_sha256 = file_sha256(cfg.data.path)
-    sample_set_id = _hash(
-        {
-            "data_sha256": data_sha256,
-            "splits": splits,
-            "grid": list(info.grid),
-            "sampler": to_dict(cfg.sampler),
-            "schedule": to_dict(cfg.schedule),
-            "k_per_epoch": ks,
-            "seed": cfg.seed,
-            "epochs": cfg.epochs,
-        }
+    set_id = sample_set_id(
+        data_sha256=data_sha256,
+        splits={split: splits[split] for split in cfg.splits},
+        grid=list(info.grid),
+        sampler=to_dict(cfg.sampler),
+        schedule=to_dict(cfg.schedule),
+        k_per_epoch=ks,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        norm=norm,
     )
-    build_id = _hash(
-        {
-            "sample_set_id": sample_set_id,
-            "encoder": None if encoder is None else encoder.identity,
-            "format": cfg.format,
-            "latent_dtype": cfg.latent_dtype,
-            "trajectories_per_shard": cfg.trajectories_per_shard,
-            "splits": cfg.splits,
-        }
+    files_id = build_id(
+        sample_set_id=set_id,
+        encoder_sha256=None if encoder is None else encoder.identity["sha256"],
+        format=cfg.format,
+        latent_dtype=cfg.latent_dtype,
+        trajectories_per_shard=cfg.trajectories_per_shard,
     )
     shards = []
     tps, steps = cfg.trajectories_per_shard, info.num_steps
@@ -217,19 +228,64 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
         for index, first in enumerate(range(0, len(trajs), tps)):
             chunk = tuple(trajs[first : first + tps])
             shards.append(ShardPlan(split, index, chunk, first * steps, len(chunk) * steps))
-    return BuildPlan(
-        cfg, info, splits, norm, encoder, data_sha256, ks, sample_set_id, build_id, shards
-    )
+    return BuildPlan(cfg, info, splits, norm, encoder, data_sha256, ks, set_id, files_id, shards)
 
 
 # ---------------------------------------------------------------- output directory state
+
+
+METADATA_RECORD = "parts/metadata.json"  # the formats' up-front files, recorded when created
+# what a build writes in its output directory, as glob patterns: overwrite removes these only
+BUILD_WRITES = {
+    ".": [MANIFEST, BUILD_STATE, ".lock", ".lock-rank*", ".*.tmp-*"],
+    "parts": ["*.json", ".*.json.tmp-*"],
+    "wds": ["*.tar", ".*.tar.tmp-*"],
+    "zarr": ["zarr.json", "*/zarr.json", "*/*/zarr.json", "*/*/c/*", "*.partial"],
+}
+
+
+def foreign_files(root: Path) -> list[Path]:
+    """Files under ``root`` that no build writes (data, notes, another tool's output)."""
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(root)
+        top = relative.parts[0] if len(relative.parts) > 1 else "."
+        inside = "/".join(relative.parts[1:]) if top != "." else relative.name
+        if not any(fnmatch.fnmatch(inside, p) for p in BUILD_WRITES.get(top, [])):
+            out.append(relative)
+    return out
+
+
+def remove_build_files(root: Path) -> None:
+    """Delete what a build wrote under ``root``; refuses, deleting nothing, if anything else is there."""
+    foreign = foreign_files(root)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ShardError(
+            f"{root} also holds files no build writes ({shown}); overwrite removes only a build's "
+            "own files, so nothing was removed: choose another 'out'"
+        )
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".lock"):
+            continue  # held by the running ranks
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def check_out(out: str) -> Path:
+    """The output directory, refused when it is a file."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"option 'out': {root} is a file; expected a directory (or a new path)")
+    return root
 
 
 @contextlib.contextmanager
 def _locked(root: Path):
     """An exclusive lock on the output directory, for the few steps ranks must not interleave."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
+    with open(root / ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -237,13 +293,51 @@ def _locked(root: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _rank_lock_path(root: Path, rank: int) -> Path:
+    return root / f".lock-rank{rank}"
+
+
+@contextlib.contextmanager
+def rank_lock(root: Path, rank: int):
+    """Held by rank ``rank`` for its whole build: a second build of that rank refuses at once, and
+    rank 0 can tell a rank that died (its lock is free) from one still building."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = _rank_lock_path(root, rank)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShardError(
+                f"{root}: another build is writing it (rank {rank}'s lock {path.name} is held); "
+                "wait for it to finish or choose another 'out'"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def rank_is_building(root: Path, rank: int) -> bool:
+    """True while a process holds rank ``rank``'s lock on ``root``."""
+    path = _rank_lock_path(root, rank)
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def prepare_output(plan: BuildPlan, world: int) -> None:
-    """Refuse a directory holding another build unless --overwrite; create the zarr arrays once."""
+    """Refuse a directory holding another build unless --overwrite; create the formats' arrays once."""
     cfg, root = plan.cfg, Path(plan.cfg.out)
     with _locked(root):
-        state = root / "build.json"
+        state = root / BUILD_STATE
         previous = json.loads(state.read_text()) if state.exists() else None
-        others = [p for p in root.iterdir() if p.name != ".lock"]
+        others = [p for p in root.iterdir() if not p.name.startswith(".lock")]
         if (previous is None and others) or (
             previous is not None and previous["build_id"] != plan.build_id
         ):
@@ -261,8 +355,7 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
                 raise ShardError(
                     f"{root}: --overwrite with several ranks would race; delete the directory first"
                 )
-            for path in others:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_build_files(root)
             previous = None
         if previous is None:
             write_atomic(
@@ -271,14 +364,19 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
                     {"sample_set_id": plan.sample_set_id, "build_id": plan.build_id}
                 ).encode(),
             )
-        ready = root / ".formats-ready"  # written once every format's up-front files exist
-        if not ready.exists():
+        if not (root / METADATA_RECORD).exists():
             sizes = {
                 split: sum(s.count for s in plan.shards if s.split == split) for split in cfg.splits
             }
-            for writer in plan.writers():
+            writers = plan.writers()
+            for writer in writers:
                 writer.create(sizes)
-            ready.touch()
+            recorded = {
+                name: to_dict(_file_entry(root, name, 0))
+                for writer in writers
+                for name in writer.metadata()
+            }
+            write_atomic(root / METADATA_RECORD, json.dumps(recorded, sort_keys=True).encode())
 
 
 def _file_entry(root: Path, name: str, count: int) -> FileEntry:
@@ -346,10 +444,32 @@ class Builder:
 
     def compute(self, shard: ShardPlan, read: dict[str, np.ndarray]) -> ShardBlock:
         fields = torch.from_numpy(read["fields"]).to(self.device)
+        self._check_range(shard, fields, read)
         latent = self._timed("encode", self.encode, fields) if self.encode else None
         q = self._timed("importance", self.importance, fields)
+        self._check_range(shard, q, read, "the importance q")
         queries, pi_scale = self._timed("query plan", self.query_plan, q, read["snapshot_id"])
         return assemble(read, q, queries, pi_scale, latent)
+
+    def _check_range(
+        self, shard: ShardPlan, values: torch.Tensor, read: dict, what: str = ""
+    ) -> None:
+        """Refuse values float32 arithmetic cannot carry, naming the file, trajectory and time:
+        normalised fields whose square (the MSE losses) overflows, or a q that is not finite."""
+        if not what:
+            values, what = self.plan.norm.normalize(values), "the normalised fields"
+            bad = ~(values.abs() < _FLOAT32_SQRT_MAX)
+        else:
+            bad = ~torch.isfinite(values)
+        rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        if rows:
+            row = rows[0]
+            largest = float(values[row].abs().max())
+            raise ShardError(
+                f"{self.plan.cfg.data.path}: trajectory {int(read['trajectory'][row])}, time "
+                f"{int(read['time'][row])} (split {shard.split}): {what} reach {largest:.3g}, beyond "
+                "what float32 training can carry; check the data (values this large are not physical)"
+            )
 
     def write(self, shard: ShardPlan, block: ShardBlock) -> None:
         start = time.perf_counter()
@@ -403,6 +523,8 @@ class Builder:
         return out
 
 
+_FLOAT32_SQRT_MAX = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: its square still fits
+
 # build options that do not change what is built: left out of the manifest's config
 RUN_OPTIONS = (
     "rank",
@@ -428,8 +550,13 @@ def finalize(plan: BuildPlan) -> Manifest:
     for shard in plan.shards:
         record = json.loads((root / shard.record).read_text())
         files.update({name: FileEntry(**entry) for name, entry in record["files"].items()})
-    for writer in plan.writers():
-        files.update({name: _file_entry(root, name, 0) for name in writer.metadata()})
+    for name, entry in json.loads((root / METADATA_RECORD).read_text()).items():
+        if _file_entry(root, name, 0) != FileEntry(**entry):
+            raise ShardError(
+                f"{root / name}: changed since this build created it (edited?); a finished set "
+                "is not rewritten: build into an empty 'out'"
+            )
+        files[name] = FileEntry(**entry)
     config = {key: value for key, value in to_dict(cfg).items() if key not in RUN_OPTIONS}
     encoder = plan.encoder
     manifest = Manifest(
@@ -437,7 +564,7 @@ def finalize(plan: BuildPlan) -> Manifest:
         tool=TOOL_VERSION,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         config=config,
-        config_hash=config_hash(config),
+        config_hash=build_config_hash(config),
         sample_set_id=plan.sample_set_id,
         build_id=plan.build_id,
         encoder=None if encoder is None else EncoderEntry(**encoder.identity),
@@ -450,6 +577,23 @@ def finalize(plan: BuildPlan) -> Manifest:
         splits={split: _split_entry(plan, split) for split in cfg.splits},
         files=files,
     )
+    if (root / MANIFEST).exists():
+        try:
+            existing = read_manifest(str(root))
+        except ShardError:
+            existing = None
+        if existing is not None and existing.identity == manifest.identity:
+            return existing  # a no-op rebuild changes no byte
+        if not cfg.overwrite:
+            diff = (
+                ["the manifest does not read back"]
+                if existing is None
+                else config_diff(existing.identity_view(), manifest.identity_view())
+            )
+            raise ShardError(
+                f"{root / MANIFEST}: differs from what this build writes ({'; '.join(diff[:3])}); "
+                "a finished set is not rewritten: pass overwrite=true to rewrite its manifest"
+            )
     write_manifest(root, manifest)
     return manifest
 
@@ -505,17 +649,43 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
     ``load_encoder`` turns ``cfg.encoder`` into a :class:`LatentEncoder` (see :func:`make_plan`).
     """
     rank, world = resolve_rank(cfg)
-    plan = make_plan(cfg, load_encoder)
-    root = Path(cfg.out)
-    if cfg.finalize:
-        return {"manifest": finalize(plan), "seconds": {}}
-    prepare_output(plan, world)
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
+    root = check_out(cfg.out)
+    device = _device(cfg.device)
+    created = not root.exists()
+    with rank_lock(root, rank):
+        try:
+            plan = make_plan(cfg, load_encoder)
+        except BaseException:
+            if created:  # leave no trace of a build that never started
+                _rank_lock_path(root, rank).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    root.rmdir()
+            raise
+        if cfg.finalize:
+            return {"manifest": finalize(plan), "seconds": {}}
+        prepare_output(plan, world)
+        return _build(plan, rank, world, device)
+
+
+def _device(option: str) -> torch.device:
+    """The build's device; ``cuda`` without a CUDA device is refused before any work."""
+    if option == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(option)
+    except RuntimeError:
+        raise ConfigError(
+            f"option 'device': expected auto, cpu or cuda[:N], got {option!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"option 'device': {option!r}, but no CUDA device is available here")
+    return device
+
+
+def _build(plan: BuildPlan, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    root = Path(plan.cfg.out)
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
     todo = [s for s in mine if not shard_is_done(root, s, plan.build_id)]
     builder = Builder(plan, device)
@@ -534,15 +704,52 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
         "device": str(device),
     }
     if rank == 0:
-        deadline = time.monotonic() + cfg.finalize_timeout
-        while any(not (root / s.record).exists() for s in plan.shards):
-            if time.monotonic() > deadline:
-                raise ShardError(
-                    f"{root}: other ranks' shards did not finish within {cfg.finalize_timeout} s; run --finalize true later"
-                )
-            time.sleep(0.5)
+        wait_for_ranks(plan, world)
         summary["manifest"] = finalize(plan)
     return summary
+
+
+DEAD_RANK_GRACE_S = 30.0  # a rank whose lock stays free this long, its shards unfinished, is gone
+
+
+def wait_for_ranks(plan: BuildPlan, world: int) -> None:
+    """Rank 0: wait, with a progress bar, until every shard's record exists. Fails with the ranks
+    named when ``finalize_timeout`` passes, or sooner when a rank with unfinished shards holds no
+    lock (it died or never started) for ``DEAD_RANK_GRACE_S``."""
+    cfg, root = plan.cfg, Path(plan.cfg.out)
+    owner = {s.record: i % world for i, s in enumerate(plan.shards)}
+    start = time.monotonic()
+    idle_since: dict[int, float] = {}
+    bar = tqdm(total=len(plan.shards), desc="shards of all ranks", disable=not cfg.progress)
+    try:
+        while True:
+            unfinished = [s.record for s in plan.shards if not (root / s.record).exists()]
+            missing = sorted({owner[record] for record in unfinished})
+            bar.n = len(plan.shards) - len(unfinished)
+            bar.set_postfix_str(f"waiting for ranks {missing}" if missing else "")
+            bar.refresh()
+            if not missing:
+                return
+            now = time.monotonic()
+            for r in missing:
+                if rank_is_building(root, r):
+                    idle_since.pop(r, None)
+                else:
+                    idle_since.setdefault(r, now)
+            gone = [r for r in missing if now - idle_since.get(r, now) >= DEAD_RANK_GRACE_S]
+            if gone:
+                raise ShardError(
+                    f"{root}: rank(s) {gone} left shards unfinished and no process is building "
+                    f"them; rerun those ranks, then build_shards --finalize true"
+                )
+            if now - start > cfg.finalize_timeout:
+                raise ShardError(
+                    f"{root}: rank(s) {missing} did not finish within finalize_timeout="
+                    f"{cfg.finalize_timeout} s; run build_shards --finalize true once they have"
+                )
+            time.sleep(0.5)
+    finally:
+        bar.close()
 
 
 __all__ = ["MANIFEST", "BuildConfig", "make_plan", "run_build"]

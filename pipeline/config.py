@@ -134,6 +134,16 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def config_diff(saved: Any, expected: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: saved != expected'."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        out = []
+        for key in sorted(set(saved) | set(expected)):
+            out += config_diff(saved.get(key), expected.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == expected else [f"{prefix.rstrip('.')}: {saved!r} != {expected!r}"]
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Apply dotted ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``true``, ``[1, 2]``)."""
     for item in overrides:

@@ -45,7 +45,9 @@ class BatchGraph:
     def __init__(
         self, plan: LoaderPlan, shards: ShardSet | None = None, *, pin_memory: bool = False
     ):
-        shards = shards or open_shards(plan.location, plan.split, plan.cfg.format)
+        shards = shards or open_shards(
+            plan.location, plan.split, plan.cfg.format, remote=plan.cfg.remote
+        )
         if plan.spec.latents and shards.manifest.latent is None:
             raise ShardError(
                 f"{shards.location}: field-only shards (built with encoder: null) hold no latents"

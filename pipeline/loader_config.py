@@ -6,10 +6,11 @@ the world size decide them (docs/design.md, section 7).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import check
+from pipeline.storage import RemoteConfig
 
 
 @dataclass
@@ -24,8 +25,11 @@ class LoaderConfig:
     format: Literal["auto", "zarr", "wds"] = "auto"
     wrap_epochs: bool = False  # reuse the precomputed query sets cyclically beyond their epochs
     process: bool = True  # run the graph in a child process (pipeline/loader_process.py)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)  # timeouts, retries of URLs
 
     def __post_init__(self) -> None:
+        # numpy's SeedSequence, which keys the order, takes no negative integer
+        check(self.seed >= 0, "loader.seed", "an integer >= 0", self.seed)
         check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
         check(self.read_threads >= 1, "loader.read_threads", "an integer >= 1", self.read_threads)
         check(self.read_ahead >= 0, "loader.read_ahead", "an integer >= 0", self.read_ahead)

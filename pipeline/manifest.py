@@ -4,6 +4,12 @@ One typed schema (:class:`Manifest`) for the build that writes it, the reader th
 it and the tools that inspect it. Written last and atomically by the build's finalize step;
 readers refuse a manifest of another schema version, and one whose keys or value types are not
 this schema's. docs/shard-format.md describes every key.
+
+Identity is content (docs/design.md, section 6): ``sample_set_id`` and ``build_id`` are hashes of
+what the config means, computed here for the build and recomputed here by every reader, and
+:attr:`Manifest.identity` hashes the whole manifest except its provenance (creation time, tool,
+paths). A reader also checks that the manifest's numbers agree with each other, so an edit that
+changes what the set means is refused on open instead of training on it.
 """
 
 from __future__ import annotations
@@ -14,15 +20,111 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.config import ConfigError, config_hash, from_dict, to_dict
 from pipeline.records import RecordSchema, ShardError, record_schema
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig, k_per_epoch
 from pipeline.sources.pdebench import DataInfo
 from pipeline.sources.splits import NormStats
-from pipeline.storage import join, read_bytes, sha256_bytes, write_atomic
+from pipeline.storage import RemoteConfig, join, read_bytes, sha256_bytes, write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: content identity (ids recomputed on open, provenance outside the identity)
 MANIFEST = "manifest.json"
+BUILD_STATE = "build.json"  # written first by a build; without a manifest: an unfinished build
 COORDINATES = "[0, 1] per axis, x first; flat indices in C order"
+# where things come from, not what they are: left out of Manifest.identity
+PROVENANCE = (
+    "created",
+    "tool",
+    "data.path",
+    "encoder.path",
+    "config.out",
+    "config.data.path",
+    "config.encoder",
+)
+
+
+def _without_provenance(view: dict[str, Any]) -> dict[str, Any]:
+    """``view`` (a manifest as a dict) with the :data:`PROVENANCE` keys removed, in place."""
+    for key in PROVENANCE:
+        *parents, leaf = key.split(".")
+        node = view
+        for parent in parents:
+            node = node.get(parent) or {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return view
+
+
+def build_config_hash(config: dict[str, Any]) -> str:
+    """sha256 of a build's resolved config without its paths (the manifest's ``config_hash``)."""
+    return config_hash(_without_provenance({"config": json.loads(json.dumps(config))})["config"])
+
+
+def shard_name(split: str, index: int) -> str:
+    """The name of shard ``index`` of ``split`` (its tar and its build record are named after it)."""
+    return f"{split}-{index:06d}"
+
+
+def tar_path(name: str) -> str:
+    """Where shard ``name``'s tar lies, relative to the set's root."""
+    return f"wds/{name}.tar"
+
+
+def sample_set_id(
+    *,
+    data_sha256: str,
+    splits: dict[str, list[int]],
+    grid: list[int],
+    sampler: dict[str, Any],
+    schedule: dict[str, Any],
+    k_per_epoch: list[int],
+    seed: int,
+    epochs: int,
+    norm: NormStats,
+) -> str:
+    """The identity of the query sets: everything that decides which points each snapshot's
+    epoch queries and with which weights (the data's bytes, the built splits, the sampler, the
+    schedule, the seed, and the normalisation the importance is computed on)."""
+    return config_hash(
+        {
+            "data_sha256": data_sha256,
+            "splits": splits,
+            "grid": list(grid),
+            "sampler": sampler,
+            "schedule": schedule,
+            "k_per_epoch": list(k_per_epoch),
+            "seed": seed,
+            "epochs": epochs,
+            "norm": to_dict(norm),
+        }
+    )
+
+
+def build_id(
+    *,
+    sample_set_id: str,
+    encoder_sha256: str | None,
+    format: str,
+    latent_dtype: str,
+    trajectories_per_shard: int,
+) -> str:
+    """The identity of the files: the query sets plus what decides the files' layout and latents
+    (the encoder by its bytes, never its path)."""
+    return config_hash(
+        {
+            "sample_set_id": sample_set_id,
+            "encoder_sha256": encoder_sha256,
+            "format": format,
+            "latent_dtype": latent_dtype,
+            "trajectories_per_shard": trajectories_per_shard,
+        }
+    )
+
+
+def formats_of(format: str) -> list[str]:
+    """The formats a build's ``format`` option writes."""
+    return ["zarr", "wds"] if format == "both" else [format]
 
 
 @dataclass(frozen=True)
@@ -133,17 +235,159 @@ class Manifest:
     def to_json(self) -> bytes:
         return (json.dumps(to_dict(self), indent=1, sort_keys=True) + "\n").encode()
 
+    def identity_view(self) -> dict[str, Any]:
+        """The manifest as a dict without its provenance (:data:`PROVENANCE`): what the set is.
+        Values take the types a reader parses them to (8 and 8.0 hash alike)."""
+        return _without_provenance(to_dict(from_dict(Manifest, to_dict(self))))
+
+    @property
+    def identity(self) -> str:
+        """sha256 of :meth:`identity_view`. The same set built at another time, by another tool
+        version, from a copy of the data at another path or into another directory has the same
+        identity; runs record it and resume only on a set with the same identity."""
+        return config_hash(self.identity_view())
+
+    def problems(self) -> list[str]:
+        """What in this manifest disagrees with itself: ids that do not match the content they
+        name, config and top-level values that differ, shard tables that do not add up."""
+        out: list[str] = []
+        cfg = self.config
+
+        def expect(ok: bool, message: str) -> None:
+            if not ok:
+                out.append(message)
+
+        try:
+            sampler = from_dict(SamplerConfig, cfg.get("sampler"), "config.sampler")
+            schedule = from_dict(ScheduleConfig, cfg.get("schedule"), "config.schedule")
+        except ConfigError as err:
+            return [str(err).replace("option '", "key '")]
+        expect(
+            build_config_hash(cfg) == self.config_hash,
+            f"key 'config_hash': {self.config_hash[:12]}..., its config gives "
+            f"{build_config_hash(cfg)[:12]}...",
+        )
+        expect(
+            cfg.get("epochs") == self.epochs,
+            f"key 'epochs': {self.epochs}, the config says {cfg.get('epochs')!r}",
+        )
+        try:
+            ks = k_per_epoch(schedule, self.epochs, self.num_points)
+        except ConfigError as err:
+            ks = str(err)
+        expect(
+            ks == self.k_per_epoch,
+            f"key 'k_per_epoch': {self.k_per_epoch}, its schedule gives {ks}",
+        )
+        expect(
+            self.formats == formats_of(cfg.get("format", "")),
+            f"key 'formats': {self.formats}, the config says format={cfg.get('format')!r}",
+        )
+        expect(
+            sorted(self.splits) == sorted(cfg.get("splits") or []),
+            f"key 'splits': {list(self.splits)}, the config says {cfg.get('splits')!r}",
+        )
+        expect(
+            (self.encoder is None) == (self.latent is None),
+            "keys 'encoder' and 'latent': one is null, the other not",
+        )
+        if self.latent is not None:
+            expect(
+                self.latent.dtype == cfg.get("latent_dtype"),
+                f"key 'latent.dtype': {self.latent.dtype!r}, the config says {cfg.get('latent_dtype')!r}",
+            )
+        norm = self.data.norm
+        channels = len(self.data.channels)
+        expect(
+            len(norm.mean) == len(norm.std) == channels
+            and all(math.isfinite(v) for v in (*norm.mean, *norm.std))
+            and all(v > 0 for v in norm.std),
+            f"key 'data.norm': expected {channels} finite means and positive stds, got {to_dict(norm)}",
+        )
+        expect(
+            len(self.data.periodic) == len(self.data.grid),
+            "key 'data.periodic': one flag per grid axis",
+        )
+        for split, entry in self.splits.items():
+            out += _split_problems(split, entry)
+        expected_set = sample_set_id(
+            data_sha256=self.data.sha256,
+            splits={split: entry.trajectories for split, entry in self.splits.items()},
+            grid=self.data.grid,
+            sampler=to_dict(sampler),
+            schedule=to_dict(schedule),
+            k_per_epoch=self.k_per_epoch,
+            seed=cfg.get("seed"),
+            epochs=self.epochs,
+            norm=norm,
+        )
+        expect(
+            expected_set == self.sample_set_id,
+            f"key 'sample_set_id': {self.sample_set_id[:12]}..., its content gives {expected_set[:12]}...",
+        )
+        expected_build = build_id(
+            sample_set_id=expected_set,
+            encoder_sha256=None if self.encoder is None else self.encoder.sha256,
+            format=cfg.get("format"),
+            latent_dtype=cfg.get("latent_dtype"),
+            trajectories_per_shard=cfg.get("trajectories_per_shard"),
+        )
+        expect(
+            expected_build == self.build_id,
+            f"key 'build_id': {self.build_id[:12]}..., its content gives {expected_build[:12]}...",
+        )
+        return out
+
+
+def _split_problems(split: str, entry: SplitEntry) -> list[str]:
+    """A split's shard table must tile its snapshots: shard i starts where shard i-1 ended, holds
+    whole trajectories, and together they hold the split's trajectories in order."""
+    out, start, trajectories = [], 0, []
+    steps = entry.snapshots_per_trajectory
+    for position, shard in enumerate(entry.shards):
+        where = f"key 'splits.{split}.shards[{position}]"
+        if shard.index != position:
+            out.append(f"{where}.index': {shard.index}, expected {position}")
+        if shard.start != start:
+            out.append(f"{where}.start': {shard.start}, the shards before it hold {start}")
+        held = len(shard.trajectories) * steps
+        if shard.count != held:
+            out.append(
+                f"{where}.count': {shard.count}, its {len(shard.trajectories)} trajectories of "
+                f"{steps} snapshots hold {held}"
+            )
+        tar = tar_path(shard_name(split, position))
+        if shard.tar != tar:
+            out.append(f"{where}.tar': {shard.tar!r}, expected {tar!r}")
+        start += shard.count
+        trajectories += shard.trajectories
+    if trajectories != entry.trajectories:
+        out.append(
+            f"key 'splits.{split}': its shards hold trajectories {trajectories[:8]}..., the split lists {entry.trajectories[:8]}..."
+        )
+    if start != entry.num_snapshots:
+        out.append(
+            f"key 'splits.{split}.num_snapshots': {entry.num_snapshots}, its shards hold {start}"
+        )
+    return out
+
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     write_atomic(root / MANIFEST, manifest.to_json())
 
 
-def read_manifest(location: str) -> tuple[Manifest, str]:
-    """The manifest of a shard set and the sha256 of its bytes (the set's identity for checkpoints)."""
+def read_manifest(location: str, remote: RemoteConfig | None = None) -> Manifest:
+    """The manifest of a shard set, refused unless it parses as this schema and agrees with
+    itself (:meth:`Manifest.problems`)."""
     path = join(location, MANIFEST)
     try:
-        data = read_bytes(path)
+        data = read_bytes(path, remote)
     except (FileNotFoundError, OSError) as err:
+        if Path(location, BUILD_STATE).is_file():
+            raise ShardError(
+                f"{location}: an unfinished build (no {MANIFEST} yet); rerun the same build_shards "
+                "command to finish it"
+            ) from None
         raise ShardError(f"{path}: no manifest; is this a finished shard set? ({err})") from None
     try:
         raw = json.loads(data)
@@ -160,10 +404,15 @@ def read_manifest(location: str) -> tuple[Manifest, str]:
     except ConfigError as err:
         message = str(err).replace("option '", "key '").replace("unknown config key", "unknown key")
         raise ShardError(f"{path}: {message}") from None
-    return manifest, sha256_bytes(data)
+    problems = manifest.problems()
+    if problems:
+        raise ShardError(f"{path}: {'; '.join(problems)}; the manifest was edited or is corrupt")
+    return manifest
 
 
-def read_listed(manifest: Manifest, location: str, name: str) -> bytes:
+def read_listed(
+    manifest: Manifest, location: str, name: str, remote: RemoteConfig | None = None
+) -> bytes:
     """The bytes of file ``name`` of the set at ``location``, checked against its manifest entry
     (size, then sha256); a file the manifest does not list is refused."""
     path = join(location, name)
@@ -171,7 +420,7 @@ def read_listed(manifest: Manifest, location: str, name: str) -> bytes:
     if entry is None:
         raise ShardError(f"{path}: not listed in the manifest")
     try:
-        data = read_bytes(path)
+        data = read_bytes(path, remote)
     except (FileNotFoundError, OSError) as err:
         raise ShardError(f"{path}: missing shard file ({err})") from None
     if len(data) != entry.bytes:

@@ -32,9 +32,9 @@ class ShardBlock:
     fields: np.ndarray  # (S, C, *grid) float32, physical units
     importance: np.ndarray  # (S, N) float32, q: sums to 1 per snapshot
     queries: np.ndarray  # (S, E, ceil(N/8)) uint8, packed bitmasks
-    pi_scale: (
-        np.ndarray
-    )  # (S, E, 2) int64 [remaining, total]: pi = remaining * fixed(q) / total, capped at 1
+    # (S, E, 2) int64 [remaining, total]: pi = remaining * fixed(q) / total, and 1 for the
+    # k - remaining largest q of a drawn set (the capped points)
+    pi_scale: np.ndarray
     latent: np.ndarray | None = None  # (S, T, D) float16/float32
 
     def __len__(self) -> int:
@@ -52,6 +52,14 @@ class ShardBlock:
 
     def select(self, rows: slice | np.ndarray) -> ShardBlock:
         return ShardBlock(**{name: value[rows] for name, value in self.arrays().items()})
+
+
+def trajectory_ids(trajectories: list[int] | tuple[int, ...], steps: int) -> dict[str, np.ndarray]:
+    """The id arrays of whole trajectories' snapshots, in stored order: (S,) int64 each, with
+    S = len(trajectories) * steps and snapshot_id = trajectory * steps + time."""
+    trajectory = np.repeat(np.asarray(trajectories, dtype=np.int64), steps)
+    time = np.tile(np.arange(steps, dtype=np.int64), len(trajectories))
+    return {"snapshot_id": trajectory * steps + time, "trajectory": trajectory, "time": time}
 
 
 # record name -> (shape of one snapshot's entry, dtype)

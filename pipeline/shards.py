@@ -16,8 +16,9 @@ import numpy as np
 from pipeline.formats import FORMATS
 from pipeline.manifest import ShardEntry, read_listed, read_manifest
 from pipeline.query_codec import unpack_indices
-from pipeline.records import ShardBlock, ShardError
+from pipeline.records import ShardBlock, ShardError, trajectory_ids
 from pipeline.samplers import weights_from_scale
+from pipeline.storage import RemoteConfig
 
 
 @dataclass
@@ -55,10 +56,15 @@ class ShardSet:
     """One split of a shard set: snapshots by index, whole shards by index, query sets by epoch."""
 
     def __init__(
-        self, location: str, split: str = "train", format: Literal["auto", "zarr", "wds"] = "auto"
+        self,
+        location: str,
+        split: str = "train",
+        format: Literal["auto", "zarr", "wds"] = "auto",
+        remote: RemoteConfig | None = None,
     ):
         self.location = str(location).rstrip("/")
-        self.manifest, self.manifest_sha256 = read_manifest(self.location)
+        self.remote = remote or RemoteConfig()  # timeouts and retries of remote reads
+        self.manifest = read_manifest(self.location, self.remote)
         splits = self.manifest.splits
         if split not in splits:
             raise ShardError(
@@ -75,12 +81,19 @@ class ShardSet:
         self.grid = tuple(self.manifest.data.grid)
         self.k_per_epoch: list[int] = self.manifest.k_per_epoch
         self.beta = self.manifest.sampler_beta
-        self._reader = FORMATS[format].reader(self.location, split, self.manifest)
+        self._reader = FORMATS[format].reader(
+            self.location, split, self.manifest, remote=self.remote
+        )
         self._cached: tuple[int, ShardBlock] | None = None
 
     @property
     def sample_set_id(self) -> str:
         return self.manifest.sample_set_id
+
+    @property
+    def manifest_id(self) -> str:
+        """The set's identity (:attr:`Manifest.identity`), recorded by every run trained on it."""
+        return self.manifest.identity
 
     @property
     def epochs(self) -> int:
@@ -113,9 +126,21 @@ class ShardSet:
             raise ShardError(
                 f"{self.location}: shard {index} of '{self.split}' holds {len(block)} snapshots, manifest says {shard.count}"
             )
+        self._check_ids(index, shard, block)
         if cache:
             self._cached = (index, block)
         return block
+
+    def _check_ids(self, index: int, shard: ShardEntry, block: ShardBlock) -> None:
+        """A shard must hold the snapshots the manifest says, in order: a listed, checksummed file
+        copied over another shard's (or a manifest pointing at the wrong one) is refused here."""
+        expected = trajectory_ids(shard.trajectories, self.steps)
+        if not all(np.array_equal(getattr(block, name), ids) for name, ids in expected.items()):
+            raise ShardError(
+                f"{self.location}: shard {index} of '{self.split}' holds other snapshots than the "
+                f"manifest says (trajectories {sorted(set(block.trajectory.tolist()))[:8]}, "
+                f"expected {shard.trajectories[:8]}); a shard file was replaced"
+            )
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard index, row within the shard) of snapshot ``i`` of this split."""
@@ -159,14 +184,18 @@ class ShardSet:
         problems = []
         for name in sorted(self.manifest.files):
             try:
-                read_listed(self.manifest, self.location, name)
+                read_listed(self.manifest, self.location, name, self.remote)
             except ShardError as err:
                 problems.append(str(err))
         return problems
 
 
 def open_shards(
-    location: str, split: str = "train", format: Literal["auto", "zarr", "wds"] = "auto"
+    location: str,
+    split: str = "train",
+    format: Literal["auto", "zarr", "wds"] = "auto",
+    remote: RemoteConfig | None = None,
 ) -> ShardSet:
-    """Open one split of a finished shard set at a local path or URL."""
-    return ShardSet(str(location), split, format)
+    """Open one split of a finished shard set at a local path or URL; ``remote``: timeouts
+    and retries of remote reads (None: the defaults)."""
+    return ShardSet(str(location), split, format, remote)

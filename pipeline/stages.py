@@ -15,7 +15,7 @@ import torch
 
 from pipeline.keys import snapshot_keys
 from pipeline.query_codec import pack_bits
-from pipeline.records import ShardBlock
+from pipeline.records import ShardBlock, trajectory_ids
 from pipeline.samplers import Sampler, inclusion_scale
 from pipeline.sources.pdebench import DataInfo, PDEBenchFile
 from pipeline.sources.splits import NormStats
@@ -55,14 +55,7 @@ class ReadStage:
 
     def __call__(self, trajectories: Sequence[int]) -> dict[str, np.ndarray]:
         fields = np.concatenate([self.source.trajectory(t) for t in trajectories])  # (S, C, *grid)
-        trajectory = np.repeat(np.asarray(trajectories, dtype=np.int64), self.steps)
-        time = np.tile(np.arange(self.steps, dtype=np.int64), len(trajectories))
-        return {
-            "fields": fields,
-            "trajectory": trajectory,
-            "time": time,
-            "snapshot_id": trajectory * self.steps + time,
-        }
+        return {"fields": fields, **trajectory_ids(list(trajectories), self.steps)}
 
 
 class EncodeStage:

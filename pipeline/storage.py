@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import math
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import fsspec
+
+from pipeline.config import check
+from pipeline.records import ShardError
+
+try:
+    import aiohttp
+except ImportError:  # fsspec's http(s) needs it; other protocols do not
+    aiohttp = None
+
+T = TypeVar("T")
 
 
 def is_url(location: str | Path) -> bool:
@@ -20,12 +35,137 @@ def join(root: str | Path, *parts: str) -> str:
     return "/".join([str(root).rstrip("/"), *parts])
 
 
-def read_bytes(location: str) -> bytes:
-    """The whole file at a local path or URL."""
+@dataclass
+class RemoteConfig:
+    """How reads from a remote set (http(s)://, s3://, ...) wait and retry.
+
+    A request with no answer for ``timeout_s`` (connecting, or between two reads of the answer)
+    is abandoned; a failed read is tried again ``retries`` times, ``backoff_s`` apart, doubling;
+    then a ShardError names the URL, the attempts and the cause. A missing file (404) and other
+    refusals (403, ...) are not retried. Local paths and file:// read directly.
+    """
+
+    timeout_s: float = 30.0  # per request: seconds without an answer
+    retries: int = 3  # tries after the first (4 attempts in all)
+    backoff_s: float = 0.5  # wait before the first retry, doubling for each further one
+
+    def __post_init__(self) -> None:
+        check(
+            math.isfinite(self.timeout_s) and self.timeout_s > 0,
+            "loader.remote.timeout_s",
+            "a number of seconds > 0",
+            self.timeout_s,
+        )
+        check(self.retries >= 0, "loader.remote.retries", "an integer >= 0", self.retries)
+        check(
+            math.isfinite(self.backoff_s) and self.backoff_s >= 0,
+            "loader.remote.backoff_s",
+            "a number of seconds >= 0",
+            self.backoff_s,
+        )
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (counted from 0)."""
+        return self.backoff_s * 2**attempt
+
+
+def storage_options(location: str, remote: RemoteConfig) -> dict[str, Any]:
+    """fsspec options for ``location``: http(s) requests get ``remote.timeout_s`` (aiohttp's
+    default is 5 minutes in all, and none between reads)."""
+    if aiohttp is None or not str(location).startswith(("http://", "https://")):
+        return {}
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=remote.timeout_s, sock_read=remote.timeout_s
+    )
+    return {"client_kwargs": {"timeout": timeout}}
+
+
+_NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+_TRANSIENT_STATUS = (408, 425, 429)
+
+
+def _transient(err: BaseException) -> bool | None:
+    """True for an error worth retrying, False for a refusal (403, permission), None for an
+    error that is no remote failure at all (a bug: re-raised as it is)."""
+    if aiohttp is not None and isinstance(err, aiohttp.ClientResponseError):
+        return err.status >= 500 or err.status in _TRANSIENT_STATUS
+    if isinstance(err, _NOT_TRANSIENT):
+        return False
+    if aiohttp is not None and isinstance(err, aiohttp.ClientError):
+        return True
+    return isinstance(err, TimeoutError | asyncio.TimeoutError | ConnectionError | OSError)
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _refused(url: str, err: BaseException) -> ShardError:
+    if aiohttp is not None and isinstance(err, aiohttp.ClientResponseError):
+        return ShardError(f"{url}: refused with HTTP {err.status} {err.message}".rstrip())
+    return ShardError(f"{url}: refused ({_cause(err)})")
+
+
+def _gave_up(url: str, remote: RemoteConfig, err: BaseException) -> ShardError:
+    timed_out = isinstance(err, TimeoutError | asyncio.TimeoutError) or (
+        aiohttp is not None and isinstance(err, aiohttp.ServerTimeoutError)
+    )
+    what = f"no answer within {remote.timeout_s:g} s" if timed_out else "read failed"
+    attempts = f"{remote.attempts} attempt{'s' if remote.attempts > 1 else ''}"
+    return ShardError(f"{url}: {what} after {attempts} ({_cause(err)})")
+
+
+def _check_attempt(url: str, remote: RemoteConfig, attempt: int, err: Exception) -> None:
+    """Called in the ``except`` of a failed attempt: returns to retry it, else raises what the
+    failure becomes (the error itself, a refusal, or the last attempt's ShardError)."""
+    transient = _transient(err)
+    if transient is None or isinstance(err, FileNotFoundError):
+        raise err
+    if not transient:
+        raise _refused(url, err) from None
+    if attempt + 1 == remote.attempts:
+        raise _gave_up(url, remote, err) from None
+
+
+def retrying(url: str, remote: RemoteConfig, call: Callable[[], T]) -> T:
+    """``call()``, retried on transient errors as ``remote`` says; FileNotFoundError passes
+    through (a missing file is no outage), every other remote failure becomes a ShardError."""
+    for attempt in range(remote.attempts):
+        try:
+            return call()
+        except Exception as err:
+            _check_attempt(url, remote, attempt, err)
+        time.sleep(remote.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+async def retrying_async(url: str, remote: RemoteConfig, call: Callable[[], Awaitable[T]]) -> T:
+    """:func:`retrying` for a coroutine (zarr's store reads), waiting with asyncio.sleep."""
+    for attempt in range(remote.attempts):
+        try:
+            return await call()
+        except Exception as err:
+            _check_attempt(url, remote, attempt, err)
+        await asyncio.sleep(remote.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+def read_bytes(location: str, remote: RemoteConfig | None = None) -> bytes:
+    """The whole file at a local path or URL; remote reads time out and retry as ``remote``
+    says (None: the defaults) and end in a ShardError naming the URL. A missing file raises
+    FileNotFoundError."""
     if not is_url(location):
         return Path(location).read_bytes()
-    with fsspec.open(location, "rb") as f:
-        return f.read()
+    remote = remote or RemoteConfig()
+    fs, path = fsspec.core.url_to_fs(location, **storage_options(location, remote))
+    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        return fs.cat_file(path)
+    return retrying(location, remote, lambda: fs.cat_file(path))
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -41,12 +181,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def zarr_store(location: str, read_only: bool = True):
-    """A zarr v3 store for a local path or any fsspec URL."""
+def zarr_store(location: str, read_only: bool = True, remote: RemoteConfig | None = None):
+    """A zarr v3 store for a local path or any fsspec URL (http(s) with ``remote``'s timeout;
+    the retries are the reader's, see pipeline/formats/zarr.py)."""
     from zarr.storage import FsspecStore, LocalStore
 
     if is_url(location) and not location.startswith("file://"):
-        return FsspecStore.from_url(location, read_only=read_only)
+        options = storage_options(location, remote or RemoteConfig())
+        return FsspecStore.from_url(location, storage_options=options, read_only=read_only)
     path = location.removeprefix("file://")
     return LocalStore(path, read_only=read_only)
 
@@ -59,10 +201,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with named_os_errors(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def named_os_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError of writing ``path`` (ENOSPC: a full disk) with the file's name, so the
+    tools' one-line message says which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

@@ -1,10 +1,16 @@
-"""Shared test helpers: a tiny (untrained) codec checkpoint for a data file; an HTTP server."""
+"""Shared test helpers: running the tools, a tiny (untrained) codec checkpoint for a data file,
+an HTTP server."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +21,30 @@ from pipeline.sources.splits import DataConfig, NormStats
 from ups.models.codec import Codec, CodecConfig, save_codec
 from ups.models.decoder import DecoderConfig
 from ups.models.encoder import EncoderConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "tools" / "build_shards.py"
+TRAIN = ROOT / "tools" / "train.py"
+INSPECT = ROOT / "tools" / "inspect_shards.py"
+# One torch thread per process: these tests run several processes on a 2-core machine, where
+# OpenMP threads of concurrent processes spin against each other (a 100x slowdown was measured).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_tool(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a tool as a user does, in its own process; stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+def manifest_of(root: Path) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
 
 TINY_CODEC = CodecConfig(
     EncoderConfig(patch=8, dim=32, depth=1, num_tokens=8, latent_dim=16),
@@ -55,3 +85,97 @@ def serve_directory(directory: Path):
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+class HostileServer:
+    """A real HTTP server on 127.0.0.1 serving a directory, with the misbehaviours of real ones:
+    no directory listings (``refuse_dirs``: 404 or 403 to every directory URL), requests that
+    are accepted and then never answered (``stall(path)``), errors (``fail(path)``: an HTTP
+    status to answer with, or None) and a death mid-run (:meth:`stop`). ``requests`` records
+    every path asked for."""
+
+    def __init__(self, directory: Path, refuse_dirs: int | None = 404, stall=None, fail=None):
+        self.requests: list[str] = []
+        self.release = threading.Event()  # set on stop: stalled handlers return
+        server = self
+
+        class Handler(QuietHandler):
+            def _hostile(self) -> bool:
+                path = self.path.split("?", 1)[0]
+                server.requests.append(path)
+                if stall is not None and stall(path):
+                    server.release.wait(120)
+                    self.close_connection = True
+                    return True
+                status = None if fail is None else fail(path)
+                if status is not None:
+                    self.send_error(status)
+                    return True
+                if refuse_dirs and (path.endswith("/") or Path(self.translate_path(path)).is_dir()):
+                    self.send_error(refuse_dirs)
+                    return True
+                return False
+
+            def do_GET(self) -> None:
+                if not self._hostile():
+                    super().do_GET()
+
+            def do_HEAD(self) -> None:
+                if not self._hostile():
+                    super().do_HEAD()
+
+        self._server = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(directory))
+        )
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Shut the server down: later connections are refused."""
+        if not self._stopped:
+            self._stopped = True
+            self.release.set()
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@contextlib.contextmanager
+def serve_hostile(directory: Path, refuse_dirs: int | None = 404, stall=None, fail=None):
+    """A :class:`HostileServer` for the block; stopped at its end."""
+    server = HostileServer(directory, refuse_dirs, stall, fail)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers; yields its
+    http:// URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    listener.settimeout(0.2)
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        listener.close()
+        for conn in accepted:
+            conn.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,7 +21,16 @@ import pytest
 import torch
 import webdataset as wds
 import zarr
-from helpers import serve_directory, tiny_codec_checkpoint
+from helpers import (
+    BUILD,
+    ENV,
+    INSPECT,
+    ROOT,
+    manifest_of,
+    run_tool,
+    serve_directory,
+    tiny_codec_checkpoint,
+)
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
@@ -36,9 +44,6 @@ from ups.models.codec import load_codec, load_encoder
 # real builds, many through the command line: the fast lane (pytest -m "not slow") leaves them out
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "tools" / "build_shards.py"
-INSPECT = ROOT / "tools" / "inspect_shards.py"
 RECORD = (
     "snapshot_id",
     "trajectory",
@@ -80,28 +85,8 @@ def build_here(args: list[str]) -> Path:
     return Path(cfg.out)
 
 
-# One torch thread per process: these tests run several processes on a 2-core machine, where
-# OpenMP threads of concurrent processes spin against each other (a 100x slowdown was measured).
-# In-process builds use the same single thread, so latents are comparable bit for bit.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def run_tool(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
-
-
 def start_tool(script: Path, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=ENV, **kwargs)
-
-
-def manifest_of(root: Path) -> dict:
-    return json.loads((root / "manifest.json").read_text())
 
 
 def assert_same_files(a: Path, b: Path) -> None:
@@ -401,7 +386,7 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
     out = tmp_path / "killed"
     proc = start_tool(BUILD, *args(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not list((out / "parts").glob("*.json")):
+    while not list((out / "parts").glob("*-*.json")):  # a shard's record (not metadata.json)
         assert proc.poll() is None, "the build ended before any shard finished"
         assert time.monotonic() < deadline
         time.sleep(0.005)
@@ -409,7 +394,7 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
-    finished = len(list((out / "parts").glob("*.json")))
+    finished = len(list((out / "parts").glob("*-*.json")))
     last = len(manifest_of(reference)["splits"]["train"]["shards"]) - 1
     assert finished <= last, "killed too late to test a resume"
     # what a kill during the writes of the unfinished last train shard leaves (the kill above may
@@ -428,7 +413,7 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
         "manifest.json",
         "build.json",
         ".lock",
-        ".formats-ready",
+        ".lock-rank0",
     }
     expected |= {p.relative_to(out).as_posix() for p in (out / "parts").glob("*.json")}
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == expected
@@ -536,10 +521,10 @@ def test_manifest_of_other_schema_version_is_refused(built, tmp_path):
     root = tmp_path / "future"
     root.mkdir()
     manifest = manifest_of(built)
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 3
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
-        ShardError, match=r"manifest\.json: schema_version 2, this reader understands version 1"
+        ShardError, match=r"manifest\.json: schema_version 3, this reader understands version 2"
     ):
         open_shards(root)
 

@@ -8,6 +8,8 @@ Several processes: --rank R --world-size W (or torchrun's environment); rank 0 w
 
 from __future__ import annotations
 
+import sys
+
 from pipeline.build import BuildConfig, run_build
 from pipeline.cli import fail, parse_config
 from pipeline.config import ConfigError
@@ -50,6 +52,17 @@ def main(argv: list[str] | None = None) -> None:
         summary = run_build(cfg, load_encoder=load_encoder)
     except (ShardError, ConfigError, DataError, CheckpointError) as err:
         fail(str(err))
+    except OSError as err:  # a full disk, a read-only directory: finished shards are kept
+        fail(
+            f"{err.filename or cfg.out}: {err.strerror or err}; the build stopped unfinished, "
+            "rerun the same command to resume it"
+        )
+    except KeyboardInterrupt:
+        print(
+            "interrupted; finished shards are kept: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     print_summary(summary)
 
 

@@ -1,13 +1,15 @@
 """Check a shard set and summarise it; optionally plot one snapshot's query sets.
 
 python tools/inspect_shards.py PATH_OR_URL [--split train] [--plot OUT.png] [--snapshot I]
-    [--epochs 0,1,2]
+    [--epochs 0,1,2] [--timeout-s 30] [--retries 3] [--backoff-s 0.5]
 
 Checks the manifest (schema version, required keys, consistent counts), the shape of one record
 per split and format against it, and the sha256 of every file it lists; prints a summary
 (sample_set_id, encoder, grid and channels, splits, epochs and k_e, bytes per format, query-set
 bytes against the entropy bound). Exit status 0 when everything verifies, 1 with one line per
-bad file or key otherwise, 2 for bad arguments.
+bad file or key otherwise, 2 with one ``error: ...`` line for bad arguments or a set that cannot
+be opened or read (no manifest, a refused or edited one, a server that does not answer within
+--timeout-s after the retries).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import sys
 
 import numpy as np
 
+from pipeline.config import ConfigError
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet, open_shards
+from pipeline.storage import RemoteConfig
 
 
 def check_manifest(manifest: Manifest) -> list[str]:
@@ -43,7 +47,9 @@ def check_manifest(manifest: Manifest) -> list[str]:
     return problems
 
 
-def check_record_shapes(location: str, manifest: Manifest) -> list[str]:
+def check_record_shapes(
+    location: str, manifest: Manifest, remote: RemoteConfig | None = None
+) -> list[str]:
     """Read the first shard of every split in every format and compare its arrays to the
     record schema the manifest implies."""
     expected = manifest.record_schema()
@@ -53,7 +59,7 @@ def check_record_shapes(location: str, manifest: Manifest) -> list[str]:
             continue
         for fmt in manifest.formats:
             try:
-                block = open_shards(location, split, fmt).read_shard(0)
+                block = open_shards(location, split, fmt, remote).read_shard(0)
             except ShardError as err:
                 problems.append(str(err))
                 continue
@@ -81,7 +87,7 @@ def summary(shards: ShardSet) -> str:
         f"shard set      {shards.location}",
         f"schema         version {m.schema_version}, {m.tool}, created {m.created}",
         f"sample_set_id  {m.sample_set_id}",
-        f"manifest       sha256 {shards.manifest_sha256}",
+        f"manifest       id {shards.manifest_id}",
     ]
     enc, lat = m.encoder, m.latent
     if enc is None or lat is None:
@@ -146,7 +152,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--epochs", help="comma-separated epochs to plot (default: the first three)"
     )
+    defaults = RemoteConfig()
+    remote = parser.add_argument_group("remote sets (http(s)://, s3://, ...)")
+    remote.add_argument(
+        "--timeout-s",
+        type=float,
+        default=defaults.timeout_s,
+        help=f"seconds without an answer before a request is abandoned (default: {defaults.timeout_s:g})",
+    )
+    remote.add_argument(
+        "--retries",
+        type=int,
+        default=defaults.retries,
+        help=f"tries after the first failed one (default: {defaults.retries})",
+    )
+    remote.add_argument(
+        "--backoff-s",
+        type=float,
+        default=defaults.backoff_s,
+        help=f"wait before the first retry, doubling (default: {defaults.backoff_s:g})",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.remote = RemoteConfig(args.timeout_s, args.retries, args.backoff_s)
+    except ConfigError as err:
+        parser.error(str(err).replace("option 'loader.remote.", "option '--").replace("_", "-"))
     if args.epochs is not None:
         try:
             args.epochs = [int(e) for e in args.epochs.split(",") if e.strip()]
@@ -159,25 +189,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    location = str(args.location).rstrip("/")
     try:
-        manifest, _ = read_manifest(location)
-    except ShardError as err:
+        return inspect(args)
+    except ShardError as err:  # a set that cannot be opened or read: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
+
+
+def inspect(args: argparse.Namespace) -> int:
+    location = str(args.location).rstrip("/")
+    manifest = read_manifest(location, args.remote)
     problems = check_manifest(manifest)
     if problems:
         print("\n".join(f"BAD  {p}" for p in problems), file=sys.stderr)
         return 1
-    try:
-        shards = open_shards(location, args.split, args.format)
-    except ShardError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    shards = open_shards(location, args.split, args.format, args.remote)
     print(summary(shards))
     problems = shards.verify()
     if not problems:
-        problems = check_record_shapes(location, manifest)
+        problems = check_record_shapes(location, manifest, args.remote)
     if problems:
         print(f"verify         FAILED: {len(problems)} problem(s)")
         print("\n".join(f"BAD  {p}" for p in problems), file=sys.stderr)

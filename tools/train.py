@@ -10,6 +10,9 @@ Several processes: torchrun --nproc_per_node N tools/train.py ...
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from pipeline.cli import fail, parse_config
 from pipeline.config import ConfigError
 from pipeline.records import ShardError
@@ -23,7 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         metrics = train(cfg)
     except (ShardError, ConfigError, CheckpointError) as err:
-        fail(str(err))
+        fail(" ".join(str(err).split()))  # one line, also for torch's multi-line messages
+    except OSError as err:  # writing a checkpoint, a model or a log: a full disk, a read-only out
+        fail(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
+    except KeyboardInterrupt:
+        resume = Path(cfg.out) / "checkpoint.pt"
+        hint = f"; resume={resume} continues from its last checkpoint" if resume.exists() else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
     if metrics:
         print(
             f"\n{cfg.stage} stage: nRMSE on the dense test grid, physical space ({cfg.out}/test_metrics.json)"

@@ -39,6 +39,8 @@ def evaluate(
     (decode(op^h(encode(u_t))) vs u_{t+h}), averaged over all start times with t + h < T.
     Horizons longer than the trajectories are skipped.
     """
+    if not horizons or min(horizons) < 1:
+        raise ValueError(f"evaluate: horizons must be integers >= 1, got {list(horizons)}")
     was_training = codec.training
     codec.eval()
     if operator is not None:
@@ -74,6 +76,8 @@ def evaluate(
     codec.train(was_training)
     if operator is not None:
         operator.train(was_training)
+    if not sums:  # no metrics at all would read as an evaluation that passed
+        raise ValueError("evaluate: no trajectories to evaluate")
     return {key: float(np.mean(values)) for key, values in sums.items()}
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import tarfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.manifest import Manifest, ShardEntry, read_listed
-from pipeline.records import ID_ARRAYS, RecordSchema, ShardBlock
-from pipeline.storage import join
+from pipeline.manifest import Manifest, ShardEntry, read_listed, tar_path
+from pipeline.records import ID_ARRAYS, RecordSchema, ShardBlock, ShardError
+from pipeline.storage import RemoteConfig, join
 
 ARRAY_MEMBERS = ("fields", "importance", "queries", "pi_scale", "latent")
 
@@ -35,11 +36,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def tar_path(name: str) -> str:
-    """Where shard ``name``'s tar lies, relative to the set's root."""
-    return f"wds/{name}.tar"
 
 
 class WdsWriter:
@@ -93,28 +89,111 @@ class WdsWriter:
 _NPY_LOAD = threading.Lock()
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    with _NPY_LOAD:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+def _load_npy(data: bytes, where: str = "npy member") -> np.ndarray:
+    """A plain ``.npy`` array (no pickles, no npz); anything else is a ShardError naming ``where``."""
+    try:
+        with _NPY_LOAD:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ShardError(f"{where}: not a plain .npy array ({err})") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ShardError(f"{where}: not a plain .npy array (an npz archive)")
+    return array
+
+
+_SAMPLE_KEY = re.compile(r"\d+_\d+")
+
+
+def _samples(url: str, data: bytes, members: set[str]) -> list[tuple[str, dict[str, bytes]]]:
+    """The tar's samples in order, as (key, {member suffix: bytes}): regular files only, each
+    named ``{key}.{member}`` with a member of ``members``, once per sample, samples contiguous."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                key, _, suffix = info.name.partition(".")
+                where = f"{url}: member '{info.name}'"
+                if not info.isfile():
+                    raise ShardError(f"{where} is not a regular file")
+                if not _SAMPLE_KEY.fullmatch(key) or suffix not in members:
+                    raise ShardError(
+                        f"{where}: unexpected member; a sample holds {sorted(members)}"
+                    )
+                if not samples or samples[-1][0] != key:
+                    if any(k == key for k, _ in samples):
+                        raise ShardError(f"{where}: out of place (sample '{key}' came before)")
+                    samples.append((key, {}))
+                sample = samples[-1][1]
+                if suffix in sample:
+                    raise ShardError(f"{where}: appears twice")
+                handle = tar.extractfile(info)
+                sample[suffix] = b"" if handle is None else handle.read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"{url}: not a readable tar ({err})") from None
+    return samples
+
+
+def _meta(where: str, key: str, raw: bytes) -> dict[str, int]:
+    """A sample's ids from its ``meta.json``: exactly the three integer ids, matching its key."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise ShardError(f"{where}: not valid JSON ({err})") from None
+    if (
+        not isinstance(meta, dict)
+        or set(meta) != set(ID_ARRAYS)
+        or not all(type(meta[name]) is int for name in ID_ARRAYS)
+    ):
+        raise ShardError(
+            f"{where}: expected the integers {list(ID_ARRAYS)}, got {raw[:120].decode(errors='replace')!r}"
+        )
+    if sample_key(meta["trajectory"], meta["time"]) != key:
+        raise ShardError(
+            f"{where}: trajectory {meta['trajectory']}, time {meta['time']} do not match the key '{key}'"
+        )
+    return meta
 
 
 class WdsReader:
-    """Reads one split's shards from their tars, each read whole and verified, then parsed with
-    webdataset's tar reader."""
+    """Reads one split's shards from their tars, each read whole and verified against the
+    manifest, then parsed with Python's tarfile and checked member by member against the record
+    schema: a crafted tar (members missing, extra or of another dtype or shape, a pickle, a bad
+    ``meta.json``) is refused with a ShardError naming the tar and the member."""
 
-    def __init__(self, location: str, split: str, manifest: Manifest):
-        self.location, self.manifest = location, manifest
+    def __init__(
+        self, location: str, split: str, manifest: Manifest, remote: RemoteConfig | None = None
+    ):
+        self.location, self.manifest, self.remote = location, manifest, remote
+        self.schema = manifest.record_schema()
+        arrays = [name for name in ARRAY_MEMBERS if name in self.schema]
+        self.arrays, self.members = arrays, {"meta.json", *(f"{n}.npy" for n in arrays)}
 
     def read(self, shard: ShardEntry) -> ShardBlock:
-        data = read_listed(self.manifest, self.location, shard.tar)
-        files = tar_file_iterator(io.BytesIO(data))
-        located = ({**f, "__url__": join(self.location, shard.tar)} for f in files)
-        columns: dict[str, list] = {}
-        for sample in group_by_keys(located):
-            meta = json.loads(sample["meta.json"])
+        url = join(self.location, shard.tar)
+        data = read_listed(self.manifest, self.location, shard.tar, self.remote)
+        samples = _samples(url, data, self.members)
+        if not samples:
+            raise ShardError(f"{url}: holds no samples")
+        columns: dict[str, list] = {name: [] for name in (*ID_ARRAYS, *self.arrays)}
+        for key, sample in samples:
+            missing = sorted(self.members - set(sample))
+            if missing:
+                raise ShardError(f"{url}: sample '{key}' lacks member '{key}.{missing[0]}'")
+            meta = _meta(f"{url}: member '{key}.meta.json'", key, sample["meta.json"])
             for name in ID_ARRAYS:
-                columns.setdefault(name, []).append(meta[name])
-            for name in ARRAY_MEMBERS:
-                if f"{name}.npy" in sample:
-                    columns.setdefault(name, []).append(_load_npy(sample[f"{name}.npy"]))
-        return ShardBlock(**{name: np.stack(values) for name, values in columns.items()})
+                columns[name].append(meta[name])
+            for name in self.arrays:
+                where = f"{url}: member '{key}.{name}.npy'"
+                array = _load_npy(sample[f"{name}.npy"], where)
+                shape, dtype = self.schema[name]
+                if array.shape != shape or array.dtype != np.dtype(dtype):
+                    raise ShardError(
+                        f"{where}: {array.shape} {array.dtype}, the record schema says "
+                        f"{shape} {np.dtype(dtype)}"
+                    )
+                columns[name].append(array)
+        return ShardBlock(
+            **{name: np.asarray(columns.pop(name), dtype=np.int64) for name in ID_ARRAYS},
+            **{name: np.stack(values) for name, values in columns.items()},
+        )

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import WrapperStore
 
-from pipeline.manifest import Manifest, ShardEntry
+from pipeline.manifest import FileEntry, Manifest, ShardEntry
 from pipeline.records import RecordSchema, ShardBlock, ShardError
-from pipeline.storage import join, sha256_bytes, zarr_store
+from pipeline.storage import RemoteConfig, join, retrying_async, sha256_bytes, zarr_store
 
 ZSTD_LEVEL = 3  # fields, latents, importance: fast
 QUERY_ZSTD_LEVEL = 19  # the bitmasks are small; level 19 brings them near the entropy bound
@@ -81,41 +83,104 @@ class ZarrWriter:
         ]
 
 
-class _VerifyingStore(WrapperStore):
-    """Checks the sha256 of every chunk file it serves against the manifest."""
+# zarr's metadata documents: a read of one of these may find nothing (zarr probes for them)
+METADATA_NAMES = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
 
-    def __init__(self, store, location: str, checksums: dict[str, str]):
+
+def _byte_slice(data: bytes, byte_range: ByteRequest) -> bytes:
+    if isinstance(byte_range, RangeByteRequest):
+        return data[byte_range.start : byte_range.end]
+    if isinstance(byte_range, OffsetByteRequest):
+        return data[byte_range.offset :]
+    if isinstance(byte_range, SuffixByteRequest):
+        return data[-byte_range.suffix :] if byte_range.suffix else b""
+    raise ValueError(f"unexpected byte range {byte_range!r}")
+
+
+class _VerifyingStore(WrapperStore):
+    """Serves only files the manifest lists, each read whole (retried as ``remote`` says) and
+    checked against its size and sha256 before zarr sees a byte of it; a byte-range request is
+    answered from the verified whole file. A file the manifest does not list is refused,
+    except a metadata document zarr merely probes for and does not find."""
+
+    def __init__(
+        self, store, location: str, files: dict[str, FileEntry], remote: RemoteConfig | None
+    ):
         super().__init__(store)
-        self._location, self._checksums = location, checksums
+        self._location, self._files = location, files
+        self._remote = remote or RemoteConfig()
+
+    def _with_store(self, store):
+        return type(self)(store, self._location, self._files, self._remote)
 
     async def get(self, key, prototype, byte_range=None):
-        buf = await super().get(key, prototype, byte_range)
-        expected = self._checksums.get(f"zarr/{key}")
-        if buf is None and expected is not None:  # zarr would silently read the fill value
+        url = join(self._location, key)
+        entry = self._files.get(f"zarr/{key}")
+        if entry is None and key.rsplit("/", 1)[-1] not in METADATA_NAMES:
+            raise ShardError(f"{url}: not listed in the manifest")
+        buf = await retrying_async(
+            url, self._remote, lambda: super(_VerifyingStore, self).get(key, prototype)
+        )
+        if buf is None:
+            if entry is not None:  # zarr would silently read the fill value
+                raise ShardError(f"{url}: missing shard file (listed in the manifest)")
+            return None
+        if entry is None:
+            raise ShardError(f"{url}: not listed in the manifest")
+        data = buf.to_bytes()
+        if len(data) != entry.bytes:
             raise ShardError(
-                f"{join(self._location, key)}: missing shard file (listed in the manifest)"
+                f"{url}: {len(data)} bytes, the manifest says {entry.bytes} (truncated shard file)"
             )
-        verify = buf is not None and expected is not None and byte_range is None
         # hash off zarr's event loop thread, so that reads of several shards verify in parallel
-        if verify and await asyncio.to_thread(sha256_bytes, buf.to_bytes()) != expected:
-            raise ShardError(
-                f"{join(self._location, key)}: checksum mismatch (corrupt or edited shard file)"
-            )
-        return buf
+        if await asyncio.to_thread(sha256_bytes, data) != entry.sha256:
+            raise ShardError(f"{url}: checksum mismatch (corrupt or edited shard file)")
+        if byte_range is None:
+            return buf
+        return prototype.buffer.from_bytes(_byte_slice(data, byte_range))
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return list(
+            await asyncio.gather(*(self.get(key, prototype, rng) for key, rng in key_ranges))
+        )
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key):
+        return await self.get(key, default_buffer_prototype()) is not None
 
 
 class ZarrReader:
-    """Reads one split's shards as contiguous snapshot blocks, verifying each chunk file it touches."""
+    """Reads one split's shards as contiguous snapshot blocks, verifying each chunk file it touches.
 
-    def __init__(self, location: str, split: str, manifest: Manifest):
+    Arrays are opened by name from the manifest's record schema, never by listing the store
+    (a web server need not list directories), and checked against that schema."""
+
+    def __init__(
+        self, location: str, split: str, manifest: Manifest, remote: RemoteConfig | None = None
+    ):
         location = join(location, "zarr")
-        checksums = {name: entry.sha256 for name, entry in manifest.files.items()}
-        store = _VerifyingStore(zarr_store(location, read_only=True), location, checksums)
-        try:
-            group = zarr.open_group(store, mode="r")[split]
-        except (FileNotFoundError, KeyError) as err:
-            raise ShardError(f"{location}: no zarr group '{split}' ({err})") from None
-        self._arrays = {name: group[name] for name in group.array_keys()}
+        store = _VerifyingStore(
+            zarr_store(location, read_only=True, remote=remote), location, manifest.files, remote
+        )
+        num = manifest.splits[split].num_snapshots
+        self._arrays = {}
+        for name, (tail, dtype) in manifest.record_schema().items():
+            where = join(location, split, name)
+            try:
+                array = zarr.open_array(store, path=f"{split}/{name}", mode="r", zarr_format=3)
+            except FileNotFoundError as err:
+                raise ShardError(
+                    f"{where}: no zarr array '{name}' of split '{split}' ({err})"
+                ) from None
+            if array.shape != (num, *tail) or array.dtype != np.dtype(dtype):
+                raise ShardError(
+                    f"{where}: array {array.shape} {array.dtype}, the manifest implies "
+                    f"{(num, *tail)} {np.dtype(dtype)}"
+                )
+            self._arrays[name] = array
 
     def read(self, shard: ShardEntry) -> ShardBlock:
         stop = shard.start + shard.count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,12 @@ class DecoderConfig:
                 "a positive integer",
                 getattr(self, name),
             )
-        check(self.max_freq >= 1, "decoder.max_freq", "a number >= 1", self.max_freq)
+        check(
+            math.isfinite(self.max_freq) and self.max_freq >= 1,
+            "decoder.max_freq",
+            "a finite number >= 1",
+            self.max_freq,
+        )
         check(
             self.dim % self.heads == 0,
             "decoder.dim",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import check
+from pipeline.config import ConfigError, check
 from pipeline.grid import grid_coordinates
 from ups.models.layers import Block, FourierFeatures
 
@@ -58,7 +58,8 @@ class GridEncoder(nn.Module):
             raise ValueError(f"GridEncoder supports 1D and 2D grids, got grid {grid}")
         bad = [n for n in grid if n % cfg.patch]
         if bad:
-            raise ValueError(f"grid {tuple(grid)} is not divisible by encoder.patch={cfg.patch}")
+            # a ConfigError (a ValueError): the tools print it as one line
+            raise ConfigError(f"grid {tuple(grid)} is not divisible by encoder.patch={cfg.patch}")
         self.cfg, self.channels, self.grid = cfg, channels, tuple(grid)
         conv = nn.Conv1d if len(grid) == 1 else nn.Conv2d
         self.patch_embed = conv(channels, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)

@@ -31,13 +31,14 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.collate import SparseBatch
-from pipeline.config import check, from_dict, to_dict
+from pipeline.config import ConfigError, check, config_diff, to_dict
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
+from pipeline.records import ShardError
 from pipeline.shards import ShardSet, open_shards
 from pipeline.sources.splits import NormStats
-from pipeline.storage import file_sha256
+from pipeline.storage import file_sha256, named_os_errors, write_atomic
 from ups.evaluation import evaluate
-from ups.models.checkpoint import CheckpointError, load_checkpoint, require_match, save_checkpoint
+from ups.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ups.models.codec import Codec, CodecConfig, load_codec, save_codec
 from ups.models.operator import LatentOperator, OperatorConfig
 from ups.training.losses import (
@@ -65,6 +66,14 @@ class LossConfig:
     def __post_init__(self) -> None:
         check_query_sample_ratio(self.query_sample_ratio)
         check(self.rollout_steps >= 0, "loss.rollout_steps", "an integer >= 0", self.rollout_steps)
+        for name in ("latent", "forward", "inverse", "rollout"):
+            value = getattr(self, name)
+            check(
+                math.isfinite(value) and value >= 0,
+                f"loss.{name}",
+                "a finite weight >= 0",
+                value,
+            )
 
 
 @dataclass
@@ -76,8 +85,24 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
+        check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "optim.weight_decay",
+            "a finite number >= 0",
+            self.weight_decay,
+        )
         check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        check(
+            0 <= self.min_lr_ratio <= 1,
+            "optim.min_lr_ratio",
+            "a number in [0, 1]",
+            self.min_lr_ratio,
+        )
+        # inf is allowed: no clipping; a negative norm would flip the gradients (ascent)
+        check(
+            self.grad_clip > 0, "optim.grad_clip", "a number > 0 (inf: no clipping)", self.grad_clip
+        )
 
 
 @dataclass
@@ -117,6 +142,40 @@ class TrainConfig:
             self.epochs,
         )
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        check(bool(self.shards), "shards", "a shard set's path or URL", self.shards)
+        check(bool(self.out), "out", "a directory", self.out)
+        check(self.max_steps >= 0, "max_steps", "an integer >= 0 (0: all epochs)", self.max_steps)
+        check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
+        check(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        check(
+            self.eval_every >= 0, "eval_every", "an integer >= 0 (0: every epoch)", self.eval_every
+        )
+        check(
+            self.eval_trajectories >= 1,
+            "eval_trajectories",
+            "an integer >= 1",
+            self.eval_trajectories,
+        )
+        check(
+            self.checkpoint_every >= 0,
+            "checkpoint_every",
+            "an integer >= 0 (0: every epoch)",
+            self.checkpoint_every,
+        )
+        check(
+            self.resume is None or bool(self.resume), "resume", "null or a checkpoint", self.resume
+        )
+        check(valid_device(self.device), "device", "auto, cpu, cuda or cuda:N", self.device)
+        w = self.loss
+        weights = {"latent": w.latent, "forward": w.forward, "inverse": w.inverse}
+        if w.rollout_steps:
+            weights["rollout"] = w.rollout
+        check(
+            self.stage == "codec" or sum(weights.values()) > 0,
+            "loss",
+            "a positive weight on at least one loss term for stage=operator",
+            weights,
+        )
         check(
             self.stage == "codec" or self.codec_checkpoint is not None,
             "codec_checkpoint",
@@ -131,7 +190,80 @@ class TrainConfig:
         )
 
 
+# Options that may differ between a run and its resume, because none of them changes a batch,
+# the on-the-fly sampling, the model or an optimisation step: resuming with them changed still
+# continues the run bit for bit. Every other option must match the checkpoint's; among them
+# loader.seed and loader.shuffle_shards (the data order), batch_size, epochs and max_steps (the
+# batches per rank and the length of the LR schedule), optim.* and loss.*, stage, codec and
+# operator (the models), amp and compile (other kernels, other numerics), and seed (it no
+# longer changes anything after the start, but the run's config would then misdescribe its init).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        # where the run writes and what it continues from
+        "out",
+        "resume",
+        "overwrite",
+        # what is reported, not what is computed
+        "progress",
+        "tensorboard",
+        "log_every",
+        "log_batches",
+        # validation reads other shards in eval mode under no_grad and draws no random numbers
+        "eval_every",
+        "eval_trajectories",
+        # saving reads the state and changes none of it
+        "checkpoint_every",
+        # the string only: the device type must match (checked apart), cuda:0 for cuda:1 is fine
+        "device",
+        # the location only: _identity checks that it is the same shard set (moved, or over http)
+        "shards",
+        # the path only: build_models checks that its sha256 is the shards' encoder's, and the
+        # trained weights come from the checkpoint
+        "codec_checkpoint",
+        # pipeline/loader_config.py: none of these changes the batches (workers collate whole
+        # batches in order, in threads or in the loader process)
+        "loader.workers",
+        "loader.prefetch",
+        "loader.read_threads",
+        "loader.read_ahead",
+        "loader.cache_mb",
+        "loader.process",
+        # timeouts and retries of remote reads: a retried read returns the same verified bytes
+        "loader.remote",
+        # zarr and tars hold the same arrays of the same shards (tests/test_build_shards.py)
+        "loader.format",
+        # matters only for epochs beyond the precomputed query sets: with epochs and max_steps
+        # fixed, turning it off where it is needed fails at the start, turning it on changes nothing
+        "loader.wrap_epochs",
+    }
+)
+
+
+def without(config: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    """A copy of a nested config dict without the dotted ``keys``."""
+    out = {}
+    for name, value in config.items():
+        if name in keys:
+            continue
+        if isinstance(value, dict):
+            inner = frozenset(k.split(".", 1)[1] for k in keys if k.startswith(f"{name}."))
+            value = without(value, inner)
+        out[name] = value
+    return out
+
+
 # ---------------------------------------------------------------- setup
+
+
+def valid_device(device: str) -> bool:
+    """``auto``, or a device string torch parses (cpu, cuda, cuda:1, ...)."""
+    if device == "auto":
+        return True
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -139,6 +271,8 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(f"option 'device': {device!r}, but no CUDA device is available")
     if cuda:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
@@ -276,7 +410,11 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.shards = open_shards(cfg.shards, "train", cfg.loader.format)
+        self.out = Path(cfg.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"option 'out': expected a directory, got {cfg.out!r}, a file")
+        self.shards = open_shards(cfg.shards, "train", cfg.loader.format, remote=cfg.loader.remote)
+        self._check_eval_splits()
         self.models, self.norm = build_models(cfg, self.shards)
         self.models.to(self.device)
         self.loader = ShardLoader(
@@ -304,7 +442,6 @@ class Trainer:
         )
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.step, self.train_seconds = 0, 0.0
-        self.out = Path(cfg.out)
         if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint.pt").exists():
             raise CheckpointError(
                 f"{self.out} already holds a run; pass resume={self.out / 'checkpoint.pt'} to continue it, or overwrite=true"
@@ -330,11 +467,21 @@ class Trainer:
             else self.models
         )
 
+    def _check_eval_splits(self) -> None:
+        """Fail before training when the shard set lacks the splits the run evaluates on."""
+        splits = self.shards.manifest.splits
+        for split, use in (("val", "validation"), ("test", "the final test")):
+            if split not in splits or not splits[split].trajectories:
+                raise ShardError(
+                    f"{self.shards.location}: no '{split}' split (it has {sorted(splits)}); "
+                    f"training needs it for {use}: rebuild with splits including '{split}'"
+                )
+
     # -- checkpoints
     def _identity(self) -> dict[str, str]:
         return {
             "sample_set_id": self.shards.sample_set_id,
-            "manifest_sha256": self.shards.manifest_sha256,
+            "manifest_id": self.shards.manifest_id,
         }
 
     def save(self, path: Path) -> None:
@@ -346,37 +493,43 @@ class Trainer:
             dist.all_gather_object(gens, self.gen.get_state())
         if self.rank != 0:
             return
-        save_checkpoint(
-            path,
-            {
-                "kind": "train",
-                "config": to_dict(self.cfg),
-                "step": self.step,
-                "train_seconds": self.train_seconds,
-                "models": self.models.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "loader": loaders,
-                "generator": gens,
-                **self._identity(),
-            },
-        )
+        payload = {
+            "kind": "train",
+            "config": to_dict(self.cfg),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "device_type": self.device.type,
+            "models": self.models.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": loaders,
+            "generator": gens,
+            **self._identity(),
+        }
+        save_checkpoint(path, payload)  # atomic: a full disk leaves the previous one intact
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path, "train")
         for key, value in self._identity().items():
-            if ckpt[key] != value:
+            saved = ckpt.get(key)
+            if saved != value:
                 raise CheckpointError(
-                    f"checkpoint {path}: made on other shards ({key} {ckpt[key][:12]} != {value[:12]} of {self.cfg.shards}); "
-                    "resume on the shard set the run started with"
+                    f"checkpoint {path}: made on other shards ({key} {str(saved)[:12]} != "
+                    f"{value[:12]} of {self.cfg.shards}); resume on the shard set the run started "
+                    "with (a checkpoint of an older version records no manifest_id)"
                 )
-        saved = from_dict(TrainConfig, ckpt["config"])
-        for section in ("stage", "codec", "operator", "batch_size"):
-            require_match(
-                {section: to_dict(saved)[section]},
-                {section: to_dict(self.cfg)[section]},
-                "the training config",
-                path,
+        diff = config_diff(
+            without(ckpt["config"], RESUME_MAY_CHANGE),
+            without(to_dict(self.cfg), RESUME_MAY_CHANGE),
+        )
+        saved_device = ckpt["device_type"]
+        if saved_device != self.device.type:
+            diff.append(f"device (type): {saved_device!r} != {self.device.type!r}")
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {path}: resuming with other options than the run's would not continue "
+                f"it exactly (saved != now): {'; '.join(diff)}. Only these may change on resume: "
+                f"{', '.join(sorted(RESUME_MAY_CHANGE))}"
             )
         if len(ckpt["loader"]) != self.world:
             raise CheckpointError(
@@ -388,12 +541,34 @@ class Trainer:
         self.loader.load_state_dict(ckpt["loader"][self.rank])
         self.gen.set_state(ckpt["generator"][self.rank])
         self.step, self.train_seconds = ckpt["step"], ckpt["train_seconds"]
+        self._truncate_logs()
+
+    def _truncate_logs(self) -> None:
+        """Drop the log records of steps after the checkpoint (a run killed after logging them):
+        the resumed run writes them again. Rank 0 its metrics, every rank its batch log."""
+        names = [f"batches-rank{self.rank}.jsonl"] + (["metrics.jsonl"] if self.rank == 0 else [])
+        for name in names:
+            path = self.out / name
+            if not path.is_file():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if not isinstance(record, dict) or record.get("step", 0) > self.step:
+                    continue
+                if not any(key.startswith("test/") for key in record):  # _test writes it again
+                    kept.append(line + "\n")
+            write_atomic(path, "".join(kept).encode())
 
     # -- logging
     def _log(self, record: dict[str, Any], writer) -> None:
         if self.rank != 0:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
+        path = self.out / "metrics.jsonl"
+        with named_os_errors(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
             for key, value in record.items():
@@ -408,7 +583,9 @@ class Trainer:
         return dict(zip(values, (t / self.world).tolist(), strict=True))
 
     def validate(self, split: str = "val", limit: int | None = None) -> dict[str, float]:
-        shards = open_shards(self.cfg.shards, split, self.cfg.loader.format)
+        shards = open_shards(
+            self.cfg.shards, split, self.cfg.loader.format, remote=self.cfg.loader.remote
+        )
         info = shards.manifest.data_info(split)
         return evaluate(
             self.models.codec,
@@ -433,16 +610,18 @@ class Trainer:
         self._seen, self._tick = 0, time.perf_counter()  # for samples/s between log lines
         self._clock = time.perf_counter()  # train_seconds counts the loop, not eval or checkpoints
         self.models.train()
-        while self.step < self.total_steps:
-            for batch in self.loader:
-                terms, grad_norm = self._train_step(batch)
-                self._log_step(batch, terms, grad_norm, writer, bar)
-                bar.update(1)
-                self._checkpoint_and_validate(writer)
-                if self.step >= self.total_steps:
-                    break
-        bar.close()
-        self.loader.close()
+        try:
+            while self.step < self.total_steps:
+                for batch in self.loader:
+                    terms, grad_norm = self._train_step(batch)
+                    self._log_step(batch, terms, grad_norm, writer, bar)
+                    bar.update(1)
+                    self._checkpoint_and_validate(writer)
+                    if self.step >= self.total_steps:
+                        break
+        finally:  # also on an error or Ctrl-C: the loader's threads or process end here
+            bar.close()
+            self.loader.close()
         return self._test(writer)
 
     def _train_step(self, batch: SparseBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -516,7 +695,8 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.out / "tb"))
+        # after a resume, drop the events of steps after the checkpoint: they are logged again
+        return SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
 
     def _test(self, writer) -> dict[str, float]:
         """Rank 0: the dense test metrics, the trained model file, the last log records."""
@@ -524,7 +704,8 @@ class Trainer:
         if self.rank == 0:
             final = self.validate("test")
             self._save_model()
-            (self.out / "test_metrics.json").write_text(json.dumps(final, indent=1) + "\n")
+            path = self.out / "test_metrics.json"
+            write_atomic(path, (json.dumps(final, indent=1) + "\n").encode())
             record = {"step": self.step, "train_seconds": self.train_seconds}
             self._log({**record, **{f"test/{k}": v for k, v in final.items()}}, writer)
             if writer is not None:
@@ -541,7 +722,8 @@ class Trainer:
             else None
         )
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / f"batches-rank{self.rank}.jsonl", "a") as f:
+        path = self.out / f"batches-rank{self.rank}.jsonl"
+        with named_os_errors(path), open(path, "a") as f:
             f.write(
                 json.dumps(
                     {
@@ -562,20 +744,20 @@ class Trainer:
         }
         if self.cfg.stage == "codec":
             save_codec(self.out / "codec.pt", self.models.codec, self.norm, extra=identity)
-        else:
-            save_checkpoint(
-                self.out / "operator.pt",
-                {
-                    "kind": "operator",
-                    "config": to_dict(self.cfg.operator),
-                    "latent": to_dict(self.shards.manifest.latent),
-                    "num_params": self.models.operator.num_params,
-                    "state_dict": self.models.operator.state_dict(),
-                    "decoder": self.models.codec.decoder.state_dict(),
-                    "codec_checkpoint": self.cfg.codec_checkpoint,
-                    **identity,
-                },
-            )
+            return
+        save_checkpoint(
+            self.out / "operator.pt",
+            {
+                "kind": "operator",
+                "config": to_dict(self.cfg.operator),
+                "latent": to_dict(self.shards.manifest.latent),
+                "num_params": self.models.operator.num_params,
+                "state_dict": self.models.operator.state_dict(),
+                "decoder": self.models.codec.decoder.state_dict(),
+                "codec_checkpoint": self.cfg.codec_checkpoint,
+                **identity,
+            },
+        )
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
