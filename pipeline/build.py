@@ -54,7 +54,7 @@ from pipeline.manifest import (
     tar_path,
     write_manifest,
 )
-from pipeline.query_codec import entropy_bound_bytes
+from pipeline.query_codec import entropy_bound_bytes, query_slots, row_bytes
 from pipeline.records import RecordSchema, ShardBlock, ShardError, record_schema
 from pipeline.samplers import SamplerConfig, make_sampler
 from pipeline.schedules import ScheduleConfig, k_per_epoch
@@ -174,7 +174,7 @@ class BuildPlan:
         latent = None
         if self.encoder is not None:
             latent = (*self.encoder.latent_shape, self.cfg.latent_dtype)
-        return record_schema(len(self.info.channels), self.info.grid, len(self.k_per_epoch), latent)
+        return record_schema(len(self.info.channels), self.info.grid, self.k_per_epoch, latent)
 
     def writers(self) -> list[ShardWriter]:
         """One writer per output format, in the config's order."""
@@ -573,6 +573,7 @@ def finalize(plan: BuildPlan) -> Manifest:
         formats=cfg.formats,
         epochs=cfg.epochs,
         k_per_epoch=plan.k_per_epoch,
+        query_slots=query_slots(plan.info.num_points, plan.k_per_epoch),
         query_bytes=_query_storage(plan, files),
         splits={split: _split_entry(plan, split) for split in cfg.splits},
         files=files,
@@ -624,15 +625,20 @@ def _split_entry(plan: BuildPlan, split: str) -> SplitEntry:
 
 
 def _query_storage(plan: BuildPlan, files: dict[str, FileEntry]) -> dict[str, float]:
-    """Bytes per snapshot-epoch of the stored query sets (zarr, compressed) vs the entropy bound."""
+    """Bytes per sparse snapshot-epoch of the stored query sets: as coded (the tars), as stored
+    in zarr (compressed), and the entropy bound, each averaged over the sampled (k < N) epochs."""
     n = plan.info.num_points
     sparse = [k for k in plan.k_per_epoch if k < n]
-    bound = float(np.mean([entropy_bound_bytes(n, k) for k in sparse])) if sparse else 0.0
-    out = {"entropy_bound": bound, "tar": (n + 7) // 8}
+    if not sparse:
+        return {"entropy_bound": 0.0, "tar": 0.0}
+    coded = row_bytes(n, plan.k_per_epoch)  # dense epochs take no bytes
+    out = {
+        "entropy_bound": float(np.mean([entropy_bound_bytes(n, k) for k in sparse])),
+        "tar": coded / len(sparse),
+    }
     zarr_bytes = sum(v.bytes for name, v in files.items() if "/queries/c/" in name)
     if zarr_bytes:
-        snapshots = sum(s.count for s in plan.shards)
-        out["zarr"] = zarr_bytes / (snapshots * len(plan.k_per_epoch))
+        out["zarr"] = zarr_bytes / (sum(s.count for s in plan.shards) * len(sparse))
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, config_hash, from_dict, to_dict
+from pipeline.query_codec import Slot, query_slots
 from pipeline.records import RecordSchema, ShardError, record_schema
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig, k_per_epoch
@@ -28,7 +29,9 @@ from pipeline.sources.pdebench import DataInfo
 from pipeline.sources.splits import NormStats
 from pipeline.storage import RemoteConfig, join, read_bytes, sha256_bytes, write_atomic
 
-SCHEMA_VERSION = 2  # 2: content identity (ids recomputed on open, provenance outside the identity)
+# 2: content identity (ids recomputed on open, provenance outside the identity)
+# 3: query sets coded per epoch (Elias-Fano or bitmask, the complement above k = N/2), query_slots
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 BUILD_STATE = "build.json"  # written first by a build; without a manifest: an unfinished build
 COORDINATES = "[0, 1] per axis, x first; flat indices in C order"
@@ -196,6 +199,7 @@ class Manifest:
     formats: list[str]
     epochs: int
     k_per_epoch: list[int]
+    query_slots: list[Slot]  # where and how each epoch's set lies in a snapshot's queries row
     query_bytes: dict[str, float]  # bytes per snapshot-epoch of stored query sets, and the bound
     splits: dict[str, SplitEntry]
     files: dict[str, FileEntry]
@@ -215,7 +219,7 @@ class Manifest:
         return record_schema(
             len(self.data.channels),
             tuple(self.data.grid),
-            self.epochs,
+            self.k_per_epoch,
             None if latent is None else (latent.tokens, latent.dim, latent.dtype),
         )
 
@@ -275,6 +279,10 @@ class Manifest:
             ks = k_per_epoch(schedule, self.epochs, self.num_points)
         except ConfigError as err:
             ks = str(err)
+        expect(
+            isinstance(ks, list) and self.query_slots == query_slots(self.num_points, ks),
+            "key 'query_slots': not the slots of this N and k_per_epoch (pipeline/query_codec.py)",
+        )
         expect(
             ks == self.k_per_epoch,
             f"key 'k_per_epoch': {self.k_per_epoch}, its schedule gives {ks}",

@@ -3,7 +3,8 @@
 Per snapshot: ids (snapshot_id, trajectory, time), the cached latent (absent in field-only
 shards), the full target fields in physical units, the sampling distribution q over grid points
 (``importance``; inclusion probabilities for an epoch follow from q and k_e) and the E query
-sets as bitmasks (bit i of row e set <=> flat grid point i is queried in epoch e), with two
+sets, each in its own slot of a byte row (pipeline/query_codec.py: Elias-Fano or a bitmask,
+whichever is smaller for the epoch's k), with two
 integers per epoch (``pi_scale``) that turn q at the queried points into their inclusion
 probabilities -- a cache of what follows from q and k_e, so that weights cost O(k), not O(N).
 """
@@ -14,6 +15,8 @@ import math
 from dataclasses import dataclass, fields
 
 import numpy as np
+
+from pipeline.query_codec import row_bytes
 
 ID_ARRAYS = ("snapshot_id", "trajectory", "time")
 
@@ -31,7 +34,7 @@ class ShardBlock:
     time: np.ndarray  # (S,) int64
     fields: np.ndarray  # (S, C, *grid) float32, physical units
     importance: np.ndarray  # (S, N) float32, q: sums to 1 per snapshot
-    queries: np.ndarray  # (S, E, ceil(N/8)) uint8, packed bitmasks
+    queries: np.ndarray  # (S, Q) uint8: the E query sets, one slot each (query_codec.query_slots)
     # (S, E, 2) int64 [remaining, total]: pi = remaining * fixed(q) / total, and 1 for the
     # k - remaining largest q of a drawn set (the capped points)
     pi_scale: np.ndarray
@@ -69,10 +72,10 @@ RecordSchema = dict[str, tuple[tuple[int, ...], str]]
 def record_schema(
     channels: int,
     grid: tuple[int, ...],
-    epochs: int,
+    k_per_epoch: list[int],
     latent: tuple[int, int, str] | None,
 ) -> RecordSchema:
-    """What one snapshot holds, per record name, for a set of ``epochs`` query sets; ``latent``
+    """What one snapshot holds, per record name, for query sets of ``k_per_epoch``; ``latent``
     is (tokens, width, dtype), or None for field-only shards. The writers create their arrays from
     it and readers check what they read against it."""
     n = math.prod(grid)
@@ -82,8 +85,8 @@ def record_schema(
         "time": ((), "int64"),
         "fields": ((channels, *grid), "float32"),
         "importance": ((n,), "float32"),
-        "queries": ((epochs, (n + 7) // 8), "uint8"),
-        "pi_scale": ((epochs, 2), "int64"),
+        "queries": ((row_bytes(n, k_per_epoch),), "uint8"),
+        "pi_scale": ((len(k_per_epoch), 2), "int64"),
     }
     if latent is not None:
         tokens, width, dtype = latent

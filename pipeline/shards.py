@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.formats import FORMATS
 from pipeline.manifest import ShardEntry, read_listed, read_manifest
-from pipeline.query_codec import unpack_indices
+from pipeline.query_codec import Slot, decode_sets, query_slots
 from pipeline.records import ShardBlock, ShardError, trajectory_ids
 from pipeline.samplers import weights_from_scale
 from pipeline.storage import RemoteConfig
@@ -31,9 +31,10 @@ class QuerySets:
 
 
 def gather_queries(
-    block: ShardBlock, stored_epoch: int, k: int, beta: float, where: str = "shard"
+    block: ShardBlock, slot: Slot, k: int, beta: float, where: str = "shard"
 ) -> QuerySets:
-    """Decode a block's query bitmasks of one stored epoch and gather the fields and q there.
+    """Decode a block's query sets of one stored epoch (its ``slot``) and gather the fields and
+    q there.
 
     Vectorised over the block, so the streaming loader does it once per shard and epoch in its
     read-ahead threads, not per example; in numpy, which stays on the calling thread (see
@@ -42,13 +43,13 @@ def gather_queries(
     """
     s, n = len(block), block.importance.shape[1]
     try:
-        indices = unpack_indices(block.queries[:, stored_epoch], n, k, where)  # (S, k)
+        indices = decode_sets(block.queries[:, slot.rows], n, k, slot, where)  # (S, k)
     except ValueError as err:
         raise ShardError(str(err)) from None
     fields = block.fields.reshape(s, -1, n)  # (S, C, N)
     values = np.take_along_axis(fields, indices[:, None, :], axis=2)  # (S, C, k)
     q_at = np.take_along_axis(block.importance, indices, axis=1)  # (S, k)
-    weights = weights_from_scale(q_at, n, k, block.pi_scale[:, stored_epoch], beta)
+    weights = weights_from_scale(q_at, n, k, block.pi_scale[:, slot.epoch], beta)
     return QuerySets(indices, np.ascontiguousarray(values.transpose(0, 2, 1)), weights)
 
 
@@ -80,6 +81,7 @@ class ShardSet:
         self.steps = splits[split].snapshots_per_trajectory  # snapshots per trajectory
         self.grid = tuple(self.manifest.data.grid)
         self.k_per_epoch: list[int] = self.manifest.k_per_epoch
+        self.slots = query_slots(self.manifest.num_points, self.k_per_epoch)  # one per epoch
         self.beta = self.manifest.sampler_beta
         self._reader = FORMATS[format].reader(
             self.location, split, self.manifest, remote=self.remote
@@ -165,7 +167,8 @@ class ShardSet:
         stored, k = self.k_for_epoch(epoch, wrap)
         index, row = self.locate(i)
         block = self.read_shard(index).select(slice(row, row + 1))
-        queries = gather_queries(block, stored, k, self.beta, f"{self.location}: snapshot {i}")
+        where = f"{self.location}: snapshot {i}"
+        queries = gather_queries(block, self.slots[stored], k, self.beta, where)
         return queries.indices[0], queries.weights[0]
 
     def trajectories(self, limit: int | None = None) -> Iterator[np.ndarray]:

@@ -7,6 +7,7 @@ read (HDF5, lazily) -> encode (a frozen LatentEncoder, GPU) -> importance q (GPU
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.keys import snapshot_keys
-from pipeline.query_codec import pack_bits
+from pipeline.query_codec import encode_sets, query_slots
 from pipeline.records import ShardBlock, trajectory_ids
 from pipeline.samplers import Sampler, inclusion_scale
 from pipeline.sources.pdebench import DataInfo, PDEBenchFile
@@ -100,7 +101,7 @@ class ImportanceStage:
 
 
 class QueryPlanStage:
-    """q + snapshot ids -> the E query sets of every snapshot as packed bitmasks (S, E, ceil(N/8))."""
+    """q + snapshot ids -> the E query sets of every snapshot, encoded side by side (S, Q)."""
 
     def __init__(
         self, sampler: Sampler, k_per_epoch: Sequence[int], seed: int, grid: Sequence[int]
@@ -111,18 +112,19 @@ class QueryPlanStage:
             seed,
             tuple(grid),
         )
+        self.slots = query_slots(math.prod(self.grid), self.k_per_epoch)
 
     def __call__(self, q: torch.Tensor, snapshot_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(queries (S, E, ceil(N/8)) uint8, pi_scale (S, E, 2) int64)."""
+        """(queries (S, Q) uint8, pi_scale (S, E, 2) int64)."""
         ids = torch.from_numpy(snapshot_ids)
-        masks, scales = [], []
-        for epoch, k in enumerate(self.k_per_epoch):
+        n = q.shape[1]
+        sets, scales = [], []
+        for epoch, (k, slot) in enumerate(zip(self.k_per_epoch, self.slots, strict=True)):
             keys = snapshot_keys(self.seed, ids, epoch, device=q.device)
-            idx = self.sampler.sample(q, k, keys, self.grid)  # (S, k)
-            mask = torch.zeros(q.shape, dtype=torch.bool, device=q.device).scatter_(1, idx, True)
-            masks.append(pack_bits(mask))
+            idx = self.sampler.sample(q, k, keys, self.grid).sort(dim=1).values  # (S, k)
+            sets.append(encode_sets(idx, n, slot))  # (S, slot bytes)
             scales.append(inclusion_scale(q, k))
-        return torch.stack(masks, dim=1).cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
+        return torch.cat(sets, dim=1).cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
 
 
 def assemble(

@@ -152,7 +152,8 @@ class ShardStream(BaseNode[dict]):
         if self.collate.spec.sparse_steps:
             stored, k = self.shards.k_for_epoch(epoch, self.wrap_epochs)
             where = f"{self.shards.location}: shard {shard} of '{self.shards.split}', epoch {epoch}"
-            queries = gather_queries(block, stored, k, self.shards.beta, where)
+            slot = self.shards.slots[stored]
+            queries = gather_queries(block, slot, k, self.shards.beta, where)
         return block, self.collate.prepare(block, queries)
 
     def _read(self, shard: int) -> Future:

@@ -309,17 +309,22 @@ def test_gathered_targets_are_normalised_float32(latent_shards):
 
 
 @pytest.mark.parametrize("moves", [1, 2])
-def test_bitmasks_with_a_wrong_count_are_refused(latent_shards, moves):
-    """A bit moved from one snapshot's mask to another's keeps the block total but not the rows."""
+def test_query_sets_with_a_wrong_count_are_refused(latent_shards, moves):
+    """A set bit moved from one snapshot's coded set to another's keeps the block total but not
+    the rows (the part of the code that holds one bit per point: the bitmask, or Elias-Fano's
+    high parts)."""
     shards = open_shards(str(latent_shards))
     block = shards.read_shard(0, cache=False)
-    k = shards.k_per_epoch[0]
-    assert gather_queries(block, 0, k, shards.beta).indices.shape == (len(block), k)
-    bits = [np.unpackbits(block.queries[row, 0]) for row in (0, 1)]
-    bits[0][np.flatnonzero(bits[0])[:moves]] = 0  # snapshot 0 loses ``moves`` points
-    bits[1][np.flatnonzero(bits[1] == 0)[:moves]] = 1  # snapshot 1 gains them
+    k, slot = shards.k_per_epoch[0], shards.slots[0]
+    assert gather_queries(block, slot, k, shards.beta).indices.shape == (len(block), k)
+    held = shards.manifest.num_points - k if slot.complement else k
+    first = held * slot.low_bits  # where the one-bit-per-point part starts
+    bits = [np.unpackbits(block.queries[row, slot.rows]) for row in (0, 1)]
+    ones = np.flatnonzero(bits[0][first:])[:moves] + first
+    zeros = np.flatnonzero(bits[1][first:] == 0)[:moves] + first
+    bits[0][ones], bits[1][zeros] = 0, 1  # snapshot 0 loses ``moves`` points, snapshot 1 gains them
     block.queries = block.queries.copy()
     for row, row_bits in enumerate(bits):
-        block.queries[row, 0] = np.packbits(row_bits)
-    with pytest.raises(ShardError, match="shard 0: query bitmasks hold"):
-        gather_queries(block, 0, k, shards.beta, "shard 0")
+        block.queries[row, slot.rows] = np.packbits(row_bits)
+    with pytest.raises(ShardError, match=r"shard 0: .* hold \["):
+        gather_queries(block, slot, k, shards.beta, "shard 0")

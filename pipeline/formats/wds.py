@@ -2,7 +2,8 @@
 
 One sample per snapshot, keyed ``{trajectory:06d}_{time:06d}`` so keys sort with a trajectory's
 snapshots contiguous. Members: ``fields.npy`` (C, *grid) float32, ``importance.npy`` (N,)
-float32, ``queries.npy`` (E, ceil(N/8)) uint8, ``pi_scale.npy`` (E, 2) int64, ``latent.npy``
+float32, ``queries.npy`` (Q,) uint8 (the E coded query sets, pipeline/query_codec.py),
+``pi_scale.npy`` (E, 2) int64, ``latent.npy``
 (T, D) when present, and
 ``meta.json`` ({"snapshot_id", "trajectory", "time"}). Tars are reproducible: fixed mtime, owner
 and mode, members in sorted order.

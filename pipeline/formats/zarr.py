@@ -21,8 +21,7 @@ from pipeline.manifest import FileEntry, Manifest, ShardEntry
 from pipeline.records import RecordSchema, ShardBlock, ShardError
 from pipeline.storage import RemoteConfig, join, retrying_async, sha256_bytes, zarr_store
 
-ZSTD_LEVEL = 3  # fields, latents, importance: fast
-QUERY_ZSTD_LEVEL = 19  # the bitmasks are small; level 19 brings them near the entropy bound
+ZSTD_LEVEL = 3  # fast; the query sets' codes are near their entropy bound already
 
 
 def chunk_path(split: str, name: str, chunk_index: int, ndim: int) -> str:
@@ -44,13 +43,12 @@ class ZarrWriter:
         for split, num in snapshots_per_split.items():
             split_group = group.require_group(split)
             for name, (tail, dtype) in self.schema.items():
-                level = QUERY_ZSTD_LEVEL if name == "queries" else ZSTD_LEVEL
                 split_group.create_array(
                     name,
                     shape=(num, *tail),
                     chunks=(self.chunk, *tail),
                     dtype=dtype,
-                    compressors=ZstdCodec(level=level),
+                    compressors=ZstdCodec(level=ZSTD_LEVEL),
                     fill_value=0,
                     overwrite=True,
                 )

@@ -91,7 +91,7 @@ class ZarrPairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rows = slice(self.starts[i], self.starts[i] + 2)
         block = ShardBlock(**{name: self.group[name][rows] for name in self.names})
-        queries = gather_queries(block, 0, self.k, self.shards.beta)
+        queries = gather_queries(block, self.shards.slots[0], self.k, self.shards.beta)
         return {"arrays": self.collate.prepare(block, queries), "row": 0, "epoch": 0}
 
 

@@ -1,0 +1,198 @@
+"""Benchmark build_shards end to end: per-stage seconds, snapshot-epochs/s, GPU utilisation and
+query-set bytes against the entropy bound, on a synthetic PDEBench-layout data set.
+
+python tools/bench/bench_build.py --pde ns2d --resolution 128 --trajectories 200 --steps 21 \
+    --epochs 50 --sampler gradient [--root OTHER_CHECKOUT ...] [--out docs/bench_build.md]
+
+Each build runs in its own process (``--root`` runs the same build with the ``pipeline`` package
+of another checkout, for before/after tables measured side by side). The data file is generated
+once, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_common import environment_lines, markdown_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BUILD_ONE = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline.build import BuildConfig, run_build
+from pipeline.config import load_config
+cfg = load_config(BuildConfig, None, json.loads(sys.argv[2]))
+start = time.perf_counter()
+summary = run_build(cfg)
+wall = time.perf_counter() - start
+manifest = summary.pop("manifest")
+print(json.dumps({"wall": wall, "seconds": summary["seconds"], "snapshots": summary["snapshots"],
+                  "query_bytes": manifest.query_bytes, "k_per_epoch": manifest.k_per_epoch,
+                  "device": summary["device"]}))
+"""
+
+
+class GpuSampler:
+    """Mean GPU utilisation over a build, from nvidia-smi sampling every 200 ms (None without)."""
+
+    def __enter__(self) -> GpuSampler:
+        self.proc = None
+        if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                    "-i",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mean = None
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            values = [float(v) for v in out.split() if v.strip().replace(".", "").isdigit()]
+            self.mean = sum(values) / len(values) if values else None
+
+
+def build(root: Path, args: argparse.Namespace, data: Path, out: Path) -> dict:
+    options = [
+        f"data.path={data}",
+        f"out={out}",
+        f"epochs={args.epochs}",
+        f"sampler.kind={args.sampler}",
+        "schedule.kind=constant",
+        f"schedule.start_ratio={args.ratio}",
+        f"format={args.format}",
+        f"trajectories_per_shard={args.trajectories_per_shard}",
+        f"batch_size={args.batch_size}",
+        "progress=false",
+        "overwrite=true",
+    ]
+    with GpuSampler() as gpu:
+        result = subprocess.run(
+            [sys.executable, "-c", BUILD_ONE, str(root), json.dumps(options)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if result.returncode != 0:
+        raise SystemExit(f"build with {root} failed:\n{result.stderr[-3000:]}")
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    run["gpu_util"] = gpu.mean
+    run["root"] = str(root)
+    return run
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
+    epochs = len(runs[0]["k_per_epoch"])
+    header = ["pipeline", "snapshots", "wall s", "snapshot-epochs/s", "GPU util %"]
+    stages = ["read", "encode", "importance", "query plan", "write", "total"]
+    rows, stage_rows, byte_rows = [], [], []
+    for run in runs:
+        name = Path(run["root"]).name if run["root"] != str(ROOT) else "this checkout"
+        rate = run["snapshots"] * epochs / run["wall"]
+        util = "-" if run["gpu_util"] is None else f"{run['gpu_util']:.0f}"
+        rows.append([name, run["snapshots"], f"{run['wall']:.1f}", f"{rate:,.0f}", util])
+        stage_rows.append([name, *[f"{run['seconds'].get(s, 0):.1f}" for s in stages]])
+        q = run["query_bytes"]
+        bound = q["entropy_bound"]
+        byte_rows.append(
+            [
+                name,
+                f"{bound:,.0f}",
+                f"{q['tar']:,.0f} ({q['tar'] / bound:.2f}x)",
+                f"{q['zarr']:,.0f} ({q['zarr'] / bound:.2f}x)" if "zarr" in q else "-",
+            ]
+        )
+    n = args.resolution ** (2 if args.pde == "ns2d" else 1)
+    return [
+        "# build_shards benchmark",
+        "",
+        *environment_lines(),
+        f"- data: {args.pde}, {args.trajectories} trajectories x {args.steps} steps, "
+        f"N = {n}; {args.epochs} epochs of {args.sampler} sets at k/N = {args.ratio}, "
+        f"format {args.format}, {args.trajectories_per_shard} trajectories per shard",
+        "- snapshot-epochs/s = snapshots built x epochs / the build's wall-clock (plan, norm "
+        "statistics, source hash, every stage, finalize); stage seconds are the build's own "
+        "table (read and write overlap the GPU stages, so they do not add up to the total)",
+        "",
+        *markdown_table(header, rows),
+        "",
+        "Stage seconds:",
+        "",
+        *markdown_table(["pipeline", *stages], stage_rows),
+        "",
+        "Query-set bytes per sampled snapshot-epoch:",
+        "",
+        *markdown_table(["pipeline", "entropy bound", "tars", "zarr"], byte_rows),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pde", choices=["ns2d", "burgers1d"], default="ns2d")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--trajectories", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=21)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--sampler", default="gradient")
+    parser.add_argument("--format", default="both")
+    parser.add_argument("--trajectories-per-shard", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=Path("bench-build-work"))
+    parser.add_argument("--root", type=Path, action="append", default=[], help="other checkouts")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench_build.md"))
+    parser.add_argument("--json", type=Path, default=Path("docs/bench/bench_build.json"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = args.work / f"{args.pde}-{args.resolution}-{args.trajectories}x{args.steps}.h5"
+    if not data.exists():
+        sys.path.insert(0, str(ROOT))
+        from pipeline.sources.generate import generate
+
+        start = time.perf_counter()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generate(
+            args.pde,
+            data,
+            args.trajectories,
+            args.steps,
+            args.resolution,
+            seed=0,
+            device=device,
+            progress=False,
+        )
+        print(f"generated {data} in {time.perf_counter() - start:.0f} s", flush=True)
+    runs = []
+    for root in [ROOT, *args.root]:
+        runs.append(build(root.resolve(), args, data, args.work / f"set-{len(runs)}"))
+        print(json.dumps(runs[-1]), flush=True)
+    text = "\n".join(report(runs, args)) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(runs, indent=1) + "\n")
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()
