@@ -160,6 +160,7 @@ class BuildPlan:
     splits: dict[str, list[int]]
     norm: NormStats
     encoder: LatentEncoder | None
+    source: dict[str, Any]  # the data file's sha256 and what it was computed for (source_sha256)
     data_sha256: str
     k_per_epoch: list[int]
     sample_set_id: str
@@ -202,7 +203,8 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
     else:
         norm = NormStats.from_trajectories(source, splits["train"], progress=cfg.progress)
     ks = k_per_epoch(cfg.schedule, cfg.epochs, info.num_points)
-    data_sha256 = file_sha256(cfg.data.path)
+    hashed = source_sha256(cfg)
+    data_sha256 = hashed["sha256"]
     set_id = sample_set_id(
         data_sha256=data_sha256,
         splits={split: splits[split] for split in cfg.splits},
@@ -228,13 +230,16 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
         for index, first in enumerate(range(0, len(trajs), tps)):
             chunk = tuple(trajs[first : first + tps])
             shards.append(ShardPlan(split, index, chunk, first * steps, len(chunk) * steps))
-    return BuildPlan(cfg, info, splits, norm, encoder, data_sha256, ks, set_id, files_id, shards)
+    return BuildPlan(
+        cfg, info, splits, norm, encoder, hashed, data_sha256, ks, set_id, files_id, shards
+    )
 
 
 # ---------------------------------------------------------------- output directory state
 
 
 METADATA_RECORD = "parts/metadata.json"  # the formats' up-front files, recorded when created
+SOURCE_RECORD = "parts/source.json"  # the data file's sha256, with the size and mtime it had
 # what a build writes in its output directory, as glob patterns: overwrite removes these only
 BUILD_WRITES = {
     ".": [MANIFEST, BUILD_STATE, ".lock", ".lock-rank*", ".*.tmp-*"],
@@ -331,6 +336,34 @@ def rank_is_building(root: Path, rank: int) -> bool:
         return False
 
 
+def source_sha256(cfg: BuildConfig) -> dict[str, Any]:
+    """The data file's sha256 with the resolved path, size and modification time it was computed
+    for: read once per output directory instead of once per rank and rerun (a 50 GB file takes
+    minutes). Rank 0 hashes the file and its ``prepare_output`` records the result; the other
+    ranks wait for that record while rank 0 is building, and later runs reuse it while the file
+    is unchanged."""
+    path = Path(cfg.data.path)
+    stat = path.stat()
+    key = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    root, record = Path(cfg.out), Path(cfg.out) / SOURCE_RECORD
+    rank, _ = resolve_rank(cfg)
+    start = idle_since = time.monotonic()
+    while True:
+        try:
+            saved = json.loads(record.read_text())
+        except (FileNotFoundError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and {name: saved.get(name) for name in key} == key:
+            return saved
+        now = time.monotonic()
+        if rank_is_building(root, 0):
+            idle_since = now
+        if rank == 0 or now - idle_since > DEAD_RANK_GRACE_S or now - start > cfg.finalize_timeout:
+            break  # rank 0 hashes; another rank hashes itself when rank 0 is not there to
+        time.sleep(0.2)
+    return {**key, "sha256": file_sha256(path)}
+
+
 def prepare_output(plan: BuildPlan, world: int) -> None:
     """Refuse a directory holding another build unless --overwrite; create the formats' arrays once."""
     cfg, root = plan.cfg, Path(plan.cfg.out)
@@ -357,6 +390,9 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
                 )
             remove_build_files(root)
             previous = None
+        record = root / SOURCE_RECORD
+        if not record.exists() or json.loads(record.read_text()) != plan.source:
+            write_atomic(record, json.dumps(plan.source, sort_keys=True).encode())
         if previous is None:
             write_atomic(
                 state,

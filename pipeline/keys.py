@@ -36,11 +36,20 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser: a bijection of 64-bit values with good avalanche (int64 in, int64 out)."""
-    x = x ^ _shift_right(x, 30)
-    x = x * _MUL1
-    x = x ^ _shift_right(x, 27)
-    x = x * _MUL2
-    return x ^ _shift_right(x, 31)
+    return _mix64_(x.clone())
+
+
+def _mix64_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix64` in place, with one scratch tensor: the random streams of a build are
+    (snapshots x grid points) large, and each out-of-place step would allocate another."""
+    scratch = torch.empty_like(x)
+    for shift, multiplier in ((30, _MUL1), (27, _MUL2), (31, None)):
+        torch.bitwise_right_shift(x, shift, out=scratch)
+        scratch &= (1 << (64 - shift)) - 1  # a logical shift: the copied sign bits masked off
+        x ^= scratch
+        if multiplier is not None:
+            x *= multiplier
+    return x
 
 
 def _absorb(h: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
@@ -79,7 +88,9 @@ def random_bits(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
     _check_int64("stream", stream)
     state = _absorb(keys.reshape(-1, 1), stream)  # (B, 1)
     counter = torch.arange(1, n + 1, dtype=torch.int64, device=keys.device)  # (n,)
-    return _shift_right(mix64(state + counter * GOLDEN_GAMMA), 1)  # (B, n)
+    bits = _mix64_(counter * GOLDEN_GAMMA + state)  # (B, n), a fresh tensor mixed in place
+    bits >>= 1
+    return bits.bitwise_and_((1 << 63) - 1)
 
 
 def uniform(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:

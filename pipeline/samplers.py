@@ -40,6 +40,7 @@ _STREAM_PPS_ORDER = 3
 _STREAM_PPS_OFFSET = 4
 
 # Systematic PPS works in integer units of 2^-32 of a point, so its cumulative sums are exact.
+_DRAW_ELEMENTS = 1 << 24  # (epochs x snapshots) x N per drawing pass: ~128 MiB per int64 tensor
 _UNIT_BITS = 32
 _UNIT = 1 << _UNIT_BITS
 # pi within 2^-24 of 1 counts as 1: this keeps every other point's share of units below one unit
@@ -103,9 +104,9 @@ def _check_q(q: torch.Tensor, k: int) -> None:
     n = q.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, _MAX_K):
         raise ValueError(f"k: expected an integer in [1, N={n}], got {k!r}")
-    if not torch.isfinite(q).all() or (q < 0).any():
+    sums = q.double().sum(1)  # with no negative entry: finite iff every entry is
+    if bool(q.min() < 0) or not bool(torch.isfinite(sums).all()):
         raise ValueError("q: expected finite, non-negative probabilities")
-    sums = q.double().sum(1)
     if ((sums - 1).abs() > 1e-3).any():
         raise ValueError(
             f"q: each row must sum to 1, got sums in [{sums.min():.6g}, {sums.max():.6g}]"
@@ -206,6 +207,21 @@ def _random_order(keys: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     return torch.sort(random_bits(keys, n, stream), dim=1, stable=True).indices
 
 
+def _smallest_k(keys: torch.Tensor, n: int, k: int, stream: int) -> torch.Tensor:
+    """The first k points of :func:`_random_order` (B, k), in any order: the k smallest random
+    values, by a partial selection instead of a full sort. Rows where the k-th and (k+1)-th
+    values tie (p ~ n^2 / 2^64) take the full stable sort, so ties still go by index."""
+    bits = random_bits(keys, n, stream)  # (B, n)
+    if k == n:
+        return torch.arange(n, device=keys.device).expand(len(keys), n).clone()
+    values, picked = torch.topk(bits, k + 1, dim=1, largest=False, sorted=True)
+    tied = values[:, k - 1] == values[:, k]
+    picked = picked[:, :k]
+    if bool(tied.any()):
+        picked[tied] = torch.sort(bits[tied], dim=1, stable=True).indices[:, :k]
+    return picked
+
+
 def _mask_to_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
     """(B, N) bool with k True per row -> their indices (B, k) int64, ascending."""
     counts = mask.sum(1)
@@ -253,22 +269,54 @@ class Sampler:
         self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: Sequence[int]
     ) -> torch.Tensor:
         """k distinct flat indices per snapshot, ascending (B, k) int64; k == N gives all points."""
-        _check_q(q, k)
+        return self.sample_epochs(q, [k], [keys], grid)[0]
+
+    def sample_epochs(
+        self,
+        q: torch.Tensor,
+        k_per_epoch: Sequence[int],
+        keys_per_epoch: Sequence[torch.Tensor],
+        grid: Sequence[int],
+    ) -> list[torch.Tensor]:
+        """``[sample(q, k_e, keys_e, grid) for every epoch e]``, the same bits, with the epochs of
+        one k drawn together: what they share (checks, the capping of q) is computed once, and
+        one pass over (epochs x B, N) replaces an epoch-by-epoch loop of small kernels."""
         grid = tuple(grid)
-        if math.prod(grid) != q.shape[1] or keys.shape != (q.shape[0],):
-            raise ValueError(
-                f"sample: q {tuple(q.shape)}, keys {tuple(keys.shape)} and grid {grid} disagree"
-            )
-        if k == q.shape[1]:  # the dense case: every point, weight 1
-            return torch.arange(k, device=q.device).expand(q.shape[0], k).clone()
-        return self._draw(q, k, keys, grid)
+        (b, n), out = q.shape, [torch.empty(0)] * len(k_per_epoch)
+        for k in sorted(set(k_per_epoch)):
+            epochs = [e for e, ke in enumerate(k_per_epoch) if ke == k]
+            _check_q(q, k)
+            for e in epochs:
+                if math.prod(grid) != n or keys_per_epoch[e].shape != (b,):
+                    raise ValueError(
+                        f"sample: q {tuple(q.shape)}, keys {tuple(keys_per_epoch[e].shape)} and "
+                        f"grid {grid} disagree"
+                    )
+            if k == n:  # the dense case: every point, weight 1
+                for e in epochs:
+                    out[e] = torch.arange(k, device=q.device).expand(b, k).clone()
+                continue
+            shared = self._shared(q, k, grid)
+            per_pass = max(1, _DRAW_ELEMENTS // (b * n))  # epochs drawn in one pass
+            for first in range(0, len(epochs), per_pass):
+                group = epochs[first : first + per_pass]
+                keys = torch.cat([keys_per_epoch[e] for e in group])  # (len(group) * B,)
+                drawn = self._draw(shared, k, keys, grid)  # (len(group) * B, k)
+                for i, e in enumerate(group):
+                    out[e] = drawn[i * b : (i + 1) * b]
+        return out
 
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
         raise NotImplementedError
 
+    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor | None:
+        """What every epoch's draw of k points from q shares (B rows), computed once per k."""
+        raise NotImplementedError
+
     def _draw(
-        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+        self, shared: torch.Tensor | None, k: int, keys: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
+        """k ascending indices for each key (R, k); row r of a pass uses row r % B of ``shared``."""
         raise NotImplementedError
 
 
@@ -295,6 +343,10 @@ class _GridSampler(Sampler):
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
         return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
 
+    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> None:
+        """Nothing: the draw depends on the keys and the grid only, once q is this sampler's."""
+        _require_q(q, self.grid_q(grid, q.device), self.kind)
+
 
 class UniformSampler(_GridSampler):
     """k distinct points uniformly at random: the k smallest of per-point hash values."""
@@ -307,11 +359,9 @@ class UniformSampler(_GridSampler):
         return torch.full((n,), 1.0 / n, dtype=torch.float32, device=device)
 
     def _draw(
-        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+        self, shared: None, k: int, keys: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
-        _require_q(q, self.grid_q(grid, q.device), self.kind)
-        first_k = _random_order(keys, q.shape[1], _STREAM_UNIFORM)[:, :k]
-        return first_k.sort(dim=1).values
+        return _smallest_k(keys, math.prod(grid), k, _STREAM_UNIFORM).sort(dim=1).values
 
 
 class _BlockLayout(NamedTuple):
@@ -371,10 +421,9 @@ class StratifiedSampler(_GridSampler):
         return (1.0 / (len(layout.sizes) * layout.sizes[layout.block_of].double())).float()
 
     def _draw(
-        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+        self, shared: None, k: int, keys: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
-        _require_q(q, self.grid_q(grid, q.device), self.kind)
-        block_of, sizes = self._layout(grid, q.device)
+        block_of, sizes = self._layout(grid, keys.device)
         nblocks = len(sizes)
         base, extra = divmod(k, nblocks)
         most = base + (extra > 0)
@@ -384,16 +433,16 @@ class StratifiedSampler(_GridSampler):
                 f"{int(sizes.min())}; use a smaller ratio or larger sampler.block"
             )
         extra_blocks = _random_order(keys, nblocks, _STREAM_EXTRA_BLOCKS)[:, :extra]  # (B, extra)
-        count = torch.full((len(keys), nblocks), base, dtype=torch.int64, device=q.device)
+        count = torch.full((len(keys), nblocks), base, dtype=torch.int64, device=keys.device)
         count.scatter_(1, extra_blocks, base + 1)  # (B, nblocks)
         # Visit the points block by block, in random order within a block: the sort key is the
         # block id in the high bits and random bits below; take the first count[b] of block b.
         block_bits = max(1, (nblocks - 1).bit_length())
         rand = random_bits(keys, len(block_of), _STREAM_WITHIN_BLOCK) >> block_bits
         order = torch.sort((block_of << (63 - block_bits)) | rand, dim=1, stable=True).indices
-        block_at = torch.repeat_interleave(torch.arange(nblocks, device=q.device), sizes)  # (N,)
+        block_at = torch.repeat_interleave(torch.arange(nblocks, device=keys.device), sizes)  # (N,)
         rank_in_block = (
-            torch.arange(len(block_of), device=q.device) - (sizes.cumsum(0) - sizes)[block_at]
+            torch.arange(len(block_of), device=keys.device) - (sizes.cumsum(0) - sizes)[block_at]
         )
         picked = rank_in_block < count[:, block_at]  # (B, N) in visiting order
         return _mask_to_indices(_scatter_picks(order, picked), k)
@@ -495,11 +544,15 @@ class GradientSampler(Sampler):
         n = s.shape[1]
         return (self.alpha / n + (1.0 - self.alpha) * focus).float()
 
+    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor:
+        """pi in units (B, N) int64, summing to k * _UNIT, each <= _UNIT: the capping, once per k."""
+        return _pps_units(_cap(q, k))
+
     def _draw(
-        self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+        self, shared: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
-        units = _pps_units(_cap(q, k))  # (B, N) int64, sum k * _UNIT, each <= _UNIT
-        order = _random_order(keys, q.shape[1], _STREAM_PPS_ORDER)
+        units = shared.repeat(len(keys) // len(shared), 1)  # (R, N): the pass's epochs
+        order = _random_order(keys, units.shape[1], _STREAM_PPS_ORDER)
         ends = units.gather(1, order).cumsum(1)  # exact
         # one random offset per snapshot, (B, 1) in [0, UNIT)
         offset = random_bits(keys, 1, _STREAM_PPS_OFFSET) >> (63 - _UNIT_BITS)

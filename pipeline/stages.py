@@ -118,12 +118,11 @@ class QueryPlanStage:
         """(queries (S, Q) uint8, pi_scale (S, E, 2) int64)."""
         ids = torch.from_numpy(snapshot_ids)
         n = q.shape[1]
-        sets, scales = [], []
-        for epoch, (k, slot) in enumerate(zip(self.k_per_epoch, self.slots, strict=True)):
-            keys = snapshot_keys(self.seed, ids, epoch, device=q.device)
-            idx = self.sampler.sample(q, k, keys, self.grid).sort(dim=1).values  # (S, k)
-            sets.append(encode_sets(idx, n, slot))  # (S, slot bytes)
-            scales.append(inclusion_scale(q, k))
+        keys = [snapshot_keys(self.seed, ids, e, device=q.device) for e in range(len(self.slots))]
+        drawn = self.sampler.sample_epochs(q, self.k_per_epoch, keys, self.grid)  # E x (S, k_e)
+        sets = [encode_sets(idx, n, slot) for idx, slot in zip(drawn, self.slots, strict=True)]
+        scale_of = {k: inclusion_scale(q, k) for k in set(self.k_per_epoch)}  # one capping per k
+        scales = [scale_of[k] for k in self.k_per_epoch]
         return torch.cat(sets, dim=1).cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
 
 

@@ -358,3 +358,21 @@ def test_cli_refusals_are_one_line(data, tmp_path):
     line = one_error_line(build_cli(data, data.parent, "overwrite=true"))
     assert "nothing was removed" in line
     assert hashlib.sha256(data.read_bytes()).hexdigest() == digest
+
+
+def test_the_data_file_is_hashed_once_per_output_directory(data, tmp_path, monkeypatch):
+    """The source's sha256 is recorded with its size and mtime: a rerun (and every other rank)
+    reuses it instead of reading the file again; a changed file is hashed again."""
+    out = build(data, tmp_path / "set")
+    record = json.loads((out / "parts" / "source.json").read_text())
+    assert record["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(build_module, "file_sha256", no_hashing)
+    build(data, out)  # the rerun reuses the record
+    copy = tmp_path / "copy.h5"
+    shutil.copy(data, copy)
+    with pytest.raises(AssertionError, match="hashed again"):
+        build(copy, out)  # another file (path, mtime): hashed, not trusted from the record

@@ -229,6 +229,25 @@ def test_batched_equals_one_at_a_time(kind: str) -> None:
         assert torch.equal(idx_i[0], idx[i]) and torch.equal(w_i[0], w[i])
 
 
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+def test_epochs_drawn_together_equal_epochs_drawn_one_by_one(kind: str, monkeypatch) -> None:
+    """sample_epochs (what a build calls) gives each epoch the bytes of its own sample call, for
+    a schedule of several k with a dense epoch, also when a pass holds fewer epochs than a k."""
+    import pipeline.samplers as samplers_module
+
+    sampler = make_sampler(SamplerConfig(kind=kind))
+    f = torch.cat([field(name, (32, 32)) for name in ("front", "wave", "noise")])
+    q = sampler.probabilities(f, [True, False])
+    ks = [512, 512, 256, 512, 256, 1024, 128]
+    keys = [snapshot_keys(3, [5, 6, 7], epoch) for epoch in range(len(ks))]
+    alone = [sampler.sample(q, k, key, (32, 32)) for k, key in zip(ks, keys, strict=True)]
+    for per_pass in (None, 1024 * 3 * 2):  # default passes, then two epochs per pass
+        if per_pass:
+            monkeypatch.setattr(samplers_module, "_DRAW_ELEMENTS", per_pass)
+        together = sampler.sample_epochs(q, ks, keys, (32, 32))
+        assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+
+
 def test_gradient_weights_bounded_by_one_over_alpha_and_ess_reported() -> None:
     sampler = GradientSampler(alpha=0.25)
     q = sampler.probabilities(field("front", (30, 34)), [False, False]).expand(8, -1)
@@ -331,3 +350,17 @@ def test_gradient_magnitude_is_correctly_rounded() -> None:
             total = total + d[:, c] * d[:, c]
     expected = np.sqrt(total.numpy()).reshape(3, -1)
     assert np.array_equal(s.numpy(), expected)
+
+
+def test_partial_selection_equals_the_full_stable_order_also_on_ties(monkeypatch):
+    """Uniform draws take the k smallest random values by topk; where the k-th and (k+1)-th tie,
+    the full stable sort decides, so the set is the first k of the full order in every case."""
+    import pipeline.samplers as samplers_module
+
+    bits = torch.tensor([[5, 1, 3, 3, 3, 0], [2, 2, 2, 2, 2, 2], [9, 8, 7, 6, 5, 4]])
+    monkeypatch.setattr(samplers_module, "random_bits", lambda keys, n, stream=0: bits)
+    keys = torch.zeros(3, dtype=torch.int64)
+    for k in range(1, 7):
+        full = torch.sort(bits, dim=1, stable=True).indices[:, :k].sort(dim=1).values
+        fast = samplers_module._smallest_k(keys, 6, k, 0).sort(dim=1).values
+        assert torch.equal(fast, full), k

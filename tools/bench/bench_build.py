@@ -2,11 +2,12 @@
 query-set bytes against the entropy bound, on a synthetic PDEBench-layout data set.
 
 python tools/bench/bench_build.py --pde ns2d --resolution 128 --trajectories 200 --steps 21 \
-    --epochs 50 --sampler gradient [--root OTHER_CHECKOUT ...] [--out docs/bench_build.md]
+    --epochs 50 --sampler gradient [--world-sizes 1,2,4] [--root OTHER_CHECKOUT ...]
 
-Each build runs in its own process (``--root`` runs the same build with the ``pipeline`` package
-of another checkout, for before/after tables measured side by side). The data file is generated
-once, on the GPU when there is one.
+Each build runs in its own processes, one per rank and GPU (``--world-sizes``), as a distributed
+build does; ``--root`` runs the same build with the ``pipeline`` package of another checkout,
+for before/after tables measured side by side. The data file is generated once, on the GPU when
+there is one.
 """
 
 from __future__ import annotations
@@ -34,15 +35,21 @@ cfg = load_config(BuildConfig, None, json.loads(sys.argv[2]))
 start = time.perf_counter()
 summary = run_build(cfg)
 wall = time.perf_counter() - start
-manifest = summary.pop("manifest")
-print(json.dumps({"wall": wall, "seconds": summary["seconds"], "snapshots": summary["snapshots"],
-                  "query_bytes": manifest.query_bytes, "k_per_epoch": manifest.k_per_epoch,
-                  "device": summary["device"]}))
+manifest = summary.pop("manifest", None)
+out = {"wall": wall, "seconds": summary["seconds"], "snapshots": summary["snapshots"],
+       "device": summary["device"]}
+if manifest is not None:
+    out.update(query_bytes=manifest.query_bytes, k_per_epoch=manifest.k_per_epoch)
+print(json.dumps(out))
 """
 
 
 class GpuSampler:
-    """Mean GPU utilisation over a build, from nvidia-smi sampling every 200 ms (None without)."""
+    """Mean utilisation of the first ``gpus`` GPUs over a build, from nvidia-smi sampling every
+    200 ms (None without)."""
+
+    def __init__(self, gpus: int):
+        self.gpus = gpus
 
     def __enter__(self) -> GpuSampler:
         self.proc = None
@@ -50,12 +57,10 @@ class GpuSampler:
             self.proc = subprocess.Popen(
                 [
                     "nvidia-smi",
-                    "--query-gpu=utilization.gpu",
+                    "--query-gpu=index,utilization.gpu",
                     "--format=csv,noheader,nounits",
                     "-lms",
                     "200",
-                    "-i",
-                    "0",
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -67,11 +72,18 @@ class GpuSampler:
         if self.proc is not None:
             self.proc.terminate()
             out, _ = self.proc.communicate()
-            values = [float(v) for v in out.split() if v.strip().replace(".", "").isdigit()]
+            values = []
+            for line in out.splitlines():
+                index, _, util = line.partition(",")
+                if index.strip().isdigit() and int(index) < self.gpus and util.strip().isdigit():
+                    values.append(float(util))
             self.mean = sum(values) / len(values) if values else None
 
 
-def build(root: Path, args: argparse.Namespace, data: Path, out: Path) -> dict:
+def build(root: Path, args: argparse.Namespace, data: Path, out: Path, world: int) -> dict:
+    """One whole build into ``out`` (this benchmark's own directory, emptied first) by ``world``
+    rank processes, rank r on GPU r; the wall-clock runs until the last rank has finished."""
+    shutil.rmtree(out, ignore_errors=True)
     options = [
         f"data.path={data}",
         f"out={out}",
@@ -83,34 +95,60 @@ def build(root: Path, args: argparse.Namespace, data: Path, out: Path) -> dict:
         f"trajectories_per_shard={args.trajectories_per_shard}",
         f"batch_size={args.batch_size}",
         "progress=false",
-        "overwrite=true",
     ]
-    with GpuSampler() as gpu:
-        result = subprocess.run(
-            [sys.executable, "-c", BUILD_ONE, str(root), json.dumps(options)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if result.returncode != 0:
-        raise SystemExit(f"build with {root} failed:\n{result.stderr[-3000:]}")
-    run = json.loads(result.stdout.strip().splitlines()[-1])
-    run["gpu_util"] = gpu.mean
-    run["root"] = str(root)
+    start = time.perf_counter()
+    with GpuSampler(world) as gpu:
+        ranks = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    BUILD_ONE,
+                    str(root),
+                    json.dumps([*options, f"rank={r}", f"world_size={world}"]),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "LOCAL_RANK": str(r)},
+            )
+            for r in range(world)
+        ]
+        results = [(proc, *proc.communicate()) for proc in ranks]
+    wall = time.perf_counter() - start
+    for proc, _, err in results:
+        if proc.returncode != 0:
+            raise SystemExit(f"build with {root} on {world} ranks failed:\n{err[-3000:]}")
+    outs = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in results]
+    run = {**outs[0], "wall": wall, "world_size": world, "gpu_util": gpu.mean, "root": str(root)}
+    run["snapshots"] = sum(o["snapshots"] for o in outs)
+    run["rank_seconds"] = [o["seconds"] for o in outs]
     return run
 
 
 def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     epochs = len(runs[0]["k_per_epoch"])
-    header = ["pipeline", "snapshots", "wall s", "snapshot-epochs/s", "GPU util %"]
+    header = [
+        "pipeline",
+        "ranks",
+        "snapshots",
+        "wall s",
+        "snapshot-epochs/s",
+        "in the build's stage table",
+        "GPU util %",
+    ]
     stages = ["read", "encode", "importance", "query plan", "write", "total"]
     rows, stage_rows, byte_rows = [], [], []
     for run in runs:
         name = Path(run["root"]).name if run["root"] != str(ROOT) else "this checkout"
         rate = run["snapshots"] * epochs / run["wall"]
         util = "-" if run["gpu_util"] is None else f"{run['gpu_util']:.0f}"
-        rows.append([name, run["snapshots"], f"{run['wall']:.1f}", f"{rate:,.0f}", util])
-        stage_rows.append([name, *[f"{run['seconds'].get(s, 0):.1f}" for s in stages]])
+        world = run["world_size"]
+        busiest = max(seconds["total"] for seconds in run["rank_seconds"])
+        own = run["snapshots"] * epochs / busiest
+        wall = f"{run['wall']:.1f}"
+        rows.append([name, world, run["snapshots"], wall, f"{rate:,.0f}", f"{own:,.0f}", util])
+        stage_rows.append([name, world, *[f"{run['seconds'].get(s, 0):.1f}" for s in stages]])
         q = run["query_bytes"]
         bound = q["entropy_bound"]
         byte_rows.append(
@@ -129,15 +167,17 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         f"- data: {args.pde}, {args.trajectories} trajectories x {args.steps} steps, "
         f"N = {n}; {args.epochs} epochs of {args.sampler} sets at k/N = {args.ratio}, "
         f"format {args.format}, {args.trajectories_per_shard} trajectories per shard",
-        "- snapshot-epochs/s = snapshots built x epochs / the build's wall-clock (plan, norm "
-        "statistics, source hash, every stage, finalize); stage seconds are the build's own "
-        "table (read and write overlap the GPU stages, so they do not add up to the total)",
+        "- snapshot-epochs/s = snapshots built x epochs / the wall-clock of the rank processes "
+        "(start-up, plan, norm statistics, source hash, every stage, finalize); 'in the build's "
+        "stage table': the same over the busiest rank's stage total; stage seconds are the build's own "
+        "table, rank 0's (read and write overlap the GPU stages, so they do not add up to the "
+        "total)",
         "",
         *markdown_table(header, rows),
         "",
         "Stage seconds:",
         "",
-        *markdown_table(["pipeline", *stages], stage_rows),
+        *markdown_table(["pipeline", "ranks", *stages], stage_rows),
         "",
         "Query-set bytes per sampled snapshot-epoch:",
         "",
@@ -159,6 +199,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("bench-build-work"))
     parser.add_argument("--root", type=Path, action="append", default=[], help="other checkouts")
+    parser.add_argument("--world-sizes", default="1", help="comma-separated ranks per build")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_build.md"))
     parser.add_argument("--json", type=Path, default=Path("docs/bench/bench_build.json"))
     args = parser.parse_args()
@@ -182,9 +223,11 @@ def main() -> None:
         )
         print(f"generated {data} in {time.perf_counter() - start:.0f} s", flush=True)
     runs = []
+    worlds = [int(w) for w in args.world_sizes.split(",")]
     for root in [ROOT, *args.root]:
-        runs.append(build(root.resolve(), args, data, args.work / f"set-{len(runs)}"))
-        print(json.dumps(runs[-1]), flush=True)
+        for world in worlds if root == ROOT else [1]:
+            runs.append(build(root.resolve(), args, data, args.work / f"set-{len(runs)}", world))
+            print(json.dumps(runs[-1]), flush=True)
     text = "\n".join(report(runs, args)) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
