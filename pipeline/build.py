@@ -19,9 +19,10 @@ import fnmatch
 import json
 import os
 import shutil
+import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,7 +59,7 @@ from pipeline.query_codec import entropy_bound_bytes, query_slots, row_bytes
 from pipeline.records import RecordSchema, ShardBlock, ShardError, record_schema
 from pipeline.samplers import SamplerConfig, make_sampler
 from pipeline.schedules import ScheduleConfig, k_per_epoch
-from pipeline.sources.pdebench import DataInfo
+from pipeline.sources.pdebench import DataInfo, PDEBenchFile
 from pipeline.sources.splits import SPLITS, DataConfig, NormStats
 from pipeline.stages import (
     EncoderLoader,
@@ -90,6 +91,7 @@ class BuildConfig:
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
     latent_dtype: Literal["float16", "float32"] = "float32"
     batch_size: int = 64  # snapshots per encode / importance batch
+    write_threads: int = 4  # shards written at once, behind the GPU stages
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     amp: bool = True  # encode in bf16 autocast on CUDA (latents then differ from an fp32 encode by bf16 rounding)
     overwrite: bool = False
@@ -108,6 +110,7 @@ class BuildConfig:
             self.trajectories_per_shard,
         )
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        check(self.write_threads >= 1, "write_threads", "an integer >= 1", self.write_threads)
         check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check(
             self.finalize_timeout > 0,
@@ -160,7 +163,7 @@ class BuildPlan:
     splits: dict[str, list[int]]
     norm: NormStats
     encoder: LatentEncoder | None
-    source: dict[str, Any]  # the data file's sha256 and what it was computed for (source_sha256)
+    source: dict[str, Any]  # the data file's sha256 (and norm) and what they were computed for
     data_sha256: str
     k_per_epoch: list[int]
     sample_set_id: str
@@ -199,12 +202,13 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
                 "(tools/build_shards.py passes the codec's; run_build(cfg, load_encoder=...))"
             )
         encoder = load_encoder(cfg.encoder, info, splits)
+    facts = source_facts(cfg, source, splits["train"], need_norm=encoder is None)
+    if encoder is not None:
         norm = encoder.norm
     else:
-        norm = NormStats.from_trajectories(source, splits["train"], progress=cfg.progress)
+        norm = NormStats(tuple(facts["norm"]["mean"]), tuple(facts["norm"]["std"]))
     ks = k_per_epoch(cfg.schedule, cfg.epochs, info.num_points)
-    hashed = source_sha256(cfg)
-    data_sha256 = hashed["sha256"]
+    data_sha256 = facts["sha256"]
     set_id = sample_set_id(
         data_sha256=data_sha256,
         splits={split: splits[split] for split in cfg.splits},
@@ -231,7 +235,7 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
             chunk = tuple(trajs[first : first + tps])
             shards.append(ShardPlan(split, index, chunk, first * steps, len(chunk) * steps))
     return BuildPlan(
-        cfg, info, splits, norm, encoder, hashed, data_sha256, ks, set_id, files_id, shards
+        cfg, info, splits, norm, encoder, facts, data_sha256, ks, set_id, files_id, shards
     )
 
 
@@ -239,7 +243,7 @@ def make_plan(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> Bu
 
 
 METADATA_RECORD = "parts/metadata.json"  # the formats' up-front files, recorded when created
-SOURCE_RECORD = "parts/source.json"  # the data file's sha256, with the size and mtime it had
+SOURCE_RECORD = "parts/source.json"  # source_facts: the data file's sha256 and train norm
 # what a build writes in its output directory, as glob patterns: overwrite removes these only
 BUILD_WRITES = {
     ".": [MANIFEST, BUILD_STATE, ".lock", ".lock-rank*", ".*.tmp-*"],
@@ -336,32 +340,42 @@ def rank_is_building(root: Path, rank: int) -> bool:
         return False
 
 
-def source_sha256(cfg: BuildConfig) -> dict[str, Any]:
-    """The data file's sha256 with the resolved path, size and modification time it was computed
-    for: read once per output directory instead of once per rank and rerun (a 50 GB file takes
-    minutes). Rank 0 hashes the file and its ``prepare_output`` records the result; the other
-    ranks wait for that record while rank 0 is building, and later runs reuse it while the file
-    is unchanged."""
+def source_facts(
+    cfg: BuildConfig, source: PDEBenchFile, train: list[int], need_norm: bool
+) -> dict[str, Any]:
+    """What a build needs from the whole data file: its sha256 and, for field-only sets, the
+    train split's normalisation. Both read every byte (minutes for a 50 GB file), so they are
+    computed once per output directory, not once per rank and rerun: rank 0 computes them and
+    its ``prepare_output`` records them with the file's resolved path, size and modification time
+    (``parts/source.json``); the other ranks wait for that record while rank 0 is building, and
+    later runs reuse it while the file is unchanged."""
     path = Path(cfg.data.path)
     stat = path.stat()
     key = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     root, record = Path(cfg.out), Path(cfg.out) / SOURCE_RECORD
     rank, _ = resolve_rank(cfg)
     start = idle_since = time.monotonic()
+    facts: dict[str, Any] = {}
     while True:
         try:
             saved = json.loads(record.read_text())
         except (FileNotFoundError, ValueError):
             saved = None
         if isinstance(saved, dict) and {name: saved.get(name) for name in key} == key:
-            return saved
+            facts = saved
+            if not need_norm or (saved.get("norm") or {}).get("train") == list(train):
+                return saved
         now = time.monotonic()
         if rank_is_building(root, 0):
             idle_since = now
         if rank == 0 or now - idle_since > DEAD_RANK_GRACE_S or now - start > cfg.finalize_timeout:
-            break  # rank 0 hashes; another rank hashes itself when rank 0 is not there to
+            break  # rank 0 computes; another rank computes itself when rank 0 is not there to
         time.sleep(0.2)
-    return {**key, "sha256": file_sha256(path)}
+    facts = dict(facts) if facts else {**key, "sha256": file_sha256(path)}
+    if need_norm:
+        norm = NormStats.from_trajectories(source, train, progress=cfg.progress)
+        facts["norm"] = {"train": list(train), **to_dict(norm)}
+    return facts
 
 
 def prepare_output(plan: BuildPlan, world: int) -> None:
@@ -469,6 +483,7 @@ class Builder:
         self.importance = ImportanceStage(sampler, plan.norm, plan.info.periodic, cfg.batch_size)
         self.query_plan = QueryPlanStage(sampler, plan.k_per_epoch, cfg.seed, plan.info.grid)
         self.seconds: dict[str, float] = defaultdict(float)
+        self._seconds_lock = threading.Lock()
 
     def _timed(self, stage: str, fn, *args):
         start = time.perf_counter()
@@ -520,37 +535,44 @@ class Builder:
             "files": {name: to_dict(_file_entry(self.root, name, shard.count)) for name in files},
         }
         write_atomic(self.root / shard.record, json.dumps(record, sort_keys=True).encode())
-        self.seconds["write"] += time.perf_counter() - start
+        with self._seconds_lock:  # several writes run at once
+            self.seconds["write"] += time.perf_counter() - start
 
     def run(self, shards: list[ShardPlan]) -> None:
-        """Read ahead one shard and write behind one shard while the current one is on the GPU."""
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending_write = None
-            reads = {}
-            bars = {}
-            for split in self.plan.cfg.splits:
-                total = sum(s.count for s in shards if s.split == split)
-                if total:
-                    bars[split] = tqdm(
-                        total=total,
-                        desc=f"build {split}",
-                        unit="snap",
-                        disable=not self.plan.cfg.progress,
-                    )
+        """Read ahead one shard, and keep up to ``write_threads`` shards writing, while the current
+        one is on the GPU: shards write different files, and compression and file I/O release the
+        interpreter lock, so writes run side by side instead of holding up the GPU stages."""
+        limit = self.plan.cfg.write_threads
+        bars = {}
+        for split in self.plan.cfg.splits:
+            total = sum(s.count for s in shards if s.split == split)
+            if total:
+                bars[split] = tqdm(
+                    total=total,
+                    desc=f"build {split}",
+                    unit="snap",
+                    disable=not self.plan.cfg.progress,
+                )
+        with (
+            ThreadPoolExecutor(max_workers=1) as reader,
+            ThreadPoolExecutor(max_workers=limit) as writer,
+        ):
+            reads: dict[int, Future] = {}
+            writing: deque[Future] = deque()
             if shards:
-                reads[0] = pool.submit(self._timed_read, shards[0])
+                reads[0] = reader.submit(self._timed_read, shards[0])
             for i, shard in enumerate(shards):
                 if i + 1 < len(shards):
-                    reads[i + 1] = pool.submit(self._timed_read, shards[i + 1])
+                    reads[i + 1] = reader.submit(self._timed_read, shards[i + 1])
                 block = self.compute(shard, reads.pop(i).result())
-                if pending_write is not None:
-                    pending_write.result()
-                pending_write = pool.submit(self.write, shard, block)
+                while len(writing) >= limit:
+                    writing.popleft().result()
+                writing.append(writer.submit(self.write, shard, block))
                 bars[shard.split].update(shard.count)
-            if pending_write is not None:
-                pending_write.result()
-            for bar in bars.values():
-                bar.close()
+            for future in writing:
+                future.result()
+        for bar in bars.values():
+            bar.close()
 
     def _timed_read(self, shard: ShardPlan) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -563,6 +585,7 @@ _FLOAT32_SQRT_MAX = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: its squ
 
 # build options that do not change what is built: left out of the manifest's config
 RUN_OPTIONS = (
+    "write_threads",
     "rank",
     "world_size",
     "finalize",

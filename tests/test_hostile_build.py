@@ -360,17 +360,23 @@ def test_cli_refusals_are_one_line(data, tmp_path):
     assert hashlib.sha256(data.read_bytes()).hexdigest() == digest
 
 
-def test_the_data_file_is_hashed_once_per_output_directory(data, tmp_path, monkeypatch):
-    """The source's sha256 is recorded with its size and mtime: a rerun (and every other rank)
-    reuses it instead of reading the file again; a changed file is hashed again."""
+def test_the_data_file_is_read_once_per_output_directory(data, tmp_path, monkeypatch):
+    """The source's sha256 and train-split normalisation are recorded with its size and mtime:
+    a rerun (and every other rank) reuses them instead of reading the file again; a changed file
+    is hashed again."""
     out = build(data, tmp_path / "set")
     record = json.loads((out / "parts" / "source.json").read_text())
     assert record["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert record["norm"]["std"] == list(open_shards(out).manifest.data.norm.std)
 
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
 
+    def no_norm(*args, **kwargs):
+        raise AssertionError("norm statistics computed again")
+
     monkeypatch.setattr(build_module, "file_sha256", no_hashing)
+    monkeypatch.setattr(build_module.NormStats, "from_trajectories", no_norm)
     build(data, out)  # the rerun reuses the record
     copy = tmp_path / "copy.h5"
     shutil.copy(data, copy)
