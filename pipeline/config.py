@@ -134,6 +134,21 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def without_keys(data: dict[str, Any], keys: typing.Iterable[str]) -> dict[str, Any]:
+    """A copy of a nested dict without the dotted ``keys`` (``a.b`` drops ``data["a"]["b"]``)."""
+    keys = frozenset(keys)
+    out = {}
+    for name, value in data.items():
+        if name in keys:
+            continue
+        if isinstance(value, dict):
+            value = without_keys(
+                value, (k.split(".", 1)[1] for k in keys if k.startswith(f"{name}."))
+            )
+        out[name] = value
+    return out
+
+
 def config_diff(saved: Any, expected: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts, as 'key: saved != expected'."""
     if isinstance(saved, dict) and isinstance(expected, dict):

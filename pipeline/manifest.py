@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, config_hash, from_dict, to_dict
+from pipeline.config import ConfigError, config_hash, from_dict, to_dict, without_keys
 from pipeline.query_codec import Slot, query_slots
 from pipeline.records import RecordSchema, ShardError, record_schema
 from pipeline.samplers import SamplerConfig
@@ -47,21 +47,9 @@ PROVENANCE = (
 )
 
 
-def _without_provenance(view: dict[str, Any]) -> dict[str, Any]:
-    """``view`` (a manifest as a dict) with the :data:`PROVENANCE` keys removed, in place."""
-    for key in PROVENANCE:
-        *parents, leaf = key.split(".")
-        node = view
-        for parent in parents:
-            node = node.get(parent) or {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return view
-
-
 def build_config_hash(config: dict[str, Any]) -> str:
     """sha256 of a build's resolved config without its paths (the manifest's ``config_hash``)."""
-    return config_hash(_without_provenance({"config": json.loads(json.dumps(config))})["config"])
+    return config_hash(without_keys({"config": config}, PROVENANCE)["config"])
 
 
 def shard_name(split: str, index: int) -> str:
@@ -242,7 +230,7 @@ class Manifest:
     def identity_view(self) -> dict[str, Any]:
         """The manifest as a dict without its provenance (:data:`PROVENANCE`): what the set is.
         Values take the types a reader parses them to (8 and 8.0 hash alike)."""
-        return _without_provenance(to_dict(from_dict(Manifest, to_dict(self))))
+        return without_keys(to_dict(from_dict(Manifest, to_dict(self))), PROVENANCE)
 
     @property
     def identity(self) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.collate import SparseBatch
-from pipeline.config import ConfigError, check, config_diff, to_dict
+from pipeline.config import ConfigError, check, config_diff, to_dict, without_keys
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet, open_shards
@@ -237,19 +237,6 @@ RESUME_MAY_CHANGE = frozenset(
         "loader.wrap_epochs",
     }
 )
-
-
-def without(config: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
-    """A copy of a nested config dict without the dotted ``keys``."""
-    out = {}
-    for name, value in config.items():
-        if name in keys:
-            continue
-        if isinstance(value, dict):
-            inner = frozenset(k.split(".", 1)[1] for k in keys if k.startswith(f"{name}."))
-            value = without(value, inner)
-        out[name] = value
-    return out
 
 
 # ---------------------------------------------------------------- setup
@@ -519,8 +506,8 @@ class Trainer:
                     "with (a checkpoint of an older version records no manifest_id)"
                 )
         diff = config_diff(
-            without(ckpt["config"], RESUME_MAY_CHANGE),
-            without(to_dict(self.cfg), RESUME_MAY_CHANGE),
+            without_keys(ckpt["config"], RESUME_MAY_CHANGE),
+            without_keys(to_dict(self.cfg), RESUME_MAY_CHANGE),
         )
         saved_device = ckpt["device_type"]
         if saved_device != self.device.type:
