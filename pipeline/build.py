@@ -326,6 +326,24 @@ def rank_lock(root: Path, rank: int):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class RankWatch:
+    """Which of the ranks a process waits on are gone: their lock on ``root`` has stayed free
+    for ``DEAD_RANK_GRACE_S`` (the rank died or never started), so waiting longer is pointless."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.idle_since: dict[int, float] = {}  # rank -> when its lock was first seen free
+
+    def gone(self, ranks: list[int]) -> list[int]:
+        now = time.monotonic()
+        for r in ranks:
+            if rank_is_building(self.root, r):
+                self.idle_since.pop(r, None)
+            else:
+                self.idle_since.setdefault(r, now)
+        return [r for r in ranks if now - self.idle_since.get(r, now) >= DEAD_RANK_GRACE_S]
+
+
 def rank_is_building(root: Path, rank: int) -> bool:
     """True while a process holds rank ``rank``'s lock on ``root``."""
     path = _rank_lock_path(root, rank)
@@ -354,7 +372,7 @@ def source_facts(
     key = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     root, record = Path(cfg.out), Path(cfg.out) / SOURCE_RECORD
     rank, _ = resolve_rank(cfg)
-    start = idle_since = time.monotonic()
+    start, rank_zero = time.monotonic(), RankWatch(root)
     facts: dict[str, Any] = {}
     while True:
         try:
@@ -365,10 +383,7 @@ def source_facts(
             facts = saved
             if not need_norm or (saved.get("norm") or {}).get("train") == list(train):
                 return saved
-        now = time.monotonic()
-        if rank_is_building(root, 0):
-            idle_since = now
-        if rank == 0 or now - idle_since > DEAD_RANK_GRACE_S or now - start > cfg.finalize_timeout:
+        if rank == 0 or rank_zero.gone([0]) or time.monotonic() - start > cfg.finalize_timeout:
             break  # rank 0 computes; another rank computes itself when rank 0 is not there to
         time.sleep(0.2)
     facts = dict(facts) if facts else {**key, "sha256": file_sha256(path)}
@@ -783,8 +798,7 @@ def wait_for_ranks(plan: BuildPlan, world: int) -> None:
     lock (it died or never started) for ``DEAD_RANK_GRACE_S``."""
     cfg, root = plan.cfg, Path(plan.cfg.out)
     owner = {s.record: i % world for i, s in enumerate(plan.shards)}
-    start = time.monotonic()
-    idle_since: dict[int, float] = {}
+    start, watch = time.monotonic(), RankWatch(root)
     bar = tqdm(total=len(plan.shards), desc="shards of all ranks", disable=not cfg.progress)
     try:
         while True:
@@ -795,19 +809,13 @@ def wait_for_ranks(plan: BuildPlan, world: int) -> None:
             bar.refresh()
             if not missing:
                 return
-            now = time.monotonic()
-            for r in missing:
-                if rank_is_building(root, r):
-                    idle_since.pop(r, None)
-                else:
-                    idle_since.setdefault(r, now)
-            gone = [r for r in missing if now - idle_since.get(r, now) >= DEAD_RANK_GRACE_S]
+            gone = watch.gone(missing)
             if gone:
                 raise ShardError(
                     f"{root}: rank(s) {gone} left shards unfinished and no process is building "
                     f"them; rerun those ranks, then build_shards --finalize true"
                 )
-            if now - start > cfg.finalize_timeout:
+            if time.monotonic() - start > cfg.finalize_timeout:
                 raise ShardError(
                     f"{root}: rank(s) {missing} did not finish within finalize_timeout="
                     f"{cfg.finalize_timeout} s; run build_shards --finalize true once they have"
