@@ -419,6 +419,12 @@ def read_listed(
         data = read_bytes(path, remote)
     except (FileNotFoundError, OSError) as err:
         raise ShardError(f"{path}: missing shard file ({err})") from None
+    return check_listed(path, data, entry)
+
+
+def check_listed(path: str, data: bytes, entry: FileEntry) -> bytes:
+    """``data``, read from ``path``, if it has its manifest entry's size and sha256; else one
+    ShardError naming the file (every reader of every format checks files here)."""
     if len(data) != entry.bytes:
         raise ShardError(
             f"{path}: {len(data)} bytes, the manifest says {entry.bytes} (truncated shard file)"
