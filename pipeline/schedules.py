@@ -10,10 +10,13 @@ epoch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, check
 
+# ScheduleConfig.kind is a str checked against these in __post_init__, not a Literal: so a bad
+# kind is reported as 'schedule.kind' also by from_dict(ScheduleConfig, ...); --help shows them
+# through the field's metadata.
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 
 
@@ -30,14 +33,15 @@ class ScheduleConfig:
     step_epochs), not past end_ratio when it is set.
     """
 
-    kind: str = "constant"
-    start_ratio: float = 0.3
+    # how k_e / N moves from start_ratio to end_ratio
+    kind: str = field(default="constant", metadata={"choices": SCHEDULE_KINDS})
+    start_ratio: float = 0.3  # k_e / N at the start, in (0, 1)
     end_ratio: float | None = None  # None: the same as start_ratio
-    start_epoch: int = 0
-    step_epochs: int = 10
-    step_factor: float = 0.5
-    dense_tail_epochs: int = 0
-    multiple: int = 64
+    start_epoch: int = 0  # epochs held at start_ratio before the schedule moves
+    step_epochs: int = 10  # step: epochs per step
+    step_factor: float = 0.5  # step: the ratio's factor per step
+    dense_tail_epochs: int = 0  # last epochs with every point (k_e = N)
+    multiple: int = 64  # k_e rounded to a multiple of this (N <= multiple: the nearest integer)
 
     def __post_init__(self) -> None:
         check(

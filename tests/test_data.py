@@ -55,6 +55,34 @@ def test_1d_layout(tmp_path):
     assert PDEBenchFile(write_1d(tmp_path / "t.hdf5", t_entries=5)).info.num_steps == 5
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("1D_Burgers_Sols_Nu0.01.hdf5", {"nu": 0.01}),
+        ("1D_Advection_Sols_beta0.1.hdf5", {"beta": 0.1}),
+        (
+            "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_128_Train.hdf5",
+            {"eta": 0.01, "m": 0.1, "zeta": 0.01},
+        ),
+        ("1D_CFD_Rand_Eta1.e-8_Zeta1e-8_periodic_Train.hdf5", {"eta": 1e-8, "zeta": 1e-8}),
+        ("1D_ReacDiff_Nu0.5_Rho1.0.hdf5", {"nu": 0.5, "rho": 1.0}),
+        ("2D_DarcyFlow_beta1.0_Train.hdf5", {"beta": 1.0}),
+        ("1D_diff-sorp_NA_NA.h5", {}),
+        ("burgers_v2.h5", {}),  # not PDEBench's naming: no parameters guessed
+    ],
+)
+def test_params_from_a_pdebench_file_name(tmp_path, name, params):
+    src = PDEBenchFile(write_1d(tmp_path / name))
+    assert src.info.params == pytest.approx(params) and list(src.info.params) == sorted(params)
+
+
+def test_param_attributes_win_over_the_file_name(tmp_path):
+    path = write_1d(tmp_path / "1D_ReacDiff_Nu0.5_Rho1.0.hdf5")
+    with h5py.File(path, "a") as f:
+        f.attrs.update({"nu": 0.25, "boundary": "periodic"})
+    assert PDEBenchFile(path).info.params == {"nu": 0.25}
+
+
 def test_cfd_layout_channel_first_x_first(tmp_path):
     path = write_cfd(tmp_path / "cfd.hdf5")
     src = PDEBenchFile(path)

@@ -1,6 +1,6 @@
 """Generate PDE trajectories in PDEBench's HDF5 layouts.
 
-python tools/generate_data.py --pde {burgers1d,ns2d} --out FILE.h5 --trajectories N --steps T \
+python tools/generate_data.py --pde {burgers1d,ns2d} --out FILE.h5 --trajectories N --steps T \\
     --resolution R --seed S [--nu NU] [--dt DT] [--device cuda]
 """
 

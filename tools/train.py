@@ -1,6 +1,7 @@
 """Train a stage streaming from shards.
 
-python tools/train.py --config configs/burgers1d.yaml [key=value ...]
+python tools/train.py --config configs/burgers1d_codec.yaml [key=value ...]
+python tools/train.py --config configs/burgers1d_operator.yaml [key=value ...]
     stage=codec     encoder + decoder on field shards (build_shards with encoder=null)
     stage=operator  latent operator + decoder fine-tuning on latent shards (codec_checkpoint=...)
     loss.mode=sparse|dense|on_the_fly [loss.query_sample_ratio=0.1]   the three ways to get query points

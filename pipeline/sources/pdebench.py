@@ -10,11 +10,24 @@ Three layouts are understood (the ones PDEBench ships and our generators write):
 
 Trajectories are read one at a time as float32 arrays shaped (T, C, *grid) -- channel first,
 ``x`` the first grid axis -- so an 8 GB file is never loaded into memory.
+
+PDE parameters (``DataInfo.params``) are the file's numeric attributes (our generators write
+``nu``). A file without any, in PDEBench's naming (``1D_``, ``2D_`` or ``3D_`` first), gets them
+from its name: every ``_``-separated token of a name and a number, the name lower-cased like the
+attributes' keys, e.g. ``2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_128_Train.hdf5`` ->
+``{"eta": 0.01, "m": 0.1, "zeta": 0.01}``:
+
+* ``Nu`` -> ``nu`` (Burgers viscosity; reaction-diffusion diffusivity), ``Rho`` -> ``rho``
+  (reaction rate), ``beta`` -> ``beta`` (advection speed; Darcy force), ``M`` -> ``m`` (Mach
+  number), ``Eta`` -> ``eta`` and ``Zeta`` -> ``zeta`` (shear and bulk viscosity).
+* Other tokens (``1D``, ``Sols``, ``Rand``, ``periodic``, a resolution ``128``, ``Train``, ``NA``)
+  carry no parameter. Attributes, when the file has any, win over the name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +36,9 @@ import numpy as np
 
 CFD_FIELDS = ("density", "pressure", "Vx", "Vy")
 AXIS_NAMES = ("x", "y", "z")
+# a parameter in a PDEBench file name: letters, then a number (0.01, 1.0, 1e-8, 1.e-8)
+_NAME_PARAM = re.compile(r"([A-Za-z]+)([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+_PDEBENCH_NAME = re.compile(r"[123][dD]_")
 
 
 class DataError(ValueError):
@@ -154,7 +170,7 @@ class PDEBenchFile:
             str(k): float(v)
             for k, v in f.attrs.items()
             if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-        }
+        } or params_from_name(self.path)
         self.info = DataInfo(
             channels=channels,
             grid=grid,
@@ -187,6 +203,25 @@ class PDEBenchFile:
                 f"{self.path}: key '{key}', trajectory {i}, time {t_bad}: NaN or Inf in the fields"
             )
         return np.ascontiguousarray(traj)
+
+
+def params_from_name(path: str | Path) -> dict[str, float]:
+    """PDE parameters encoded in a PDEBench file name, keys lower-cased (see the module docstring).
+
+    ``1D_Burgers_Sols_Nu0.01.hdf5`` -> ``{"nu": 0.01}``; ``{}`` for a name not in PDEBench's
+    convention (``1D_``, ``2D_`` or ``3D_`` first) or without parameters (``1D_diff-sorp_NA_NA.h5``).
+    """
+    path = Path(path)
+    # only an HDF5 suffix is dropped: in '..._Nu0.01' without one, '.01' is no suffix
+    name = path.stem if path.suffix.lower() in (".h5", ".hdf5", ".hdf", ".he5") else path.name
+    if not _PDEBENCH_NAME.match(name):
+        return {}
+    params = {}
+    for token in name.split("_"):
+        match = _NAME_PARAM.fullmatch(token)
+        if match:
+            params[match[1].lower()] = float(match[2])
+    return params
 
 
 def _detect_layout(f: h5py.File, path: Path) -> str:
