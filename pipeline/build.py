@@ -39,6 +39,7 @@ from pipeline.manifest import (
     COORDINATES,
     MANIFEST,
     SCHEMA_VERSION,
+    TOOL_VERSION,
     DataEntry,
     EncoderEntry,
     FileEntry,
@@ -48,7 +49,9 @@ from pipeline.manifest import (
     SplitEntry,
     build_config_hash,
     build_id,
+    file_entry,
     formats_of,
+    part_is_done,
     read_manifest,
     sample_set_id,
     shard_name,
@@ -70,9 +73,7 @@ from pipeline.stages import (
     ReadStage,
     assemble,
 )
-from pipeline.storage import file_sha256, sha256_bytes, write_atomic
-
-TOOL_VERSION = "ups-shards 0.1.0"
+from pipeline.storage import file_sha256, write_atomic
 
 
 @dataclass
@@ -250,6 +251,8 @@ BUILD_WRITES = {
     "parts": ["*.json", ".*.json.tmp-*"],
     "wds": ["*.tar", ".*.tar.tmp-*"],
     "zarr": ["zarr.json", "*/zarr.json", "*/*/zarr.json", "*/*/c/*", "*.partial"],
+    # layers of adaptive sets (pipeline/layers.py), finished or partial
+    "layers": ["*/layer.json", "*/wds/*.tar*", "*/zarr/*", "*/parts/*.json*"],
 }
 
 
@@ -437,33 +440,11 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
             for writer in writers:
                 writer.create(sizes)
             recorded = {
-                name: to_dict(_file_entry(root, name, 0))
+                name: to_dict(file_entry(root, name, 0))
                 for writer in writers
                 for name in writer.metadata()
             }
             write_atomic(root / METADATA_RECORD, json.dumps(recorded, sort_keys=True).encode())
-
-
-def _file_entry(root: Path, name: str, count: int) -> FileEntry:
-    data = (root / name).read_bytes()
-    return FileEntry(bytes=len(data), sha256=sha256_bytes(data), count=count)
-
-
-def shard_is_done(root: Path, shard: ShardPlan, build_id: str) -> bool:
-    """True when the shard's record exists and every file it lists verifies."""
-    record = root / shard.record
-    if not record.exists():
-        return False
-    entry = json.loads(record.read_text())
-    if entry.get("build_id") != build_id:
-        return False
-    for name, expected in entry["files"].items():
-        path = root / name
-        if not path.exists() or path.stat().st_size != expected["bytes"]:
-            return False
-        if sha256_bytes(path.read_bytes()) != expected["sha256"]:
-            return False
-    return True
 
 
 def remove_leftovers(root: Path, shard: ShardPlan, writers: list[ShardWriter]) -> None:
@@ -543,11 +524,11 @@ class Builder:
         for writer in self.writers:
             files += writer.write(shard.split, shard.index, shard.name, block)
         record = {
-            "build_id": self.plan.build_id,
+            "owner": self.plan.build_id,
             "split": shard.split,
             "index": shard.index,
             "count": shard.count,
-            "files": {name: to_dict(_file_entry(self.root, name, shard.count)) for name in files},
+            "files": {name: to_dict(file_entry(self.root, name, shard.count)) for name in files},
         }
         write_atomic(self.root / shard.record, json.dumps(record, sort_keys=True).encode())
         with self._seconds_lock:  # several writes run at once
@@ -625,7 +606,7 @@ def finalize(plan: BuildPlan) -> Manifest:
         record = json.loads((root / shard.record).read_text())
         files.update({name: FileEntry(**entry) for name, entry in record["files"].items()})
     for name, entry in json.loads((root / METADATA_RECORD).read_text()).items():
-        if _file_entry(root, name, 0) != FileEntry(**entry):
+        if file_entry(root, name, 0) != FileEntry(**entry):
             raise ShardError(
                 f"{root / name}: changed since this build created it (edited?); a finished set "
                 "is not rewritten: build into an empty 'out'"
@@ -767,7 +748,7 @@ def _device(option: str) -> torch.device:
 def _build(plan: BuildPlan, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     root = Path(plan.cfg.out)
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
-    todo = [s for s in mine if not shard_is_done(root, s, plan.build_id)]
+    todo = [s for s in mine if not part_is_done(root, root / s.record, plan.build_id)]
     builder = Builder(plan, device)
     for shard in todo:
         remove_leftovers(root, shard, builder.writers)

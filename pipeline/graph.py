@@ -36,6 +36,8 @@ class LoaderPlan:
     spec: BatchSpec
     rank: int = 0
     world_size: int = 1
+    layers: tuple[str, ...] = ()  # the chain of layers of adaptive sets read (pipeline/layers.py)
+    awaiting: tuple[int, ...] = ()  # first epochs of layers still to come (ShardSet.await_layers)
 
 
 class BatchGraph:
@@ -45,9 +47,12 @@ class BatchGraph:
     def __init__(
         self, plan: LoaderPlan, shards: ShardSet | None = None, *, pin_memory: bool = False
     ):
-        shards = shards or open_shards(
-            plan.location, plan.split, plan.cfg.format, remote=plan.cfg.remote
-        )
+        if shards is None:
+            shards = open_shards(
+                plan.location, plan.split, plan.cfg.format, remote=plan.cfg.remote, layer=None
+            )
+            shards.use_layers(list(plan.layers))
+            shards.await_layers(list(plan.awaiting))
         if plan.spec.latents and shards.manifest.latent is None:
             raise ShardError(
                 f"{shards.location}: field-only shards (built with encoder: null) hold no latents"

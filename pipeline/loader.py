@@ -14,6 +14,7 @@ number of workers or the prefetch depth (docs/design.md, section 7).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,12 +81,25 @@ class ShardLoader:
         epochs until the query sets end. Stops the stream opened before, if any."""
         self.close()
         if self.cfg.process:
-            self._process = LoaderProcess(self.plan, (epoch, skip), self.device)
+            plan = dataclasses.replace(
+                self.plan,
+                layers=tuple(self.shards.layer_ids),
+                awaiting=tuple(self.shards.awaiting),
+            )
+            self._process = LoaderProcess(plan, (epoch, skip), self.device)
             return self._process
         batches = self.graph.batches(epoch, skip)
         if self.device is None:
             return batches
         return (batch.to(self.device, non_blocking=True) for batch in batches)
+
+    def add_layer(self, layer_id: str) -> None:
+        """Read the epochs layer ``layer_id`` covers from it from now on (an adaptive refresh):
+        the shard set, and the running loader process, extend their chain by it, and the epochs
+        waiting for it stream on. No restart: batches already made are of earlier epochs."""
+        self.shards.add_layer(layer_id)
+        if self._process is not None:
+            self._process.add_layer(layer_id)
 
     def close(self) -> None:
         """Stop the loader process, or the graph's threads; iterating again restarts the stream

@@ -110,10 +110,23 @@ def batch_layout(batch: SparseBatch) -> tuple[Layout, int]:
     return layout, offset
 
 
-def serve_batches(plan: LoaderPlan, start: tuple[int, int], conn: Connection) -> None:
+def _add_layers(graph: BatchGraph, layers: Connection) -> None:
+    """Thread of the child: extend the graph's chain of layers by each id the parent sends (an
+    adaptive refresh), until the parent closes the pipe. A layer that cannot be added is raised
+    by the reader waiting for it (ShardSet.wait_for_layer)."""
+    with contextlib.suppress(*_PIPE_GONE, OSError):
+        while True:
+            layer_id = layers.recv()
+            with contextlib.suppress(Exception):
+                graph.source.shards.add_layer(layer_id)
+
+
+def serve_batches(
+    plan: LoaderPlan, start: tuple[int, int], conn: Connection, layers: Connection
+) -> None:
     """The child: run the plan's graph from ``start`` (epoch, examples to skip) and put its
     batches into the ring's slots. ``conn`` carries slot numbers back (a slot is free again) and
-    ends with the parent (EOF)."""
+    ends with the parent (EOF); ``layers`` carries the ids of layers added while it runs."""
     torch.set_num_threads(1)  # the work is numpy; no OpenMP team spinning on the cores
     # Ctrl-C is the training process's to handle: it closes this one (or, at its exit, its
     # multiprocessing terminates it); a KeyboardInterrupt here would only print a traceback.
@@ -129,6 +142,7 @@ def serve_batches(plan: LoaderPlan, start: tuple[int, int], conn: Connection) ->
     try:
         try:
             graph = BatchGraph(plan)
+            threading.Thread(target=_add_layers, args=(graph, layers), daemon=True).start()
             slots: list[torch.Tensor | None] = [None] * plan.cfg.prefetch
             free = deque(range(plan.cfg.prefetch))
             for batch in graph.batches(*start):
@@ -166,9 +180,10 @@ class LoaderProcess:
     def __init__(self, plan: LoaderPlan, start: tuple[int, int], device: torch.device | None):
         context = torch.multiprocessing.get_context("spawn")  # never fork a CUDA process
         self._conn, child = context.Pipe()
+        self._layers, child_layers = context.Pipe()
         self._process = context.Process(
             target=serve_batches,
-            args=(plan, start, child),
+            args=(plan, start, child, child_layers),
             name="loader",
             daemon=True,
         )
@@ -186,6 +201,7 @@ class LoaderProcess:
             if handler is not None:
                 signal.signal(signal.SIGINT, handler)
         child.close()
+        child_layers.close()
         self.device = device
         self.cuda = device is not None and device.type == "cuda"
         self._slots: dict[int, torch.Tensor] = {}  # slot -> its shared (and pinned) buffer
@@ -249,6 +265,11 @@ class LoaderProcess:
             f"the loader process ended without a word: {_how_it_ended(self._process.exitcode)}"
         )
 
+    def add_layer(self, layer_id: str) -> None:
+        """Tell the child to read layer ``layer_id`` from now on (ShardLoader.add_layer)."""
+        with contextlib.suppress(OSError):  # a dead child: the next receive says so
+            self._layers.send(layer_id)
+
     def _adopt(self, slot: int, buffer: torch.Tensor) -> None:
         """Take the child's new buffer for ``slot``; with CUDA pin it, so copies are async."""
         self._unpin(slot)
@@ -276,6 +297,7 @@ class LoaderProcess:
         for slot in list(self._slots):
             self._unpin(slot)
         self._conn.close()
+        self._layers.close()
         self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.terminate()

@@ -22,7 +22,13 @@ from typing import Any
 
 from pipeline.config import ConfigError, config_hash, from_dict, to_dict, without_keys
 from pipeline.query_codec import Slot, query_slots
-from pipeline.records import RecordSchema, ShardError, record_schema
+from pipeline.records import (
+    RecordSchema,
+    ShardBlock,
+    ShardError,
+    StoredRecords,
+    record_schema,
+)
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig, k_per_epoch
 from pipeline.sources.pdebench import DataInfo
@@ -32,6 +38,7 @@ from pipeline.storage import RemoteConfig, join, read_bytes, sha256_bytes, write
 # 2: content identity (ids recomputed on open, provenance outside the identity)
 # 3: query sets coded per epoch (Elias-Fano or bitmask, the complement above k = N/2), query_slots
 SCHEMA_VERSION = 3
+TOOL_VERSION = "ups-shards 0.1.0"  # recorded as the writer of manifests and layers
 MANIFEST = "manifest.json"
 BUILD_STATE = "build.json"  # written first by a build; without a manifest: an unfinished build
 COORDINATES = "[0, 1] per axis, x first; flat indices in C order"
@@ -209,6 +216,12 @@ class Manifest:
             tuple(self.data.grid),
             self.k_per_epoch,
             None if latent is None else (latent.tokens, latent.dim, latent.dtype),
+        )
+
+    def stored(self, split: str) -> StoredRecords:
+        """What a format's reader reads of ``split``: this set's records and files."""
+        return StoredRecords(
+            ShardBlock, self.record_schema(), self.files, self.splits[split].num_snapshots
         )
 
     def data_info(self, split: str) -> DataInfo:
@@ -407,12 +420,12 @@ def read_manifest(location: str, remote: RemoteConfig | None = None) -> Manifest
 
 
 def read_listed(
-    manifest: Manifest, location: str, name: str, remote: RemoteConfig | None = None
+    files: dict[str, FileEntry], location: str, name: str, remote: RemoteConfig | None = None
 ) -> bytes:
-    """The bytes of file ``name`` of the set at ``location``, checked against its manifest entry
-    (size, then sha256); a file the manifest does not list is refused."""
+    """The bytes of file ``name`` of the set at ``location``, checked against its entry in
+    ``files`` (a manifest's: size, then sha256); a file not listed there is refused."""
     path = join(location, name)
-    entry = manifest.files.get(name)
+    entry = files.get(name)
     if entry is None:
         raise ShardError(f"{path}: not listed in the manifest")
     try:
@@ -432,3 +445,27 @@ def check_listed(path: str, data: bytes, entry: FileEntry) -> bytes:
     if sha256_bytes(data) != entry.sha256:
         raise ShardError(f"{path}: checksum mismatch (corrupt or edited shard file)")
     return data
+
+
+def file_entry(root: Path, name: str, count: int) -> FileEntry:
+    """The entry of file ``name`` under ``root``, as a writer records it."""
+    data = (root / name).read_bytes()
+    return FileEntry(bytes=len(data), sha256=sha256_bytes(data), count=count)
+
+
+def part_is_done(root: Path, record: Path, owner: str) -> bool:
+    """True when a writer's per-shard record (a JSON of ``{"owner": ..., "files": {name: entry}}``
+    under ``root``) is ``owner``'s (a build id, a layer request) and every file it lists verifies:
+    what a rerun of an interrupted build or refresh keeps instead of writing again."""
+    if not record.exists():
+        return False
+    entry = json.loads(record.read_text())
+    if entry.get("owner") != owner:
+        return False
+    for name, expected in entry["files"].items():
+        path = root / name
+        if not path.exists() or path.stat().st_size != expected["bytes"]:
+            return False
+        if sha256_bytes(path.read_bytes()) != expected["sha256"]:
+            return False
+    return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any, Self
 
 import numpy as np
 
@@ -25,20 +26,10 @@ class ShardError(ValueError):
     """A shard set or shard file that is missing, corrupt or incompatible."""
 
 
-@dataclass
-class ShardBlock:
-    """A contiguous block of snapshots, as written to and read from one shard."""
+class _Record:
+    """Arrays of a contiguous block of snapshots, one per record name (a dataclass's fields)."""
 
-    snapshot_id: np.ndarray  # (S,) int64, trajectory * steps + time
-    trajectory: np.ndarray  # (S,) int64, index into the source file
-    time: np.ndarray  # (S,) int64
-    fields: np.ndarray  # (S, C, *grid) float32, physical units
-    importance: np.ndarray  # (S, N) float32, q: sums to 1 per snapshot
-    queries: np.ndarray  # (S, Q) uint8: the E query sets, one slot each (query_codec.query_slots)
-    # (S, E, 2) int64 [remaining, total]: pi = remaining * fixed(q) / total, and 1 for the
-    # k - remaining largest q of a drawn set (the capped points)
-    pi_scale: np.ndarray
-    latent: np.ndarray | None = None  # (S, T, D) float16/float32
+    snapshot_id: np.ndarray
 
     def __len__(self) -> int:
         return len(self.snapshot_id)
@@ -53,8 +44,38 @@ class ShardBlock:
             f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
         }
 
-    def select(self, rows: slice | np.ndarray) -> ShardBlock:
-        return ShardBlock(**{name: value[rows] for name, value in self.arrays().items()})
+    def select(self, rows: slice | np.ndarray) -> Self:
+        return type(self)(**{name: value[rows] for name, value in self.arrays().items()})
+
+
+@dataclass
+class ShardBlock(_Record):
+    """A contiguous block of snapshots, as written to and read from one shard."""
+
+    snapshot_id: np.ndarray  # (S,) int64, trajectory * steps + time
+    trajectory: np.ndarray  # (S,) int64, index into the source file
+    time: np.ndarray  # (S,) int64
+    fields: np.ndarray  # (S, C, *grid) float32, physical units
+    importance: np.ndarray  # (S, N) float32, q: sums to 1 per snapshot
+    queries: np.ndarray  # (S, Q) uint8: the E query sets, one slot each (query_codec.query_slots)
+    # (S, E, 2) int64 [remaining, total]: pi = remaining * fixed(q) / total, and 1 for the
+    # k - remaining largest q of a drawn set (the capped points)
+    pi_scale: np.ndarray
+    latent: np.ndarray | None = None  # (S, T, D) float16/float32
+
+
+@dataclass
+class LayerBlock(_Record):
+    """One shard's snapshots in a layer of adaptive query sets (pipeline/layers.py): the model's
+    per-point error, the q drawn from, and the query sets of the layer's epochs only."""
+
+    snapshot_id: np.ndarray  # (S,) int64
+    trajectory: np.ndarray  # (S,) int64
+    time: np.ndarray  # (S,) int64
+    error: np.ndarray  # (S, N) float32, the per-point loss q was computed from
+    importance: np.ndarray  # (S, N) float32, q
+    queries: np.ndarray  # (S, Q) uint8, one slot per epoch of the layer
+    pi_scale: np.ndarray  # (S, E_layer, 2) int64, as ShardBlock's
 
 
 def trajectory_ids(trajectories: list[int] | tuple[int, ...], steps: int) -> dict[str, np.ndarray]:
@@ -92,3 +113,28 @@ def record_schema(
         tokens, width, dtype = latent
         schema["latent"] = ((tokens, width), dtype)
     return schema
+
+
+def layer_schema(grid: tuple[int, ...], k_per_epoch: list[int]) -> RecordSchema:
+    """What one snapshot holds in a layer whose epochs have ``k_per_epoch`` points."""
+    n = math.prod(grid)
+    return {
+        "snapshot_id": ((), "int64"),
+        "trajectory": ((), "int64"),
+        "time": ((), "int64"),
+        "error": ((n,), "float32"),
+        "importance": ((n,), "float32"),
+        "queries": ((row_bytes(n, k_per_epoch),), "uint8"),
+        "pi_scale": ((len(k_per_epoch), 2), "int64"),
+    }
+
+
+@dataclass(frozen=True)
+class StoredRecords:
+    """What a format's reader needs to read one split of records: their schema and type, the
+    files it may read (each checked against its entry), and the split's snapshot count."""
+
+    record: type[_Record]
+    schema: RecordSchema
+    files: dict[str, Any]  # name -> manifest.FileEntry
+    num_snapshots: int

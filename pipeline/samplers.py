@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -507,42 +507,32 @@ ALPHA_EXPECTED = (
 )
 
 
-def _check_alpha(alpha: object) -> None:
+def _check_alpha(alpha: object, option: str = "sampler.alpha") -> None:
     """alpha in (0, 1], or one ConfigError naming the option."""
     number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-    check(number and 0.0 < alpha <= 1.0, "sampler.alpha", ALPHA_EXPECTED, alpha)
+    check(number and 0.0 < alpha <= 1.0, option, ALPHA_EXPECTED, alpha)
 
 
-class GradientSampler(Sampler):
-    """Importance sampling towards sharp features: q = alpha/N + (1 - alpha) |grad u| / sum |grad u|.
+def _focus(s: torch.Tensor) -> torch.Tensor:
+    """A non-negative score (B, N) as a distribution s / sum(s) (B, N) float64, its sum exact in
+    fixed point whatever the batch or device; an all-zero row gives uniform."""
+    s = s.double()
+    peak = s.amax(1, keepdim=True)
+    share = torch.where(peak > 0, s / peak.clamp(min=1e-300), 1.0)
+    fixed = _fixed_point(share)
+    return fixed.double() / fixed.sum(1, keepdim=True).double()
 
-    alpha in (0, 1] is the uniform share: every point has q >= alpha/N and each weight is at most
-    1/alpha. alpha in [0.2, 1] is sensible; alpha = 0 is refused, since it would never draw points
-    with zero gradient and so bias the weighted loss. An all-zero gradient gives uniform q.
 
-    Draw: randomised systematic PPS (Hartley & Rao 1962) over pi = inclusion_probabilities(q, k):
-    the points are visited in a random order from the key, pi is laid out on a line in integer
-    units, and the k points u, u + 1, ..., u + k - 1 (one random offset u) pick the points whose
-    stretch they fall in. Each point is picked with probability pi_i (to 2^-32) and exactly k
-    distinct points come out. The random order makes sets vary across epochs, where a fixed order
-    would only shift one lattice.
+class _PPSSampler(Sampler):
+    """Draws a fixed-size set with exact inclusion probabilities from any per-snapshot q.
+
+    Randomised systematic PPS (Hartley & Rao 1962) over pi = inclusion_probabilities(q, k): the
+    points are visited in a random order from the key, pi is laid out on a line in integer units,
+    and the k points u, u + 1, ..., u + k - 1 (one random offset u) pick the points whose stretch
+    they fall in. Each point is picked with probability pi_i (to 2^-32) and exactly k distinct
+    points come out. The random order makes sets vary across epochs, where a fixed order would
+    only shift one lattice.
     """
-
-    kind = "gradient"
-
-    def __init__(self, alpha: float = 0.3, beta: float = 1.0) -> None:
-        super().__init__(beta)
-        _check_alpha(alpha)
-        self.alpha = alpha
-
-    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
-        s = gradient_magnitude(fields, periodic).double()  # (B, N)
-        peak = s.amax(1, keepdim=True)
-        share = torch.where(peak > 0, s / peak.clamp(min=1e-300), 1.0)  # all-zero -> uniform
-        fixed = _fixed_point(share)  # exact row sums, whatever the batch or device
-        focus = fixed.double() / fixed.sum(1, keepdim=True).double()
-        n = s.shape[1]
-        return (self.alpha / n + (1.0 - self.alpha) * focus).float()
 
     def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor:
         """pi in units (B, N) int64, summing to k * _UNIT, each <= _UNIT: the capping, once per k."""
@@ -562,6 +552,83 @@ class GradientSampler(Sampler):
         return _mask_to_indices(_scatter_picks(order, picked), k)
 
 
+class GradientSampler(_PPSSampler):
+    """Importance sampling towards sharp features: q = alpha/N + (1 - alpha) |grad u| / sum |grad u|,
+    drawn by systematic PPS (:class:`_PPSSampler`).
+
+    alpha in (0, 1] is the uniform share: every point has q >= alpha/N and each weight is at most
+    1/alpha. alpha in [0.2, 1] is sensible; alpha = 0 is refused, since it would never draw points
+    with zero gradient and so bias the weighted loss. An all-zero gradient gives uniform q.
+    """
+
+    kind = "gradient"
+
+    def __init__(self, alpha: float = 0.3, beta: float = 1.0) -> None:
+        super().__init__(beta)
+        _check_alpha(alpha)
+        self.alpha = alpha
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        focus = _focus(gradient_magnitude(fields, periodic))  # (B, N)
+        n = focus.shape[1]
+        return (self.alpha / n + (1.0 - self.alpha) * focus).float()
+
+
+@dataclass
+class ErrorImportance:
+    """How a model's per-point error becomes the sampling distribution of an adaptive layer:
+    q = alpha/N + (1 - alpha) [(1 - mix) e^power / sum e^power + mix |grad u| / sum |grad u|],
+    with e the per-point squared error of the loss being trained."""
+
+    # exponent on the squared error. 0.5: q ~ |residual|, which minimises the variance of the
+    # gradient estimate when the residual's parameter gradients are alike across points (the
+    # gradient of r^2 is 2 r dr); 1.0 minimises the variance of the loss estimate instead
+    power: float = 0.5
+    alpha: float = 0.3  # uniform share, in (0, 1]: every weight is at most 1/alpha
+    mix: float = 0.0  # share of gradient importance (|grad u| of the target) mixed in, in [0, 1]
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.power, int | float) and 0 < self.power <= 4,
+            "adaptive.power",
+            "a number in (0, 4] (0.5: proportional to the residual)",
+            self.power,
+        )
+        _check_alpha(self.alpha, "adaptive.alpha")
+        check(0.0 <= self.mix <= 1.0, "adaptive.mix", "a number in [0, 1]", self.mix)
+
+
+class ErrorSampler(_PPSSampler):
+    """Adaptive sets: q from a model's per-point error (:class:`ErrorImportance`), drawn by
+    systematic PPS like the gradient sampler, so the same exact weights w = k / (N pi) apply."""
+
+    kind = "error"
+
+    def __init__(self, importance: ErrorImportance, beta: float = 1.0) -> None:
+        super().__init__(beta)
+        self.importance = importance
+
+    def error_probabilities(
+        self, error: torch.Tensor, fields: torch.Tensor | None, periodic: Sequence[bool]
+    ) -> torch.Tensor:
+        """q (B, N) float32 from the per-point error (B, N) >= 0 and, when ``mix`` > 0, the
+        normalised target fields (B, C, *grid) whose gradient is mixed in."""
+        if error.ndim != 2 or not bool(torch.isfinite(error).all()) or bool((error < 0).any()):
+            raise ValueError("error: expected finite, non-negative per-point errors (B, N)")
+        cfg = self.importance
+        focus = _focus(error.double().pow(cfg.power))
+        if cfg.mix > 0:
+            if fields is None:
+                raise ValueError("error importance with mix > 0 needs the target fields")
+            _check_fields(fields, periodic)
+            focus = (1 - cfg.mix) * focus + cfg.mix * _focus(gradient_magnitude(fields, periodic))
+        n = error.shape[1]
+        return (cfg.alpha / n + (1.0 - cfg.alpha) * focus).float()
+
+    def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+        raise ValueError("error sets are computed from a model's error: use error_probabilities")
+
+
 # ---------------------------------------------------------------------------------------------
 # Config, registry and the one call the pipeline makes.
 
@@ -579,7 +646,7 @@ class SamplerConfig:
     exponent, in [0, 1]; block: stratified block lengths per grid axis (default 16 in 1D, 8x8 in
     2D, 4x4x4 in 3D)."""
 
-    kind: str = "uniform"
+    kind: Literal["uniform", "stratified", "gradient"] = "uniform"
     alpha: float = 0.3
     beta: float = 1.0
     block: list[int] | None = None

@@ -3,10 +3,17 @@
 Works on both formats and on local paths, ``file://``, ``http(s)://`` and fsspec URLs. Every
 file is checked against the manifest's sha256 when it is read, so a corrupt or edited shard is
 reported by name instead of silently training on bad data.
+
+The train split's query sets of an epoch come from the newest layer of adaptive sets that covers
+it (pipeline/layers.py), else from the set itself. A training run that refreshes its sets names
+the epochs whose layer is still to come (:meth:`ShardSet.await_layers`); readers of those epochs
+wait until :meth:`ShardSet.add_layer` brings it, so every epoch's sets are decided before any of
+its batches is made.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,9 +21,10 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.formats import FORMATS
+from pipeline.layers import LayerReader, layer_chain, layer_location, read_layer_record
 from pipeline.manifest import ShardEntry, read_listed, read_manifest
 from pipeline.query_codec import Slot, decode_sets, query_slots
-from pipeline.records import ShardBlock, ShardError, trajectory_ids
+from pipeline.records import LayerBlock, ShardBlock, ShardError, trajectory_ids
 from pipeline.samplers import weights_from_scale
 from pipeline.storage import RemoteConfig
 
@@ -31,30 +39,40 @@ class QuerySets:
 
 
 def gather_queries(
-    block: ShardBlock, slot: Slot, k: int, beta: float, where: str = "shard"
+    block: ShardBlock,
+    slot: Slot,
+    k: int,
+    beta: float,
+    where: str = "shard",
+    sets: LayerBlock | None = None,
 ) -> QuerySets:
     """Decode a block's query sets of one stored epoch (its ``slot``) and gather the fields and
-    q there.
+    q there; the sets (q, codes, pi_scale) of a layer's block ``sets`` when given.
 
     Vectorised over the block, so the streaming loader does it once per shard and epoch in its
     read-ahead threads, not per example; in numpy, which stays on the calling thread (see
     :func:`weights_from_scale`). The weights follow from the stored q and the two integers of
     ``pi_scale``: only q at the k points is read.
     """
+    sets = block if sets is None else sets
     s, n = len(block), block.importance.shape[1]
     try:
-        indices = decode_sets(block.queries[:, slot.rows], n, k, slot, where)  # (S, k)
+        indices = decode_sets(sets.queries[:, slot.rows], n, k, slot, where)  # (S, k)
     except ValueError as err:
         raise ShardError(str(err)) from None
     fields = block.fields.reshape(s, -1, n)  # (S, C, N)
     values = np.take_along_axis(fields, indices[:, None, :], axis=2)  # (S, C, k)
-    q_at = np.take_along_axis(block.importance, indices, axis=1)  # (S, k)
-    weights = weights_from_scale(q_at, n, k, block.pi_scale[:, slot.epoch], beta)
+    q_at = np.take_along_axis(sets.importance, indices, axis=1)  # (S, k)
+    weights = weights_from_scale(q_at, n, k, sets.pi_scale[:, slot.epoch], beta)
     return QuerySets(indices, np.ascontiguousarray(values.transpose(0, 2, 1)), weights)
 
 
 class ShardSet:
-    """One split of a shard set: snapshots by index, whole shards by index, query sets by epoch."""
+    """One split of a shard set: snapshots by index, whole shards by index, query sets by epoch.
+
+    ``layer``: which layers of adaptive sets the train split reads (pipeline/layers.py):
+    ``"latest"`` the set's only chain of layers (none behind a URL), None none, or a layer id
+    (or a prefix of 8+ characters) and the layers below it."""
 
     def __init__(
         self,
@@ -62,6 +80,7 @@ class ShardSet:
         split: str = "train",
         format: Literal["auto", "zarr", "wds"] = "auto",
         remote: RemoteConfig | None = None,
+        layer: str | None = "latest",
     ):
         self.location = str(location).rstrip("/")
         self.remote = remote or RemoteConfig()  # timeouts and retries of remote reads
@@ -84,9 +103,106 @@ class ShardSet:
         self.slots = query_slots(self.manifest.num_points, self.k_per_epoch)  # one per epoch
         self.beta = self.manifest.sampler_beta
         self._reader = FORMATS[format].reader(
-            self.location, split, self.manifest, remote=self.remote
+            self.location, split, self.manifest.stored(split), remote=self.remote
         )
         self._cached: tuple[int, ShardBlock] | None = None
+        records = layer_chain(self.location, self.manifest, layer, self.remote)
+        self.layers: list[LayerReader] = [
+            self._layer_reader(r) for r in records if r.split == split
+        ]
+        self._awaiting: set[int] = set()  # first epochs of layers still to come
+        self._layer_error: BaseException | None = None
+        self._layer_added = threading.Condition()
+
+    # -- layers of adaptive query sets
+    @property
+    def layer_ids(self) -> list[str]:
+        """The chain of layers read, oldest first."""
+        return [layer.record.id for layer in self.layers]
+
+    def _layer_reader(self, record) -> LayerReader:
+        return LayerReader(self.location, record, self.manifest, self.format, self.remote)
+
+    def use_layers(self, chain: list[str]) -> None:
+        """Read exactly the layers ``chain`` (ids, oldest first; each layered on the one before)."""
+        records = layer_chain(self.location, self.manifest, chain[-1], self.remote) if chain else []
+        found = [r.id for r in records]
+        if found != list(chain):
+            raise ShardError(
+                f"{self.location}: the layers below {chain[-1][:12]} are "
+                f"{[i[:12] for i in found]}, not the chain {[i[:12] for i in chain]}"
+            )
+        with self._layer_added:
+            self.layers = [self._layer_reader(r) for r in records]
+
+    def await_layers(self, first_epochs: list[int]) -> None:
+        """Epochs from each of ``first_epochs`` on get their sets from a layer still to come:
+        their readers wait for it (:meth:`add_layer`)."""
+        with self._layer_added:
+            self._awaiting = set(first_epochs)
+
+    @property
+    def awaiting(self) -> list[int]:
+        return sorted(self._awaiting)
+
+    def add_layer(self, layer_id: str) -> None:
+        """Extend the chain by layer ``layer_id``, layered on the current tip; wakes the readers
+        waiting for epochs it covers."""
+        try:
+            record = read_layer_record(self.location, layer_id, self.manifest, self.remote)
+            tip = self.layers[-1].record.id if self.layers else None
+            if record.parent != tip:
+                raise ShardError(
+                    f"{layer_location(self.location, layer_id)}: layered on "
+                    f"{str(record.parent)[:12]}, but this chain ends at {str(tip)[:12]}"
+                )
+            reader = self._layer_reader(record)
+        except BaseException as err:
+            with self._layer_added:
+                self._layer_error = err
+                self._layer_added.notify_all()
+            raise
+        with self._layer_added:
+            self.layers.append(reader)
+            self._awaiting.discard(record.epochs[0])
+            self._layer_added.notify_all()
+
+    def pending(self, epoch: int) -> bool:
+        """True while ``epoch``'s sets come from a layer still to be added."""
+        return any(first <= epoch for first in self._awaiting)
+
+    def wait_for_layer(self, epoch: int, stopped: threading.Event) -> None:
+        """Block until ``epoch`` is no longer :meth:`pending` (or ``stopped`` is set)."""
+        with self._layer_added:
+            while self.pending(epoch) and not stopped.is_set():
+                if self._layer_error is not None:
+                    raise ShardError(f"adding a layer of adaptive sets: {self._layer_error}")
+                self._layer_added.wait(timeout=0.5)
+
+    def layer_of(self, stored: int) -> LayerReader | None:
+        """The newest layer covering stored epoch ``stored``, or None: the set's own sets."""
+        for layer in reversed(self.layers):
+            if layer.record.covers(stored):
+                return layer
+        return None
+
+    def read_layer(self, layer: LayerReader, index: int) -> LayerBlock:
+        """Shard ``index``'s records in ``layer``, checked against the shard's snapshot ids."""
+        shard = self.shards[index]
+        return layer.read(shard, trajectory_ids(shard.trajectories, self.steps))
+
+    def epoch_queries(
+        self, block: ShardBlock, index: int, epoch: int, wrap: bool, sets: LayerBlock | None
+    ) -> QuerySets:
+        """Shard ``index``'s (``block``'s) query sets of ``epoch``: from ``sets``, the shard's
+        block of the epoch's layer (:meth:`layer_of`), where it has one."""
+        stored, k = self.k_for_epoch(epoch, wrap)
+        layer = self.layer_of(stored)
+        slot = self.slots[stored] if layer is None else layer.record.slot(stored)
+        where = f"{self.location}: shard {index} of '{self.split}', epoch {epoch}"
+        if layer is not None:
+            where += f" (layer {layer.record.id[:12]})"
+        return gather_queries(block, slot, k, self.beta, where, sets)
 
     @property
     def sample_set_id(self) -> str:
@@ -163,12 +279,14 @@ class ShardSet:
         }
 
     def query_set(self, i: int, epoch: int, wrap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(flat C-order indices, weights) of snapshot ``i`` in ``epoch``; uniform sampling gives 1.0."""
-        stored, k = self.k_for_epoch(epoch, wrap)
+        """(flat C-order indices, weights) of snapshot ``i`` in ``epoch``, from the newest layer
+        covering the epoch, else the set's own; uniform sampling gives 1.0."""
+        stored, _ = self.k_for_epoch(epoch, wrap)
         index, row = self.locate(i)
+        layer = self.layer_of(stored)
+        sets = None if layer is None else self.read_layer(layer, index).select(slice(row, row + 1))
         block = self.read_shard(index).select(slice(row, row + 1))
-        where = f"{self.location}: snapshot {i}"
-        queries = gather_queries(block, self.slots[stored], k, self.beta, where)
+        queries = self.epoch_queries(block, index, epoch, wrap, sets)
         return queries.indices[0], queries.weights[0]
 
     def trajectories(self, limit: int | None = None) -> Iterator[np.ndarray]:
@@ -183,13 +301,17 @@ class ShardSet:
                 produced += 1
 
     def verify(self) -> list[str]:
-        """Read every file of the set (all splits) and return a message per problem found."""
+        """Read every file of the set (all splits) and of its layers read, and return a message
+        per problem found."""
+        listed = [(self.location, self.manifest.files)]
+        listed += [(layer.location, layer.record.files) for layer in self.layers]
         problems = []
-        for name in sorted(self.manifest.files):
-            try:
-                read_listed(self.manifest, self.location, name, self.remote)
-            except ShardError as err:
-                problems.append(str(err))
+        for location, files in listed:
+            for name in sorted(files):
+                try:
+                    read_listed(files, location, name, self.remote)
+                except ShardError as err:
+                    problems.append(str(err))
         return problems
 
 
@@ -198,7 +320,9 @@ def open_shards(
     split: str = "train",
     format: Literal["auto", "zarr", "wds"] = "auto",
     remote: RemoteConfig | None = None,
+    layer: str | None = "latest",
 ) -> ShardSet:
     """Open one split of a finished shard set at a local path or URL; ``remote``: timeouts
-    and retries of remote reads (None: the defaults)."""
-    return ShardSet(str(location), split, format, remote)
+    and retries of remote reads (None: the defaults); ``layer``: which layers of adaptive sets
+    (:class:`ShardSet`)."""
+    return ShardSet(str(location), split, format, remote, layer)

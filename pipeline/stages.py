@@ -101,10 +101,18 @@ class ImportanceStage:
 
 
 class QueryPlanStage:
-    """q + snapshot ids -> the E query sets of every snapshot, encoded side by side (S, Q)."""
+    """q + snapshot ids -> the E query sets of every snapshot, encoded side by side (S, Q).
+
+    The sets of epochs ``first_epoch``, ``first_epoch + 1``, ...: a layer of adaptive sets
+    (pipeline/layers.py) plans a range of a set's epochs with the keys of those epochs."""
 
     def __init__(
-        self, sampler: Sampler, k_per_epoch: Sequence[int], seed: int, grid: Sequence[int]
+        self,
+        sampler: Sampler,
+        k_per_epoch: Sequence[int],
+        seed: int,
+        grid: Sequence[int],
+        first_epoch: int = 0,
     ):
         self.sampler, self.k_per_epoch, self.seed, self.grid = (
             sampler,
@@ -112,13 +120,15 @@ class QueryPlanStage:
             seed,
             tuple(grid),
         )
+        self.first_epoch = first_epoch
         self.slots = query_slots(math.prod(self.grid), self.k_per_epoch)
 
     def __call__(self, q: torch.Tensor, snapshot_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(queries (S, Q) uint8, pi_scale (S, E, 2) int64)."""
         ids = torch.from_numpy(snapshot_ids)
         n = q.shape[1]
-        keys = [snapshot_keys(self.seed, ids, e, device=q.device) for e in range(len(self.slots))]
+        epochs = range(self.first_epoch, self.first_epoch + len(self.slots))
+        keys = [snapshot_keys(self.seed, ids, e, device=q.device) for e in epochs]
         drawn = self.sampler.sample_epochs(q, self.k_per_epoch, keys, self.grid)  # E x (S, k_e)
         sets = [encode_sets(idx, n, slot) for idx, slot in zip(drawn, self.slots, strict=True)]
         scale_of = {k: inclusion_scale(q, k) for k in set(self.k_per_epoch)}  # one capping per k

@@ -27,8 +27,8 @@ from torchdata.nodes import BaseNode
 
 from pipeline.collate import Collate
 from pipeline.loader_config import LoaderConfig
-from pipeline.records import ShardBlock, ShardError
-from pipeline.shards import ShardSet, gather_queries
+from pipeline.records import LayerBlock, ShardBlock, ShardError
+from pipeline.shards import ShardSet
 
 _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
 
@@ -81,10 +81,12 @@ class ShardStream(BaseNode[dict]):
         self._pool: ThreadPoolExecutor | None = None  # shard reads, ahead of use
         self._decode: ThreadPoolExecutor | None = None  # query sets, after reads
         self._stopped = threading.Event()
-        self._ahead: dict[tuple[int, int], list[tuple[Future, Future]]] = {}  # (read, decoded)
-        self._cache: OrderedDict[int, ShardBlock] = OrderedDict()  # shard -> block, LRU
+        # (epoch, group) -> per shard (its reads, decoded)
+        self._ahead: dict[tuple[int, int], list[tuple[list[Future], Future]]] = {}
+        # (shard, layer id or None) -> its block (or layer block), least recently used first
+        self._cache: OrderedDict[tuple[int, str | None], ShardBlock | LayerBlock] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
-        self._reading: dict[int, Future] = {}  # shard -> read in flight
+        self._reading: dict[tuple[int, str | None], Future] = {}  # reads in flight
         self._plans: dict[int, list[list[tuple[int, int, int]]]] = {}
 
     def has_epoch(self, epoch: int) -> bool:
@@ -110,9 +112,12 @@ class ShardStream(BaseNode[dict]):
         return self._plans[epoch]
 
     def _upcoming(self, epoch: int, group: int) -> list[tuple[int, int]]:
-        """(epoch, group) of this group and the ``read_ahead`` after it, across epochs."""
+        """(epoch, group) of this group and the ``read_ahead`` after it, across epochs, up to an
+        epoch whose layer of query sets is still to come."""
         keys = []
         while len(keys) <= self.read_ahead and self.has_epoch(epoch):
+            if keys and self.shards.pending(epoch):
+                break
             if group < len(self._groups(epoch)):
                 keys.append((epoch, group))
                 group += 1
@@ -123,7 +128,12 @@ class ShardStream(BaseNode[dict]):
     def _blocks(self, epoch: int, group: int) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
         """The group's shard blocks with their arrays prepared for ``epoch``. Its shards are read
         and prepared in parallel, and the next ``read_ahead`` groups (of this epoch or the next)
-        are already in flight while this one streams."""
+        are already in flight while this one streams. An epoch whose layer is still to come
+        waits for it here."""
+        if self.collate.spec.sparse_steps and self.shards.pending(epoch):
+            self.shards.wait_for_layer(epoch, self._stopped)
+            if self._stopped.is_set():
+                raise StopIteration
         wanted = self._upcoming(epoch, group)
         self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
         for e, g in wanted:
@@ -131,47 +141,63 @@ class ShardStream(BaseNode[dict]):
                 self._ahead[(e, g)] = [
                     self._prepare(shard, e) for shard, _, _ in self._groups(e)[g]
                 ]
-        pending = {id(read) for futures in self._ahead.values() for read, _ in futures}
-        self._reading = {s: f for s, f in self._reading.items() if id(f) in pending}
-        prepared = [decoded.result() for _, decoded in self._ahead.pop((epoch, group))]
-        for (shard, _, _), (block, _) in zip(self._groups(epoch)[group], prepared, strict=True):
-            self._remember(shard, block)
-        return prepared
+        pending = {
+            id(read) for futures in self._ahead.values() for reads, _ in futures for read in reads
+        }
+        self._reading = {key: f for key, f in self._reading.items() if id(f) in pending}
+        prepared = []
+        for reads, decoded in self._ahead.pop((epoch, group)):
+            prepared.append(decoded.result())
+            for read in reads:
+                key, block = read.result()
+                self._remember(key, block)
+        return [(block, arrays) for block, arrays in prepared]
 
-    def _prepare(self, shard: int, epoch: int) -> tuple[Future, Future]:
-        """Futures of the shard's block and of (block, its arrays prepared for ``epoch``)."""
-        read = self._read(shard)
-        return read, self._decode.submit(self._decoded, read, shard, epoch)
+    def _prepare(self, shard: int, epoch: int) -> tuple[list[Future], Future]:
+        """Futures of the shard's reads (its block, and its block of the epoch's layer if the
+        epoch has one) and of (block, its arrays prepared for ``epoch``)."""
+        reads = [self._read(shard, None)]
+        if self.collate.spec.sparse_steps:
+            stored, _ = self.shards.k_for_epoch(epoch, self.wrap_epochs)
+            layer = self.shards.layer_of(stored)
+            if layer is not None:
+                reads.append(self._read(shard, layer))
+        return reads, self._decode.submit(self._decoded, reads, shard, epoch)
 
     def _decoded(
-        self, read: Future, shard: int, epoch: int
+        self, reads: list[Future], shard: int, epoch: int
     ) -> tuple[ShardBlock, dict[str, np.ndarray]]:
         """(block, its arrays for ``epoch``): the epoch's query sets decoded and gathered, then
         the collate's per-shard preparation. Runs in the ``_decode`` threads."""
-        block, queries = read.result(), None
+        blocks = [read.result()[1] for read in reads]
+        block, queries = blocks[0], None
         if self.collate.spec.sparse_steps:
-            stored, k = self.shards.k_for_epoch(epoch, self.wrap_epochs)
-            where = f"{self.shards.location}: shard {shard} of '{self.shards.split}', epoch {epoch}"
-            slot = self.shards.slots[stored]
-            queries = gather_queries(block, slot, k, self.shards.beta, where)
+            sets = blocks[1] if len(blocks) > 1 else None
+            queries = self.shards.epoch_queries(block, shard, epoch, self.wrap_epochs, sets)
         return block, self.collate.prepare(block, queries)
 
-    def _read(self, shard: int) -> Future:
-        """A future of the shard's block: from the cache, a read in flight, or a new read."""
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
+    def _read(self, shard: int, layer) -> Future:
+        """A future of (cache key, the shard's block) -- or its block of ``layer`` -- from the
+        cache, a read in flight, or a new read."""
+        key = (shard, None if layer is None else layer.record.id)
+        if key in self._cache:
+            self._cache.move_to_end(key)
             done: Future = Future()
-            done.set_result(self._cache[shard])
+            done.set_result((key, self._cache[key]))
             return done
-        if shard not in self._reading:
-            self._reading[shard] = self._pool.submit(self.shards.read_shard, shard, cache=False)
-        return self._reading[shard]
+        if key not in self._reading:
+            if layer is None:
+                read = lambda: (key, self.shards.read_shard(shard, cache=False))  # noqa: E731
+            else:
+                read = lambda: (key, self.shards.read_layer(layer, shard))  # noqa: E731
+            self._reading[key] = self._pool.submit(read)
+        return self._reading[key]
 
-    def _remember(self, shard: int, block: ShardBlock) -> None:
+    def _remember(self, key: tuple[int, str | None], block: ShardBlock | LayerBlock) -> None:
         """Keep decoded blocks (least recently used out first) within ``cache_mb``."""
-        if shard in self._cache or block.nbytes > self._cache_limit:
+        if key in self._cache or block.nbytes > self._cache_limit:
             return
-        self._cache[shard] = block
+        self._cache[key] = block
         self._cache_bytes += block.nbytes
         while self._cache_bytes > self._cache_limit:
             _, old = self._cache.popitem(last=False)

@@ -2,7 +2,8 @@
 
 Every format holds the same logical records (pipeline/records.py) and is listed file by file in
 the manifest. A writer creates a set's files under a build's output directory, one shard at a
-time; a reader reads one shard of a split back as a ShardBlock, verified against the manifest.
+time; a reader reads one shard of a split back as a record block (a ShardBlock, or a layer's
+LayerBlock), verified against the manifest.
 Adding a format is a module with these two classes and a line here.
 """
 
@@ -13,8 +14,8 @@ from typing import NamedTuple, Protocol
 
 from pipeline.formats.wds import WdsReader, WdsWriter
 from pipeline.formats.zarr import ZarrReader, ZarrWriter
-from pipeline.manifest import Manifest, ShardEntry
-from pipeline.records import RecordSchema, ShardBlock
+from pipeline.manifest import ShardEntry
+from pipeline.records import RecordSchema, StoredRecords, _Record
 
 
 class ShardWriter(Protocol):
@@ -25,7 +26,7 @@ class ShardWriter(Protocol):
     def create(self, snapshots_per_split: dict[str, int]) -> None:
         """Once per build, before any shard: whatever must exist first (zarr's arrays)."""
 
-    def write(self, split: str, index: int, name: str, block: ShardBlock) -> list[str]:
+    def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write shard ``index`` of ``split`` (named ``name``); the files written."""
 
     def leftovers(self, split: str, index: int, name: str) -> list[str]:
@@ -38,9 +39,9 @@ class ShardWriter(Protocol):
 class ShardReader(Protocol):
     """Reads shards of one split, each verified against the manifest before it is used."""
 
-    def __init__(self, location: str, split: str, manifest: Manifest) -> None: ...
+    def __init__(self, location: str, split: str, stored: StoredRecords, remote=None) -> None: ...
 
-    def read(self, shard: ShardEntry) -> ShardBlock: ...
+    def read(self, shard: ShardEntry) -> _Record: ...
 
 
 class ShardFormat(NamedTuple):

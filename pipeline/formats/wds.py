@@ -1,10 +1,10 @@
 """The webdataset shard format: plain tars of ``.npy`` and ``.json`` members, no pickles.
 
 One sample per snapshot, keyed ``{trajectory:06d}_{time:06d}`` so keys sort with a trajectory's
-snapshots contiguous. Members: ``fields.npy`` (C, *grid) float32, ``importance.npy`` (N,)
-float32, ``queries.npy`` (Q,) uint8 (the E coded query sets, pipeline/query_codec.py),
-``pi_scale.npy`` (E, 2) int64, ``latent.npy``
-(T, D) when present, and
+snapshots contiguous. Members: one ``{name}.npy`` per array of the record besides the ids -- for
+a shard set ``fields.npy`` (C, *grid) float32, ``importance.npy`` (N,) float32, ``queries.npy``
+(Q,) uint8 (the E coded query sets, pipeline/query_codec.py), ``pi_scale.npy`` (E, 2) int64,
+``latent.npy`` (T, D) when present; for a layer of adaptive sets ``error.npy`` as well -- and
 ``meta.json`` ({"snapshot_id", "trajectory", "time"}). Tars are reproducible: fixed mtime, owner
 and mode, members in sorted order.
 """
@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from pipeline.manifest import Manifest, ShardEntry, read_listed, tar_path
-from pipeline.records import ID_ARRAYS, RecordSchema, ShardBlock, ShardError
+from pipeline.manifest import ShardEntry, read_listed, tar_path
+from pipeline.records import ID_ARRAYS, RecordSchema, ShardError, StoredRecords, _Record
 from pipeline.storage import RemoteConfig, join
-
-ARRAY_MEMBERS = ("fields", "importance", "queries", "pi_scale", "latent")
 
 
 def sample_key(trajectory: int, time: int) -> str:
@@ -48,7 +46,7 @@ class WdsWriter:
     def create(self, snapshots_per_split: dict[str, int]) -> None:
         """Nothing to create before the shards: each tar stands alone."""
 
-    def write(self, split: str, index: int, name: str, block: ShardBlock) -> list[str]:
+    def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write shard ``name``'s tar to a temporary name, renamed into place when it is whole."""
         relative = tar_path(name)
         path = self.root / relative
@@ -71,9 +69,9 @@ class WdsWriter:
                     "__key__": sample_key(ids["trajectory"], ids["time"]),
                     "meta.json": json.dumps(ids).encode(),
                 }
-                for member in ARRAY_MEMBERS:
-                    if member in arrays:
-                        sample[f"{member}.npy"] = _npy(arrays[member][i])
+                for member, values in arrays.items():
+                    if member not in ID_ARRAYS:
+                        sample[f"{member}.npy"] = _npy(values[i])
                 sink.write(sample)
         return [relative]
 
@@ -163,16 +161,20 @@ class WdsReader:
     ``meta.json``) is refused with a ShardError naming the tar and the member."""
 
     def __init__(
-        self, location: str, split: str, manifest: Manifest, remote: RemoteConfig | None = None
+        self,
+        location: str,
+        split: str,
+        stored: StoredRecords,
+        remote: RemoteConfig | None = None,
     ):
-        self.location, self.manifest, self.remote = location, manifest, remote
-        self.schema = manifest.record_schema()
-        arrays = [name for name in ARRAY_MEMBERS if name in self.schema]
+        self.location, self.stored, self.remote = location, stored, remote
+        self.schema = stored.schema
+        arrays = [name for name in self.schema if name not in ID_ARRAYS]
         self.arrays, self.members = arrays, {"meta.json", *(f"{n}.npy" for n in arrays)}
 
-    def read(self, shard: ShardEntry) -> ShardBlock:
+    def read(self, shard: ShardEntry) -> _Record:
         url = join(self.location, shard.tar)
-        data = read_listed(self.manifest, self.location, shard.tar, self.remote)
+        data = read_listed(self.stored.files, self.location, shard.tar, self.remote)
         samples = _samples(url, data, self.members)
         if not samples:
             raise ShardError(f"{url}: holds no samples")
@@ -194,7 +196,7 @@ class WdsReader:
                         f"{shape} {np.dtype(dtype)}"
                     )
                 columns[name].append(array)
-        return ShardBlock(
+        return self.stored.record(
             **{name: np.asarray(columns.pop(name), dtype=np.int64) for name in ID_ARRAYS},
             **{name: np.stack(values) for name, values in columns.items()},
         )

@@ -17,8 +17,8 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import WrapperStore
 
-from pipeline.manifest import FileEntry, Manifest, ShardEntry, check_listed
-from pipeline.records import RecordSchema, ShardBlock, ShardError
+from pipeline.manifest import FileEntry, ShardEntry, check_listed
+from pipeline.records import RecordSchema, ShardError, StoredRecords, _Record
 from pipeline.storage import RemoteConfig, join, retrying_async, zarr_store
 
 ZSTD_LEVEL = 3  # fast; the query sets' codes are near their entropy bound already
@@ -53,7 +53,7 @@ class ZarrWriter:
                     overwrite=True,
                 )
 
-    def write(self, split: str, index: int, name: str, block: ShardBlock) -> list[str]:
+    def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write one block into its own chunk of every array; returns the chunk files written."""
         group = zarr.open_group(zarr_store(str(self.root), read_only=False), mode="r+")[split]
         start = index * self.chunk
@@ -151,15 +151,19 @@ class ZarrReader:
     (a web server need not list directories), and checked against that schema."""
 
     def __init__(
-        self, location: str, split: str, manifest: Manifest, remote: RemoteConfig | None = None
+        self,
+        location: str,
+        split: str,
+        stored: StoredRecords,
+        remote: RemoteConfig | None = None,
     ):
         location = join(location, "zarr")
         store = _VerifyingStore(
-            zarr_store(location, read_only=True, remote=remote), location, manifest.files, remote
+            zarr_store(location, read_only=True, remote=remote), location, stored.files, remote
         )
-        num = manifest.splits[split].num_snapshots
+        num, self._record = stored.num_snapshots, stored.record
         self._arrays = {}
-        for name, (tail, dtype) in manifest.record_schema().items():
+        for name, (tail, dtype) in stored.schema.items():
             where = join(location, split, name)
             try:
                 array = zarr.open_array(store, path=f"{split}/{name}", mode="r", zarr_format=3)
@@ -174,7 +178,7 @@ class ZarrReader:
                 )
             self._arrays[name] = array
 
-    def read(self, shard: ShardEntry) -> ShardBlock:
+    def read(self, shard: ShardEntry) -> _Record:
         stop = shard.start + shard.count
         data = {name: np.asarray(arr[shard.start : stop]) for name, arr in self._arrays.items()}
-        return ShardBlock(**data)
+        return self._record(**data)
