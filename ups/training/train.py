@@ -7,6 +7,11 @@
   latent one-step (and optional rollout) loss + forward physical loss at u_{t+1}'s query points
   + inverse-encoding loss at u_t's query points.
 
+``adaptive.refresh_every=R`` refreshes the query sets from the model's own error every R epochs
+(ups/adaptive.py): at the start of epochs R, 2R, ... every rank writes its share of a new layer
+of sets for the next R epochs, and the loader streams on from it. The chain of layers a run
+reads is in its checkpoints; a resume reads the same chain or refuses.
+
 Runs on one process or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs; every rank streams
 its own equal slice; only rank 0 writes). Checkpoints hold the models, optimizer, scheduler,
 step, every rank's loader position, the on-the-fly sampling RNG, and the shard set's identity;
@@ -32,11 +37,13 @@ from tqdm import tqdm
 
 from pipeline.collate import SparseBatch
 from pipeline.config import ConfigError, check, config_diff, to_dict, without_keys
+from pipeline.layers import LayerRequest
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet, open_shards
 from pipeline.sources.splits import NormStats
 from pipeline.storage import file_sha256, named_os_errors, write_atomic
+from ups.adaptive import AdaptiveConfig, PointError, error_definition, model_entry, refresh
 from ups.evaluation import evaluate
 from ups.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ups.models.codec import Codec, CodecConfig, load_codec, save_codec
@@ -116,6 +123,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)  # error-based refreshes
+    # layers of adaptive sets read from the start: null (the set's own sets), "latest", or an id
+    layer: str | None = None
     epochs: int | None = None  # None: as many as the shards have query sets
     batch_size: int = 32
     max_steps: int = 0  # stop early after this many steps (0: all epochs)
@@ -188,6 +198,19 @@ class TrainConfig:
             "1.0 unless loss.mode=on_the_fly",
             self.loss.query_sample_ratio,
         )
+        refreshes = self.adaptive.refresh_every > 0
+        check(
+            not refreshes or self.loss.mode == "sparse",
+            "adaptive.refresh_every",
+            "0 unless loss.mode=sparse (refreshes replace the shards' query sets)",
+            self.adaptive.refresh_every,
+        )
+        check(
+            not refreshes or not self.loader.wrap_epochs,
+            "adaptive.refresh_every",
+            "0 with loader.wrap_epochs=true (a layer replaces the sets of stored epochs)",
+            self.adaptive.refresh_every,
+        )
 
 
 # Options that may differ between a run and its resume, because none of them changes a batch,
@@ -240,6 +263,10 @@ RESUME_MAY_CHANGE = frozenset(
 
 
 # ---------------------------------------------------------------- setup
+
+
+def _short(ids: list[str]) -> list[str]:
+    return [i[:12] for i in ids]
 
 
 def valid_device(device: str) -> bool:
@@ -400,7 +427,10 @@ class Trainer:
         self.out = Path(cfg.out)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"option 'out': expected a directory, got {cfg.out!r}, a file")
-        self.shards = open_shards(cfg.shards, "train", cfg.loader.format, remote=cfg.loader.remote)
+        self.shards = open_shards(
+            cfg.shards, "train", cfg.loader.format, remote=cfg.loader.remote, layer=cfg.layer
+        )
+        self.initial_layers = self.shards.layer_ids  # read from the start; refreshes add more
         self._check_eval_splits()
         self.models, self.norm = build_models(cfg, self.shards)
         self.models.to(self.device)
@@ -428,7 +458,8 @@ class Trainer:
             self.optimizer, lr_lambda(cfg.optim, self.total_steps)
         )
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
-        self.step, self.train_seconds = 0, 0.0
+        self.step, self.train_seconds, self.refresh_seconds = 0, 0.0, 0.0
+        self._await_refreshes()
         if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint.pt").exists():
             raise CheckpointError(
                 f"{self.out} already holds a run; pass resume={self.out / 'checkpoint.pt'} to continue it, or overwrite=true"
@@ -439,6 +470,7 @@ class Trainer:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if cfg.resume:
             self._resume(cfg.resume)
+            self._await_refreshes()
         if cfg.compile:
             self.models.compile()
         self.autocast = (
@@ -463,6 +495,73 @@ class Trainer:
                     f"{self.shards.location}: no '{split}' split (it has {sorted(splits)}); "
                     f"training needs it for {use}: rebuild with splits including '{split}'"
                 )
+
+    # -- adaptive refreshes
+    def _await_refreshes(self) -> None:
+        """The epochs whose sets a refresh of this run is still to write: the loader waits for
+        their layers instead of reading the sets below them."""
+        every = self.cfg.adaptive.refresh_every
+        if not every:
+            return
+        per_epoch = self.loader.batches_per_epoch
+        last = (self.total_steps - 1) // per_epoch
+        refreshed = {
+            layer.record.epochs[0] for layer in self.shards.layers[len(self.initial_layers) :]
+        }
+        due = [e for e in range(every, last + 1, every) if e not in refreshed]
+        self.shards.await_layers(due)
+
+    def _refresh_if_due(self, writer) -> None:
+        """At the start of an epoch that awaits its layer: compute it from the model now."""
+        per_epoch = self.loader.batches_per_epoch
+        epoch = self.step // per_epoch
+        if self.step % per_epoch or epoch not in self.shards.awaiting:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += time.perf_counter() - self._clock
+        start = time.perf_counter()
+        cfg, w = self.cfg, self.cfg.loss
+        stop = min(epoch + cfg.adaptive.refresh_every, self.shards.epochs)
+        definition = error_definition(cfg.stage, w.forward, w.inverse, batch_spec(cfg).window)
+        request = LayerRequest(
+            epochs=(epoch, stop),
+            model=model_entry(self.models, cfg.stage, self.step),
+            error=definition,
+            importance=cfg.adaptive.importance(),
+        )
+        error_of = PointError(
+            self.models.codec,
+            self.models.operator,
+            self.shards,
+            definition,
+            self.device,
+            cfg.adaptive.batch,
+            cfg.amp,
+        )
+        self.models.eval()
+        try:
+            layer_id = refresh(
+                self.shards, error_of, request, self.device, self.rank, self.world, cfg.progress
+            )
+        finally:
+            self.models.train()
+        self.loader.add_layer(layer_id)
+        seconds = time.perf_counter() - start
+        self.refresh_seconds += seconds
+        self.train_seconds += seconds  # part of the run's wall-clock
+        record = {"step": self.step, "epoch": epoch, "train_seconds": self.train_seconds}
+        self._log(
+            {
+                **record,
+                "refresh/seconds": seconds,
+                "refresh/total_seconds": self.refresh_seconds,
+                "refresh/layer": layer_id,
+                "refresh/epochs": [epoch, stop],
+            },
+            writer,
+        )
+        self._clock = time.perf_counter()
 
     # -- checkpoints
     def _identity(self) -> dict[str, str]:
@@ -491,6 +590,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "loader": loaders,
             "generator": gens,
+            "refresh_seconds": self.refresh_seconds,
+            # the chain of layers read: those from the start, then this run's refreshes
+            "layers": {
+                "initial": self.initial_layers,
+                "refreshed": self.shards.layer_ids[len(self.initial_layers) :],
+            },
             **self._identity(),
         }
         save_checkpoint(path, payload)  # atomic: a full disk leaves the previous one intact
@@ -522,13 +627,35 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path}: saved with {len(ckpt['loader'])} ranks, resuming with {self.world}"
             )
+        self._resume_layers(path, ckpt.get("layers", {"initial": [], "refreshed": []}))
         self.models.load_state_dict(ckpt["models"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.loader.load_state_dict(ckpt["loader"][self.rank])
         self.gen.set_state(ckpt["generator"][self.rank])
         self.step, self.train_seconds = ckpt["step"], ckpt["train_seconds"]
+        self.refresh_seconds = ckpt.get("refresh_seconds", 0.0)
         self._truncate_logs()
+
+    def _resume_layers(self, path: str, layers: dict[str, list[str]]) -> None:
+        """Read the chain of layers the run read: the same layers from the start (``layer``
+        opens them again) and its own refreshes, each there and unchanged, or refuse."""
+        # "latest" may now find the run's own refreshes too: the checkpoint says where it began
+        if self.cfg.layer != "latest" and layers["initial"] != self.initial_layers:
+            raise CheckpointError(
+                f"checkpoint {path}: the run started on the layers {_short(layers['initial'])}, "
+                f"layer={self.cfg.layer!r} now gives {_short(self.initial_layers)}; resume on the "
+                "chain the run read (name its last layer with layer=ID)"
+            )
+        self.initial_layers = list(layers["initial"])
+        chain = layers["initial"] + layers["refreshed"]
+        try:
+            self.shards.use_layers(chain)
+        except ShardError as err:
+            raise CheckpointError(
+                f"checkpoint {path}: the run read the layers {_short(chain)}, which this shard "
+                f"set no longer holds as they were ({err})"
+            ) from None
 
     def _truncate_logs(self) -> None:
         """Drop the log records of steps after the checkpoint (a run killed after logging them):
@@ -599,6 +726,7 @@ class Trainer:
         self.models.train()
         try:
             while self.step < self.total_steps:
+                self._refresh_if_due(writer)
                 for batch in self.loader:
                     terms, grad_norm = self._train_step(batch)
                     self._log_step(batch, terms, grad_norm, writer, bar)
