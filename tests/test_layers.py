@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ENV, ROOT, run_tool
-from test_train import SMALL_MODEL, build, config, read_jsonl, run_train_cli
+from test_train import SMALL_MODEL, build, config, free_port, read_jsonl, run_train_cli
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.layers import LAYERS, LayerRequest, LayerWriter
@@ -346,6 +346,48 @@ def kill_when(args: list[str], condition) -> bool:
     proc.kill()
     proc.wait()
     return False
+
+
+def test_ddp_refresh_writes_the_layer_one_process_writes(flow, tmp_path):
+    """Two torchrun ranks refresh in training, each its share of the shards; an offline refresh
+    in one process from the same weights (a run stopped at the refresh, constant learning rate,
+    so the same steps) writes the same layer."""
+    shards = copy_set(flow["fields"], tmp_path / "set")
+    args = [
+        *SMALL_MODEL, "stage=codec", f"shards={shards}", "batch_size=4", "epochs=3",
+        "adaptive.refresh_every=2", "progress=false", "loader.workers=1", "eval_every=1000",
+        "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
+    ]  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(ROOT / "tools" / "train.py"), *args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        [*cmd, f"out={tmp_path / 'ddp'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (refreshed,) = [
+        m for m in read_jsonl(tmp_path / "ddp" / "metrics.jsonl") if "refresh/layer" in m
+    ]
+    layer, step = refreshed["refresh/layer"], refreshed["step"]
+    chain = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt", "train")["layers"]
+    assert chain == {"initial": [], "refreshed": [layer]}
+    stopped = subprocess.run(
+        [*cmd, f"out={tmp_path / 'stopped'}", f"max_steps={step}"],
+        capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    other = copy_set(flow["fields"], tmp_path / "other")
+    offline = refresh_cli(other, tmp_path / "stopped" / "checkpoint.pt", "2:4")
+    assert layer_id_of(offline) == layer  # the id: the record without its provenance
+    ours, theirs = tree_digest(shards / LAYERS / layer), tree_digest(other / LAYERS / layer)
+    del ours["layer.json"], theirs["layer.json"]  # one names the checkpoint file it came from
+    assert ours == theirs
 
 
 def test_resume_on_another_chain_is_refused(flow, tmp_path):

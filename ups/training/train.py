@@ -856,6 +856,7 @@ class Trainer:
         identity = {
             **self._identity(),
             "splits": {s: v.trajectories for s, v in self.shards.manifest.splits.items()},
+            "layers": self.shards.layer_ids,  # the chain of adaptive layers it trained on
         }
         if self.cfg.stage == "codec":
             save_codec(self.out / "codec.pt", self.models.codec, self.norm, extra=identity)
