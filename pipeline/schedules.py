@@ -21,7 +21,8 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 
 
 def _is_ratio(value: float) -> bool:
-    return isinstance(value, int | float) and 0.0 < value < 1.0
+    """A share of the points in (0, 1]; 1.0 is a dense epoch (every point, weight 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value <= 1.0
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ScheduleConfig:
 
     # how k_e / N moves from start_ratio to end_ratio
     kind: str = field(default="constant", metadata={"choices": SCHEDULE_KINDS})
-    start_ratio: float = 0.3  # k_e / N at the start, in (0, 1)
+    start_ratio: float = 0.3  # k_e / N at the start, in (0, 1]; 1.0: dense (a curriculum from dense)
     end_ratio: float | None = None  # None: the same as start_ratio
     start_epoch: int = 0  # epochs held at start_ratio before the schedule moves
     step_epochs: int = 10  # step: epochs per step
@@ -53,13 +54,13 @@ class ScheduleConfig:
         check(
             _is_ratio(self.start_ratio),
             "schedule.start_ratio",
-            "a number in (0, 1)",
+            "a number in (0, 1] (1.0: dense)",
             self.start_ratio,
         )
         check(
             self.end_ratio is None or _is_ratio(self.end_ratio),
             "schedule.end_ratio",
-            "null or a number in (0, 1)",
+            "null or a number in (0, 1] (1.0: dense)",
             self.end_ratio,
         )
         check(
@@ -132,8 +133,11 @@ def ratio_per_epoch(cfg: ScheduleConfig, epochs: int) -> list[float]:
 
 
 def _round_k(ratio: float, n_points: int, multiple: int, epoch: int) -> int:
-    """k for ratio: the nearest multiple of ``multiple`` below N (at least one multiple); when
-    N <= multiple no multiple fits, so the nearest integer >= 1. A ratio >= 1 or k >= N is an error."""
+    """k for ratio: N for a ratio of 1.0 (dense); else the nearest multiple of ``multiple`` below N
+    (at least one multiple), or, when N <= multiple and no multiple fits, the nearest integer >= 1.
+    A ratio above 1, or below 1 with a k that reaches N, is an error."""
+    if ratio == 1.0:
+        return n_points
     k = max(1, round(ratio * n_points))
     if ratio < 1.0 and n_points > multiple:
         k = max(multiple, multiple * round(k / multiple))

@@ -61,7 +61,7 @@ def test_rounding_to_a_multiple_never_zero_and_never_n() -> None:
 @pytest.mark.parametrize(
     ("overrides", "option"),
     [
-        ({"start_ratio": 1.0}, "schedule.start_ratio"),
+        ({"start_ratio": 1.5}, "schedule.start_ratio"),
         ({"start_ratio": 0.0}, "schedule.start_ratio"),
         ({"kind": "linear", "end_ratio": 1.5}, "schedule.end_ratio"),
         ({"kind": "exponential"}, "schedule.kind"),
@@ -80,9 +80,19 @@ def test_k_at_least_n_outside_the_dense_tail_is_an_error() -> None:
     with pytest.raises(ConfigError, match="sampling must really sample"):
         k_per_epoch(ScheduleConfig(start_ratio=0.97), 3, 10)  # 9.7 of 10 points rounds to 10
     growing = ScheduleConfig(kind="step", start_ratio=0.5, step_epochs=1, step_factor=2.0)
-    with pytest.raises(ConfigError, match="epoch 1 has ratio 1"):
-        k_per_epoch(growing, 3, N)
+    with pytest.raises(ConfigError, match="epoch 2 has ratio 2"):
+        k_per_epoch(growing, 3, N)  # 0.5, then 1.0 (dense), then 2.0
     with pytest.raises(ConfigError, match="dense_tail_epochs"):
         k_per_epoch(ScheduleConfig(dense_tail_epochs=3), 3, N)
     with pytest.raises(ConfigError, match="start_epoch"):
         k_per_epoch(ScheduleConfig(kind="linear", end_ratio=0.1, start_epoch=5), 5, N)
+
+
+def test_curriculum_from_dense() -> None:
+    """The seed's curriculum: cosine from dense (1.0) down to 0.2, then a dense tail."""
+    cfg = ScheduleConfig(kind="cosine", start_ratio=1.0, end_ratio=0.2, dense_tail_epochs=2)
+    ks = k_per_epoch(cfg, 12, N)
+    assert ks[0] == N and ks[-2:] == [N, N]  # dense first epoch, dense tail
+    assert ks[1:10] == sorted(ks[1:10], reverse=True) and ks[1] > ks[9]  # falling
+    assert ks[9] == 64 * round(0.2 * N / 64) and all(k % 64 == 0 for k in ks[1:10])
+    assert k_per_epoch(ScheduleConfig(start_ratio=1.0), 2, N) == [N, N]  # every epoch dense

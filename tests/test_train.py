@@ -434,3 +434,38 @@ def test_corrupt_shard_mid_run_stops_with_its_name_and_keeps_the_checkpoint(flow
     with pytest.raises(ShardError, match=r"train-\d+\.tar: checksum mismatch"):
         train(config(*args, "loader.format=wds", f"resume={run / 'checkpoint.pt'}"))
     assert (run / "checkpoint.pt").read_bytes() == good
+
+
+def test_curriculum_from_dense_trains_on_every_point_then_fewer(flow, tmp_path):
+    """schedule cosine 1.0 -> 0.2 with a dense tail: the dense epochs' batches hold every point
+    with weight 1, the sampled ones fewer."""
+    shards = tmp_path / "curriculum"
+    run_build(
+        BuildConfig(
+            data=DataConfig(path=str(flow["data"]), val_fraction=0.13, test_fraction=0.13),
+            out=str(shards),
+            epochs=4,
+            sampler=SamplerConfig(kind="gradient"),  # weights != 1 where it samples
+            schedule=ScheduleConfig(
+                kind="cosine", start_ratio=1.0, end_ratio=0.2, dense_tail_epochs=1, multiple=8
+            ),
+            device="cpu",
+            progress=False,
+        )
+    )
+    n = 64
+    assert open_shards(str(shards)).k_per_epoch == [n, 40, 16, n]  # ratios 1.0, 0.6, 0.2, 1.0
+    cfg = config("stage=codec", f"shards={shards}", f"out={tmp_path / 'run'}", "batch_size=8")
+    trainer = Trainer(cfg)
+    try:
+        seen = {}
+        per_epoch = trainer.loader.batches_per_epoch
+        for epoch in range(4):
+            trainer.loader.load_state_dict(
+                {"epoch": epoch, "batches": 0, "batches_per_epoch": per_epoch}
+            )
+            batch = next(iter(trainer.loader))
+            seen[epoch] = (batch.coords.shape[1], bool((batch.weights == 1).all()))
+    finally:
+        trainer.loader.close()
+    assert seen == {0: (n, True), 1: (40, False), 2: (16, False), 3: (n, True)}
