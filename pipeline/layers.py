@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -324,26 +326,49 @@ class LayerWriter:
         error_of: Callable[[ShardBlock], torch.Tensor],
         indices: list[int],
         progress: Callable[[int], None] | None = None,
+        threads: int = 4,
     ) -> None:
-        """Compute and write shards ``indices`` (those a rerun finds whole are kept)."""
+        """Compute and write shards ``indices`` (those a rerun finds whole are kept). The next
+        shard is read while one is on the device, and up to ``threads`` shards are written at
+        once behind it: compression, file I/O and hashing release the interpreter lock."""
+        todo = []
         for index in indices:
-            name = shard_name("train", index)
-            record = self.tmp / _PARTS / f"{name}.json"
-            if not part_is_done(self.tmp, record, self.request_id):
-                block = self.shards.read_shard(index, cache=False)
+            if part_is_done(self.tmp, self._part(index), self.request_id):
+                if progress is not None:
+                    progress(1)
+            else:
+                todo.append(index)
+        if not todo:
+            return
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(threads) as writers:
+            read = lambda i: self.shards.read_shard(i, cache=False)  # noqa: E731
+            ahead, pending = reader.submit(read, todo[0]), deque()
+            for position, index in enumerate(todo):
+                block = ahead.result()
+                if position + 1 < len(todo):
+                    ahead = reader.submit(read, todo[position + 1])
                 layer = self.plan_block(block, error_of(block))
-                files = []
-                for writer in self.writers:
-                    files += writer.write("train", index, name, layer)
-                entries = {f: to_dict(file_entry(self.tmp, f, len(layer))) for f in files}
-                write_atomic(
-                    record,
-                    json.dumps(
-                        {"owner": self.request_id, "files": entries}, sort_keys=True
-                    ).encode(),
-                )
-            if progress is not None:
-                progress(1)
+                pending.append(writers.submit(self._write, index, layer))
+                while len(pending) > threads or (pending and pending[0].done()):
+                    pending.popleft().result()  # raises a failed write here
+                    if progress is not None:
+                        progress(1)
+            while pending:
+                pending.popleft().result()
+                if progress is not None:
+                    progress(1)
+
+    def _part(self, index: int) -> Path:
+        return self.tmp / _PARTS / f"{shard_name('train', index)}.json"
+
+    def _write(self, index: int, layer: LayerBlock) -> None:
+        """One shard's files in every format, then its part record (what a rerun keeps)."""
+        files = []
+        for writer in self.writers:
+            files += writer.write("train", index, shard_name("train", index), layer)
+        entries = {f: to_dict(file_entry(self.tmp, f, len(layer))) for f in files}
+        record = {"owner": self.request_id, "files": entries}
+        write_atomic(self._part(index), json.dumps(record, sort_keys=True).encode())
 
     @torch.no_grad()
     def plan_block(self, block: ShardBlock, error: torch.Tensor) -> LayerBlock:
@@ -352,14 +377,15 @@ class LayerWriter:
         fields = None
         if self.request.importance.mix > 0:
             fields = manifest.data.norm.normalize(torch.from_numpy(block.fields).to(self.device))
-        error = error.to(self.device, torch.float32)
+        # stored as float16 (it is for inspection); q comes from the stored values exactly
+        error = error.to(self.device).clamp(max=65504).half().float()
         q = self.sampler.error_probabilities(error, fields, manifest.data.periodic)
         queries, pi_scale = self.plan(q, block.snapshot_id)
         return LayerBlock(
             snapshot_id=block.snapshot_id,
             trajectory=block.trajectory,
             time=block.time,
-            error=error.cpu().numpy(),
+            error=error.half().cpu().numpy(),
             importance=q.cpu().numpy(),
             queries=queries,
             pi_scale=pi_scale,
@@ -371,7 +397,7 @@ class LayerWriter:
         shards = self.shards.shards
         files: dict[str, FileEntry] = {}
         for shard in shards:
-            record = self.tmp / _PARTS / f"{shard_name('train', shard.index)}.json"
+            record = self._part(shard.index)
             if not record.exists():
                 raise ShardError(f"{self.tmp}: shard {shard.index} of the layer was not written")
             parts = json.loads(record.read_text())["files"]

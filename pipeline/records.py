@@ -72,7 +72,7 @@ class LayerBlock(_Record):
     snapshot_id: np.ndarray  # (S,) int64
     trajectory: np.ndarray  # (S,) int64
     time: np.ndarray  # (S,) int64
-    error: np.ndarray  # (S, N) float32, the per-point loss q was computed from
+    error: np.ndarray  # (S, N) float16, the per-point loss q was computed from
     importance: np.ndarray  # (S, N) float32, q
     queries: np.ndarray  # (S, Q) uint8, one slot per epoch of the layer
     pi_scale: np.ndarray  # (S, E_layer, 2) int64, as ShardBlock's
@@ -122,7 +122,7 @@ def layer_schema(grid: tuple[int, ...], k_per_epoch: list[int]) -> RecordSchema:
         "snapshot_id": ((), "int64"),
         "trajectory": ((), "int64"),
         "time": ((), "int64"),
-        "error": ((n,), "float32"),
+        "error": ((n,), "float16"),
         "importance": ((n,), "float32"),
         "queries": ((row_bytes(n, k_per_epoch),), "uint8"),
         "pi_scale": ((len(k_per_epoch), 2), "int64"),

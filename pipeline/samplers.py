@@ -38,6 +38,7 @@ _STREAM_EXTRA_BLOCKS = 1
 _STREAM_WITHIN_BLOCK = 2
 _STREAM_PPS_ORDER = 3
 _STREAM_PPS_OFFSET = 4
+_STREAM_PPS_BLOCKS = 5
 
 # Systematic PPS works in integer units of 2^-32 of a point, so its cumulative sums are exact.
 _DRAW_ELEMENTS = 1 << 24  # (epochs x snapshots) x N per drawing pass: ~128 MiB per int64 tensor
@@ -538,11 +539,15 @@ class _PPSSampler(Sampler):
         """pi in units (B, N) int64, summing to k * _UNIT, each <= _UNIT: the capping, once per k."""
         return _pps_units(_cap(q, k))
 
+    def _order(self, keys: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """The order the points are laid out in (R, N): random."""
+        return _random_order(keys, math.prod(grid), _STREAM_PPS_ORDER)
+
     def _draw(
         self, shared: torch.Tensor, k: int, keys: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
         units = shared.repeat(len(keys) // len(shared), 1)  # (R, N): the pass's epochs
-        order = _random_order(keys, units.shape[1], _STREAM_PPS_ORDER)
+        order = self._order(keys, grid)
         ends = units.gather(1, order).cumsum(1)  # exact
         # one random offset per snapshot, (B, 1) in [0, UNIT)
         offset = random_bits(keys, 1, _STREAM_PPS_OFFSET) >> (63 - _UNIT_BITS)
@@ -582,10 +587,16 @@ class ErrorImportance:
 
     # exponent on the squared error. 0.5: q ~ |residual|, which minimises the variance of the
     # gradient estimate when the residual's parameter gradients are alike across points (the
-    # gradient of r^2 is 2 r dr); 1.0 minimises the variance of the loss estimate instead
+    # gradient of r^2 is 2 r dr); 1.0 minimises the variance of the loss estimate instead. On
+    # NS 2D both gave the same gradient variance from a fresh model and 0.5 the lower one from
+    # a model some epochs old, as between refreshes (docs/bench_adaptive.md)
     power: float = 0.5
     alpha: float = 0.3  # uniform share, in (0, 1]: every weight is at most 1/alpha
     mix: float = 0.0  # share of gradient importance (|grad u| of the target) mixed in, in [0, 1]
+    # lay the points out block by block (blocks of 16 in 1D, 8x8 in 2D, 4x4x4 in 3D, in random
+    # order, random within a block) for the systematic draw: each block then gets its expected
+    # number of points to within one, spreading the set over space; false: a random order
+    stratify: bool = True
 
     def __post_init__(self) -> None:
         check(
@@ -627,6 +638,21 @@ class ErrorSampler(_PPSSampler):
 
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
         raise ValueError("error sets are computed from a model's error: use error_probabilities")
+
+    def _order(self, keys: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Block by block (blocks in a random order, points in a random order within a block)
+        when ``stratify``: systematic sampling along it is implicitly stratified over the blocks,
+        and the inclusion probabilities stay exactly pi, as for any order drawn apart from u."""
+        if not self.importance.stratify:
+            return super()._order(keys, grid)
+        block_of, sizes = _block_layout(grid, DEFAULT_BLOCK[len(grid)], keys.device)
+        nblocks = len(sizes)
+        rank = torch.argsort(_random_order(keys, nblocks, _STREAM_PPS_BLOCKS), dim=1)  # (R, nb)
+        block_bits = max(1, (nblocks - 1).bit_length())
+        rand = random_bits(keys, len(block_of), _STREAM_PPS_ORDER) >> block_bits
+        return torch.sort(
+            (rank[:, block_of] << (63 - block_bits)) | rand, dim=1, stable=True
+        ).indices
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.keys import snapshot_keys
 from pipeline.samplers import (
     SAMPLER_KINDS,
+    ErrorImportance,
+    ErrorSampler,
     GradientSampler,
     SamplerConfig,
     StratifiedSampler,
@@ -364,3 +366,43 @@ def test_partial_selection_equals_the_full_stable_order_also_on_ties(monkeypatch
         full = torch.sort(bits, dim=1, stable=True).indices[:, :k].sort(dim=1).values
         fast = samplers_module._smallest_k(keys, 6, k, 0).sort(dim=1).values
         assert torch.equal(fast, full), k
+
+
+@pytest.mark.parametrize("stratify", [True, False])
+@pytest.mark.parametrize("grid", [(70,), (18, 12)])
+def test_error_sets_include_each_point_with_its_probability(stratify: bool, grid) -> None:
+    """Error sets from a fixed error map: the observed inclusion frequencies over 20,000 keys
+    match pi, laid out block by block (stratify) or in a random order."""
+    draws, n = 20000, math.prod(grid)
+    f = field("front", grid)
+    error = (f - torch.tanh(f * 0.5)).pow(2).reshape(1, n) + 1e-4  # a smeared front's error
+    sampler = ErrorSampler(ErrorImportance(power=0.5, alpha=0.2, stratify=stratify))
+    q = sampler.error_probabilities(error, f, [False] * len(grid))
+    k = n // 4
+    pi = inclusion_probabilities(q, k)[0]
+    idx = sampler.sample(q.expand(draws, -1), k, snapshot_keys(1, range(draws), 0), grid)
+    freq = torch.bincount(idx.flatten(), minlength=n).double() / draws
+    inner = (pi > 0) & (pi < 1)
+    z = (freq - pi)[inner] / (pi * (1 - pi) / draws).sqrt()[inner]
+    print(f"error stratify={stratify} {grid}: max |z| = {z.abs().max():.2f}")
+    assert z.abs().max() < 5
+    assert torch.equal(freq[pi == 1], torch.ones_like(freq[pi == 1]))
+
+
+def test_stratified_error_sets_spread_each_block_to_its_expected_count() -> None:
+    """Laid out block by block, each 8x8 block gets floor or ceil of its expected number of
+    points (sum of pi over it); a random order does not."""
+    grid, k = (32, 32), 102
+    f = field("front", grid)
+    error = (f - torch.tanh(f * 0.5)).pow(2).reshape(1, -1) + 1e-4
+    keys = snapshot_keys(3, range(200), 0)
+    spread = {}
+    for stratify in (True, False):
+        sampler = ErrorSampler(ErrorImportance(stratify=stratify))
+        q = sampler.error_probabilities(error, f, [False, False])
+        pi = inclusion_probabilities(q, k)[0].reshape(4, 8, 4, 8).sum((1, 3))  # per block
+        idx = sampler.sample(q.expand(len(keys), -1), k, keys, grid)
+        block = (idx // 32 // 8) * 4 + (idx % 32) // 8  # (draws, k) block of each point
+        counts = torch.stack([torch.bincount(row, minlength=16) for row in block]).double()
+        spread[stratify] = (counts - pi.flatten()).abs().max().item()
+    assert spread[True] < 1 and spread[False] > 2, spread

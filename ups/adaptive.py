@@ -39,7 +39,7 @@ class AdaptiveConfig(ErrorImportance):
     becomes q, pipeline/samplers.py ErrorImportance)."""
 
     refresh_every: int = 0  # epochs between refreshes from the model's error (0: never)
-    batch: int = 16  # snapshots per dense forward pass of a refresh
+    batch: int = 64  # snapshots per dense forward pass of a refresh
 
     def __post_init__(self) -> None:
         super().__post_init__()

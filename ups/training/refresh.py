@@ -29,7 +29,7 @@ class RefreshConfig:
     epochs: str = ""  # A:B, the epochs [A, B) whose sets the layer replaces
     adaptive: ErrorImportance = field(default_factory=ErrorImportance)  # error -> q
     layer: str | None = "latest"  # the chain to extend: "latest", a layer id, or null (the set)
-    batch: int = 16  # snapshots per dense forward pass
+    batch: int = 64  # snapshots per dense forward pass
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     format: Literal["auto", "zarr", "wds"] = "auto"  # which files to read (a layer has all)
