@@ -437,14 +437,53 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
                 split: sum(s.count for s in plan.shards if s.split == split) for split in cfg.splits
             }
             writers = plan.writers()
-            for writer in writers:
-                writer.create(sizes)
+            for writer in writers:  # zarr: the store describes itself
+                writer.create(sizes, attributes=zarr_attributes(plan))
             recorded = {
                 name: to_dict(file_entry(root, name, 0))
                 for writer in writers
                 for name in writer.metadata()
             }
             write_atomic(root / METADATA_RECORD, json.dumps(recorded, sort_keys=True).encode())
+
+
+ZARR_ATTRIBUTE = "ups_shards"  # the root group's attribute that describes the set
+
+
+def zarr_attributes(plan: BuildPlan) -> dict[str, dict[str, Any]]:
+    """The zarr store's group attributes, by group path ("" the root, else a split), so that the
+    store describes itself without the manifest: ids, data (channels, grid, dt, normalisation,
+    ...), epochs and k, sampler, schedule, seed, latent; per split its trajectories and counts.
+    Everything comes from the plan and nothing from the run (no time, no path), so every rank
+    and every rerun writes the same bytes."""
+    cfg, info = plan.cfg, plan.info
+    data = {key: value for key, value in to_dict(_data_entry(plan)).items() if key != "path"}
+    latent = None
+    if plan.encoder is not None:
+        latent = to_dict(LatentEntry(*plan.encoder.latent_shape, cfg.latent_dtype))
+    root = {
+        "schema_version": SCHEMA_VERSION,
+        "sample_set_id": plan.sample_set_id,
+        "build_id": plan.build_id,
+        "data": data,
+        "epochs": cfg.epochs,
+        "k_per_epoch": list(plan.k_per_epoch),
+        "query_slots": [to_dict(s) for s in query_slots(info.num_points, plan.k_per_epoch)],
+        "sampler": to_dict(cfg.sampler),
+        "schedule": to_dict(cfg.schedule),
+        "seed": cfg.seed,
+        "trajectories_per_shard": cfg.trajectories_per_shard,
+        "latent": latent,
+    }
+    attributes: dict[str, dict[str, Any]] = {"": {ZARR_ATTRIBUTE: root}}
+    for split in cfg.splits:
+        entry = _split_entry(plan, split)
+        attributes[split] = {
+            "trajectories": list(entry.trajectories),
+            "snapshots_per_trajectory": entry.snapshots_per_trajectory,
+            "num_snapshots": entry.num_snapshots,
+        }
+    return attributes
 
 
 def remove_leftovers(root: Path, shard: ShardPlan, writers: list[ShardWriter]) -> None:

@@ -23,8 +23,9 @@ class ShardWriter(Protocol):
 
     def __init__(self, root: Path, schema: RecordSchema, chunk: int) -> None: ...
 
-    def create(self, snapshots_per_split: dict[str, int]) -> None:
-        """Once per build, before any shard: whatever must exist first (zarr's arrays)."""
+    def create(self, snapshots_per_split: dict[str, int], attributes: dict | None = None) -> None:
+        """Once per build, before any shard: whatever must exist first (zarr's arrays), with the
+        groups' descriptive ``attributes`` where the format has any (zarr)."""
 
     def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write shard ``index`` of ``split`` (named ``name``); the files written."""

@@ -43,8 +43,9 @@ class WdsWriter:
     def __init__(self, root: Path, schema: RecordSchema, chunk: int):
         self.root = root
 
-    def create(self, snapshots_per_split: dict[str, int]) -> None:
-        """Nothing to create before the shards: each tar stands alone."""
+    def create(self, snapshots_per_split: dict[str, int], attributes: dict | None = None) -> None:
+        """Nothing to create before the shards: each tar stands alone (and tars have no group
+        attributes; the manifest describes them)."""
 
     def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write shard ``name``'s tar to a temporary name, renamed into place when it is whole."""

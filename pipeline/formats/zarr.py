@@ -3,12 +3,17 @@
 Arrays are chunked along the snapshot axis in blocks of ``chunk`` snapshots -- one block per
 output shard -- and zstd-compressed, so a reader request returns a contiguous block of
 snapshots and every writer owns whole chunks (no two processes ever touch one chunk file).
+
+The store describes itself: every array carries zarr v3 ``dimension_names`` and a build gives the
+root and split groups attributes (docs/shard-format.md, "Zarr store"), all written once at
+creation and deterministic (no times, no paths), so a rebuild leaves every ``zarr.json`` as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -29,19 +34,55 @@ def chunk_path(split: str, name: str, chunk_index: int, ndim: int) -> str:
     return "/".join([split, name, "c", str(chunk_index), *["0"] * (ndim - 1)])
 
 
+# names of the axes after the snapshot axis, by record name (zarr v3 ``dimension_names``)
+DIMENSIONS = {
+    "fields": ("channel",),  # then one per grid axis: x, y, z
+    "importance": ("point",),
+    "error": ("point",),
+    "queries": ("byte",),
+    "pi_scale": ("epoch", "scale"),
+    "latent": ("token", "feature"),
+}
+GRID_AXES = ("x", "y", "z")
+
+
+def dimension_names(name: str, ndim: int) -> tuple[str | None, ...]:
+    """The ``dimension_names`` of array ``name`` with ``ndim`` axes: ``snapshot`` first, then the
+    record's own axes (``fields``: channel and the grid's x, y, z; ids: none); an axis of a record
+    this table does not know is unnamed (None)."""
+    tail = DIMENSIONS.get(name, ())
+    if name == "fields":
+        tail = (*tail, *GRID_AXES[: ndim - 2])
+    names = ("snapshot", *tail)[:ndim]
+    return (*names, *[None] * (ndim - len(names)))
+
+
 class ZarrWriter:
     """Writes the ``zarr/`` store of a set: arrays created once, then one chunk per array per shard."""
 
     def __init__(self, root: Path, schema: RecordSchema, chunk: int):
         self.root, self.schema, self.chunk = root / "zarr", schema, chunk
 
-    def create(self, snapshots_per_split: dict[str, int]) -> None:
-        """Create (or overwrite the metadata of) every split's arrays; chunks are written later."""
+    def create(
+        self,
+        snapshots_per_split: dict[str, int],
+        attributes: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Create (or overwrite the metadata of) every split's arrays; chunks are written later.
+
+        ``attributes``: the groups' zarr attributes by group path (``""`` the root, a split's name
+        its group), written now so that the ``zarr.json`` files are final when they are recorded;
+        None leaves the groups' attributes alone. Every array gets its ``dimension_names``."""
+        attributes = attributes or {}
         group = zarr.open_group(
             zarr_store(str(self.root), read_only=False), mode="a", zarr_format=3
         )
+        if "" in attributes:
+            group.attrs.put(attributes[""])
         for split, num in snapshots_per_split.items():
             split_group = group.require_group(split)
+            if split in attributes:
+                split_group.attrs.put(attributes[split])
             for name, (tail, dtype) in self.schema.items():
                 split_group.create_array(
                     name,
@@ -50,12 +91,14 @@ class ZarrWriter:
                     dtype=dtype,
                     compressors=ZstdCodec(level=ZSTD_LEVEL),
                     fill_value=0,
+                    dimension_names=dimension_names(name, 1 + len(tail)),
                     overwrite=True,
                 )
 
     def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write one block into its own chunk of every array; returns the chunk files written."""
-        group = zarr.open_group(zarr_store(str(self.root), read_only=False), mode="r+")[split]
+        store = zarr_store(str(self.root), read_only=False)
+        group = zarr.open_group(store, mode="r+", zarr_format=3)[split]
         start = index * self.chunk
         written = []
         for array_name, values in block.arrays().items():
@@ -81,7 +124,9 @@ class ZarrWriter:
         ]
 
 
-# zarr's metadata documents: a read of one of these may find nothing (zarr probes for them)
+# zarr's metadata documents: a read of one of these may find nothing. Opened with
+# zarr_format=3 (as ZarrReader opens every array), zarr asks for ``zarr.json`` only, each one
+# listed; the v2 names are answered "absent" without a refusal in case another opener probes them.
 METADATA_NAMES = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -802,10 +803,14 @@ class Trainer:
         self._clock = time.perf_counter()
 
     def _open_writer(self):
-        """Rank 0's TensorBoard writer (None on other ranks or with tensorboard off)."""
+        """Rank 0: ``config.yaml``, then its TensorBoard writer (None on other ranks or with
+        tensorboard off)."""
         if self.rank != 0:
             return None
         self.out.mkdir(parents=True, exist_ok=True)
+        # the resolved config, resume and overwrite as given: --config out/config.yaml reruns it
+        config = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        write_atomic(self.out / "config.yaml", config.encode())
         if not self.cfg.tensorboard:
             return None
         from torch.utils.tensorboard import SummaryWriter
