@@ -4,6 +4,12 @@
 is shorthand for the top-level ``key=value``; dashes in flag names become underscores. Values
 are parsed as YAML. Unknown keys are rejected with the list of valid ones.
 
+``--config`` takes a YAML path, or, where the caller names a package of shipped configs
+(``config_package``), the name of one of its ``*.yaml`` files: ``--config burgers1d_codec`` or
+``--config burgers1d_codec.yaml``. An existing file always wins; a name with a directory part is
+only ever a path (see :func:`resolve_config`). pipeline ships no configs itself: the package is
+the caller's (ups's mains pass ``ups.configs``), so this module imports nothing of it.
+
 ``--help`` lists every option with its type, default and a one-line description. Descriptions
 are the config dataclasses' own comments: a trailing ``# comment`` on a field, or comment lines
 directly above it. Choices come from ``Literal[...]`` types, or from a field's
@@ -12,15 +18,19 @@ directly above it. Choices come from ``Literal[...]`` types, or from a field's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib.resources
 import inspect
 import io
+import os
 import sys
 import textwrap
 import tokenize
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from pipeline.config import ConfigError, load_config
@@ -132,9 +142,10 @@ def _describe(cls: type, prefix: str = "") -> list[str]:
     lines = []
     hints = get_type_hints(cls)
     comments = field_comments(cls)
-    defaults = cls()
     for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
+        # the field's own default, not an instance's: a config may require options (no instance
+        # of its defaults validates)
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
         description = comments.get(f.name, "")
         if dataclasses.is_dataclass(value):
             if description:
@@ -147,15 +158,67 @@ def _describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
-    """Build a config dataclass from the command line; prints a clear error and exits 2 on bad input."""
+def shipped_configs(package: str) -> list[str]:
+    """The names of the configs ``package`` ships: its ``*.yaml`` data files, suffix removed."""
+    return sorted(
+        entry.name.removesuffix(".yaml")
+        for entry in importlib.resources.files(package).iterdir()
+        if entry.name.endswith(".yaml") and entry.is_file()
+    )
+
+
+@contextlib.contextmanager
+def resolve_config(name: str, package: str | None = None) -> Iterator[Path]:
+    """The file that ``--config name`` means, as a path valid inside the ``with`` block.
+
+    An existing file ``name`` wins. Else, when ``package`` is given and ``name`` is a bare file
+    name (no directory part), ``package``'s data file ``name`` (``.yaml`` appended unless it ends
+    so). Else :class:`ConfigError` (with the shipped names, where there is a package).
+    """
+    path = Path(name)
+    if path.is_file() or package is None:
+        yield path  # load_config reports a missing file
+        return
+    resource = None
+    if name and path.name == name:
+        resource = importlib.resources.files(package) / (
+            name if name.endswith(".yaml") else f"{name}.yaml"
+        )
+    if resource is None or not resource.is_file():
+        shipped = ", ".join(shipped_configs(package)) or "none"
+        raise ConfigError(
+            f"config file {name} does not exist; shipped configs (--config NAME): {shipped}"
+        )
+    with importlib.resources.as_file(resource) as found:
+        yield found
+
+
+def parse_config(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    description: str = "",
+    config_package: str | None = None,
+) -> T:
+    """Build a config dataclass from the command line; prints a clear error and exits 2 on bad input.
+
+    ``config_package``: a package whose ``*.yaml`` data files ``--config NAME`` may name (see
+    :func:`resolve_config`); None: ``--config`` takes paths only.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(
+        config = "FILE.yaml" if config_package is None else "FILE.yaml | NAME"
+        text = (
             description.strip()
-            + "\n\nusage: [--config FILE.yaml] [key=value ...]\n\noptions (with defaults):"
+            + f"\n\nusage: [--config {config}] [key=value ...]\n\noptions (with defaults):\n"
+            + "\n".join(_describe(cls))
         )
-        print("\n".join(_describe(cls)))
+        if config_package is not None:
+            shipped = ", ".join(shipped_configs(config_package)) or "none"
+            text += f"\n\nshipped configs (--config NAME): {shipped}"
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # piped into head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     config_path, overrides = None, []
     i = 0
@@ -177,7 +240,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
             fail(f"unexpected argument {arg!r}; expected --config FILE, --key value or key=value")
         i += 1
     try:
-        return load_config(cls, config_path, overrides)
+        if config_path is None:
+            return load_config(cls, None, overrides)
+        with resolve_config(config_path, config_package) as path:
+            return load_config(cls, path, overrides)
     except ConfigError as err:
         fail(str(err))
 
