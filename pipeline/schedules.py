@@ -36,7 +36,7 @@ class ScheduleConfig:
 
     # how k_e / N moves from start_ratio to end_ratio
     kind: str = field(default="constant", metadata={"choices": SCHEDULE_KINDS})
-    start_ratio: float = 0.3  # k_e / N at the start, in (0, 1]; 1.0: dense (a curriculum from dense)
+    start_ratio: float = 0.3  # k_e / N at the start, in (0, 1]; 1.0: dense epochs
     end_ratio: float | None = None  # None: the same as start_ratio
     start_epoch: int = 0  # epochs held at start_ratio before the schedule moves
     step_epochs: int = 10  # step: epochs per step

@@ -106,10 +106,10 @@ class ShardSet:
             self.location, split, self.manifest.stored(split), remote=self.remote
         )
         self._cached: tuple[int, ShardBlock] | None = None
-        records = layer_chain(self.location, self.manifest, layer, self.remote)
-        self.layers: list[LayerReader] = [
-            self._layer_reader(r) for r in records if r.split == split
-        ]
+        # layers replace the train split's sets: other splits never read (or resolve) them
+        chosen = layer if split == "train" else None
+        records = layer_chain(self.location, self.manifest, chosen, self.remote)
+        self.layers: list[LayerReader] = [self._layer_reader(r) for r in records]
         self._awaiting: set[int] = set()  # first epochs of layers still to come
         self._layer_error: BaseException | None = None
         self._layer_added = threading.Condition()
