@@ -420,3 +420,18 @@ def test_bad_adaptive_options_are_refused_before_any_work(flow, tmp_path):
     result = refresh_cli(flow["fields"], flow["root"] / "codec" / "checkpoint.pt", "3")
     assert result.returncode == 2 and "option 'epochs'" in result.stderr
     assert os.path.exists(flow["fields"] / "manifest.json")
+
+
+def test_branching_layers_need_a_name_for_train_and_never_touch_other_splits(flow, tmp_path):
+    """Two refreshes on the set itself (layer=none) branch: "latest" asks for a layer id, while
+    validation and test splits, which layers never replace, open as before."""
+    fields = copy_set(flow["fields"], tmp_path / "fields")
+    ckpt = flow["root"] / "codec" / "checkpoint.pt"
+    a = layer_id_of(refresh_cli(fields, ckpt, "0:2", "layer=null"))
+    b = layer_id_of(refresh_cli(fields, ckpt, "0:2", "layer=null", "adaptive.power=1.0"))
+    with pytest.raises(ShardError, match="branch into 2 chains"):
+        open_shards(str(fields))
+    assert open_shards(str(fields), layer=b[:12]).layer_ids == [b]
+    for split in ("val", "test"):
+        assert open_shards(str(fields), split).layer_ids == []
+    assert a != b
