@@ -33,7 +33,14 @@ from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig, k_per_epoch
 from pipeline.sources.pdebench import DataInfo
 from pipeline.sources.splits import NormStats
-from pipeline.storage import RemoteConfig, join, read_bytes, sha256_bytes, write_atomic
+from pipeline.storage import (
+    RemoteConfig,
+    disk_cache,
+    join,
+    read_bytes,
+    sha256_bytes,
+    write_atomic,
+)
 
 # 2: content identity (ids recomputed on open, provenance outside the identity)
 # 3: query sets coded per epoch (Elias-Fano or bitmask, the complement above k = N/2), query_slots
@@ -423,16 +430,25 @@ def read_listed(
     files: dict[str, FileEntry], location: str, name: str, remote: RemoteConfig | None = None
 ) -> bytes:
     """The bytes of file ``name`` of the set at ``location``, checked against its entry in
-    ``files`` (a manifest's: size, then sha256); a file not listed there is refused."""
+    ``files`` (a manifest's: size, then sha256); a file not listed there is refused. Remote
+    files come from the disk cache where ``remote`` has one (``cache_dir``)."""
     path = join(location, name)
     entry = files.get(name)
     if entry is None:
         raise ShardError(f"{path}: not listed in the manifest")
+    cache = disk_cache(path, remote)
+    if cache is not None:
+        data = cache.get(entry.sha256, entry.bytes)
+        if data is not None:
+            return data
     try:
         data = read_bytes(path, remote)
     except (FileNotFoundError, OSError) as err:
         raise ShardError(f"{path}: missing shard file ({err})") from None
-    return check_listed(path, data, entry)
+    data = check_listed(path, data, entry)
+    if cache is not None:
+        cache.put(entry.sha256, data)
+    return data
 
 
 def check_listed(path: str, data: bytes, entry: FileEntry) -> bytes:

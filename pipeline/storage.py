@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import math
 import os
+import re
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +50,10 @@ class RemoteConfig:
     timeout_s: float = 30.0  # per request: seconds without an answer
     retries: int = 3  # tries after the first (4 attempts in all)
     backoff_s: float = 0.5  # wait before the first retry, doubling for each further one
+    # a local directory keeping the remote files read, by sha256, verified on every use and
+    # shared by the runs (and processes) of a machine; null: no disk cache
+    cache_dir: str | None = None
+    cache_mb: int = 20480  # the cache's size bound: least recently used files go first
 
     def __post_init__(self) -> None:
         check(
@@ -63,6 +69,13 @@ class RemoteConfig:
             "a number of seconds >= 0",
             self.backoff_s,
         )
+        check(
+            self.cache_dir is None or bool(self.cache_dir),
+            "loader.remote.cache_dir",
+            "null or a directory",
+            self.cache_dir,
+        )
+        check(self.cache_mb >= 1, "loader.remote.cache_mb", "an integer >= 1", self.cache_mb)
 
     @property
     def attempts(self) -> int:
@@ -224,3 +237,65 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+_CACHED_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+class DiskCache:
+    """Remote files kept on local disk under their sha256, for every run of the machine.
+
+    A file is used only when its bytes still have its sha256 (a corrupted one is deleted and
+    fetched again); new files are written to a temporary name and renamed, so processes sharing
+    the directory never see half a file; above ``cache_mb`` the least recently used go (only
+    files named by a sha256: the cache deletes nothing it did not write)."""
+
+    def __init__(self, directory: str | Path, limit_mb: int):
+        self.directory, self.limit = Path(directory), limit_mb * 2**20
+
+    def get(self, sha256: str, size: int) -> bytes | None:
+        path = self.directory / sha256
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) != size or sha256_bytes(data) != sha256:
+            path.unlink(missing_ok=True)  # corrupted in the cache: fetch it again
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # recently used
+        return data
+
+    def put(self, sha256: str, data: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        try:
+            with named_os_errors(self.directory / sha256), os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.directory / sha256)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self._evict()
+
+    def _evict(self) -> None:
+        files = []
+        for path in self.directory.iterdir():
+            if _CACHED_NAME.fullmatch(path.name):
+                with contextlib.suppress(FileNotFoundError):  # another process evicted it
+                    stat = path.stat()
+                    files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.limit:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def disk_cache(location: str, remote: RemoteConfig | None) -> DiskCache | None:
+    """The disk cache for reads of ``location``: only for remote locations with a cache_dir."""
+    if remote is None or remote.cache_dir is None or not is_url(location):
+        return None
+    if location.startswith("file://"):
+        return None
+    return DiskCache(remote.cache_dir, remote.cache_mb)

@@ -24,7 +24,7 @@ from zarr.storage import WrapperStore
 
 from pipeline.manifest import FileEntry, ShardEntry, check_listed
 from pipeline.records import RecordSchema, ShardError, StoredRecords, _Record
-from pipeline.storage import RemoteConfig, join, retrying_async, zarr_store
+from pipeline.storage import RemoteConfig, disk_cache, join, retrying_async, zarr_store
 
 ZSTD_LEVEL = 3  # fast; the query sets' codes are near their entropy bound already
 
@@ -161,6 +161,13 @@ class _VerifyingStore(WrapperStore):
         entry = self._files.get(f"zarr/{key}")
         if entry is None and key.rsplit("/", 1)[-1] not in METADATA_NAMES:
             raise ShardError(f"{url}: not listed in the manifest")
+        cache = disk_cache(url, self._remote) if entry is not None else None
+        if cache is not None:
+            data = await asyncio.to_thread(cache.get, entry.sha256, entry.bytes)
+            if data is not None:
+                return prototype.buffer.from_bytes(
+                    data if byte_range is None else _byte_slice(data, byte_range)
+                )
         buf = await retrying_async(
             url, self._remote, lambda: super(_VerifyingStore, self).get(key, prototype)
         )
@@ -172,6 +179,8 @@ class _VerifyingStore(WrapperStore):
             raise ShardError(f"{url}: not listed in the manifest")
         # hash off zarr's event loop thread, so that reads of several shards verify in parallel
         data = await asyncio.to_thread(check_listed, url, buf.to_bytes(), entry)
+        if cache is not None:
+            await asyncio.to_thread(cache.put, entry.sha256, data)
         if byte_range is None:
             return buf
         return prototype.buffer.from_bytes(_byte_slice(data, byte_range))
