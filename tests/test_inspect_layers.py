@@ -14,18 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import INSPECT, ROOT, run_tool
+from test_train import build, config  # a tiny model on the CPU, small shard sets
 
-from pipeline.build import BuildConfig, run_build
-from pipeline.config import load_config
 from pipeline.plots import gradient_q, layer_epochs, plot_layer
-from pipeline.samplers import SamplerConfig
-from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
-from pipeline.sources.splits import DataConfig
-from ups.models.codec import load_encoder
 from ups.training.refresh import RefreshConfig, refresh_from_checkpoint
-from ups.training.train import TrainConfig, train
+from ups.training.train import train
 
 # each module fixture trains a codec and refreshes a layer: the fast lane leaves them out
 pytestmark = pytest.mark.slow
@@ -34,49 +29,6 @@ REFRESH = ROOT / "tools" / "refresh_queries.py"
 _spec = importlib.util.spec_from_file_location("inspect_cli", INSPECT)
 inspect_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(inspect_cli)
-
-# as tests/test_train.py: a tiny model, on the CPU
-SMALL_MODEL = [
-    "device=cpu",
-    "codec.encoder.patch=8",
-    "codec.encoder.dim=32",
-    "codec.encoder.depth=1",
-    "codec.encoder.num_tokens=8",
-    "codec.encoder.latent_dim=16",
-    "codec.decoder.dim=32",
-    "codec.decoder.depth=1",
-    "operator.dim=32",
-    "operator.depth=1",
-]
-
-
-def config(*overrides: str) -> TrainConfig:
-    base = [
-        *SMALL_MODEL,
-        "progress=false",
-        "loader.workers=1",
-        "log_every=5",
-        "eval_trajectories=1",
-        "optim.warmup_steps=5",
-    ]
-    return load_config(TrainConfig, None, [*base, *overrides])
-
-
-def build(data: Path, out: Path, epochs: int, kind: str, ratio: float) -> Path:
-    run_build(
-        BuildConfig(
-            data=DataConfig(path=str(data), val_fraction=0.13, test_fraction=0.13),
-            out=str(out),
-            epochs=epochs,
-            sampler=SamplerConfig(kind=kind),
-            schedule=ScheduleConfig(start_ratio=ratio, multiple=8),
-            trajectories_per_shard=2,
-            device="cpu",
-            progress=False,
-        ),
-        load_encoder=load_encoder,
-    )
-    return out
 
 
 def refresh(shards: Path, checkpoint: Path, epochs: str) -> str:
