@@ -80,14 +80,20 @@ def check_record_shapes(
             except ShardError as err:
                 problems.append(str(err))
                 continue
-            arrays = block.arrays()
-            for name, (shape, dtype) in expected.items():
-                got = arrays.get(name)
-                if got is None or got.shape[1:] != shape or got.dtype != np.dtype(dtype):
-                    found = "absent" if got is None else f"{got.shape[1:]} {got.dtype}"
-                    problems.append(
-                        f"{location}: {fmt} '{split}' shard 0: '{name}' is {found}, the manifest implies {shape} {dtype}"
-                    )
+            where = f"{location}: {fmt} '{split}' shard 0"
+            problems += _shape_problems(block.arrays(), expected, where, "the manifest")
+    return problems
+
+
+def _shape_problems(arrays: dict, expected: dict, where: str, source: str) -> list[str]:
+    """One line per array of ``expected`` (name -> (shape, dtype) per snapshot) that ``arrays``
+    lacks or holds with another shape or dtype."""
+    problems = []
+    for name, (shape, dtype) in expected.items():
+        got = arrays.get(name)
+        if got is None or got.shape[1:] != shape or got.dtype != np.dtype(dtype):
+            found = "absent" if got is None else f"{got.shape[1:]} {got.dtype}"
+            problems.append(f"{where}: '{name}' is {found}, {source} implies {shape} {dtype}")
     return problems
 
 
@@ -110,14 +116,8 @@ def check_layer_shapes(shards: ShardSet) -> list[str]:
             except ShardError as err:
                 problems.append(str(err))
                 continue
-            for name, (shape, dtype) in expected.items():
-                got = arrays.get(name)
-                if got is None or got.shape[1:] != shape or got.dtype != np.dtype(dtype):
-                    found = "absent" if got is None else f"{got.shape[1:]} {got.dtype}"
-                    problems.append(
-                        f"{layer.location}: {fmt} shard 0: '{name}' is {found}, the layer "
-                        f"implies {shape} {dtype}"
-                    )
+            where = f"{layer.location}: {fmt} shard 0"
+            problems += _shape_problems(arrays, expected, where, "the layer")
     return problems
 
 
