@@ -27,17 +27,22 @@ from pipeline.stream import ShardStream
 
 @dataclass(frozen=True)
 class LoaderPlan:
-    """What one rank streams: the set and split, how, in which batches, as which slice."""
+    """What one rank streams: the set and split, how, in which (global) batches, as which rank."""
 
     location: str
     split: str
     cfg: LoaderConfig
-    batch_size: int
+    batch_size: int  # of a global batch, shared equally among the ranks
     spec: BatchSpec
     rank: int = 0
     world_size: int = 1
     layers: tuple[str, ...] = ()  # the chain of layers of adaptive sets read (pipeline/layers.py)
     awaiting: tuple[int, ...] = ()  # first epochs of layers still to come (ShardSet.await_layers)
+
+    @property
+    def rank_batch(self) -> int:
+        """This rank's share of a global batch."""
+        return self.batch_size // self.world_size
 
 
 class BatchGraph:
@@ -66,13 +71,9 @@ class BatchGraph:
             rank=plan.rank,
             world_size=plan.world_size,
         )
-        self.batches_per_epoch = self.source.per_rank // plan.batch_size
-        if self.batches_per_epoch < 1:
-            raise ShardError(
-                f"batch_size {plan.batch_size} is larger than a rank's slice of {self.source.per_rank} "
-                f"examples ({shards.location}, split '{shards.split}', world size {plan.world_size})"
-            )
-        node: BaseNode = Batcher(self.source, plan.batch_size, drop_last=True)
+        self.batches_per_epoch = self.source.batches_per_epoch
+        # this rank's share of each global batch
+        node: BaseNode = Batcher(self.source, plan.rank_batch, drop_last=True)
         if plan.cfg.workers > 0:
             node = ParallelMapper(node, collate, num_workers=plan.cfg.workers, in_order=True)
         else:
@@ -81,7 +82,7 @@ class BatchGraph:
         self._running: Iterator[SparseBatch] | None = None
 
     def batches(self, epoch: int, skip: int) -> Iterator[SparseBatch]:
-        """Batches from ``skip`` examples into ``epoch``, on across epochs until the query sets
+        """Batches from ``skip`` of this rank's examples into ``epoch``, on across epochs until the query sets
         end. Stops the stream started before, if any."""
         self.stop()
         self.source.start(epoch, skip)

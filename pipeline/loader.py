@@ -7,9 +7,10 @@ the interpreter lock. With ``process: false`` it runs in threads of the training
 building batches in pinned memory where CUDA is. Workers collate whole batches, in order, so the
 batches depend on neither the number of workers nor the mode.
 
-The loader's state is (epoch, batches delivered): resuming seeks to that example, re-reads one
-group and skips within it; it never replays the epoch, and the state does not depend on the
-number of workers or the prefetch depth (docs/design.md, section 7).
+The loader's state is (epoch, global batches delivered): resuming seeks there, re-reads one group
+per partition and skips within it; it never replays the epoch, and the state depends on neither
+the number of workers, the prefetch depth nor the number of ranks, so a run resumes on another
+world size to the same global batches (docs/design.md, section 7).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pipeline.shards import ShardSet
 
 
 class ShardLoader:
-    """Epochs of batches of ``spec`` from a shard set, as one rank of ``world_size`` streams them.
+    """Epochs of batches of ``spec`` from a shard set, as one rank of ``world_size`` streams them:
+    its ``batch_size / world_size`` examples of each global batch of ``batch_size``.
 
     Batches arrive on ``device`` (``None``: on the CPU, as the collate made them)."""
 
@@ -65,7 +67,7 @@ class ShardLoader:
         if self._batches >= self.batches_per_epoch:
             self.epoch, self._batches = self.epoch + 1, 0
         if self._stream is None:
-            self._stream = self.batches_from(self.epoch, self._batches * self.batch_size)
+            self._stream = self.batches_from(self.epoch, self._batches * self.plan.rank_batch)
         else:
             self.shards.k_for_epoch(self.epoch, self.cfg.wrap_epochs)  # a clear error
         while self._batches < self.batches_per_epoch:
@@ -111,7 +113,8 @@ class ShardLoader:
         self._stream = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last delivered batch; independent of workers and prefetch depth."""
+        """Position after the last delivered batch; independent of workers, prefetch depth and
+        world size (every rank is at the same global batch)."""
         return {
             "epoch": self.epoch,
             "batches": self._batches,
@@ -122,7 +125,7 @@ class ShardLoader:
         if state["batches_per_epoch"] != self.batches_per_epoch:
             raise ShardError(
                 f"loader state has {state['batches_per_epoch']} batches per epoch, this loader "
-                f"{self.batches_per_epoch}: resume with the same batch_size and world size"
+                f"{self.batches_per_epoch}: resume with the same batch_size and loader.partitions"
             )
         self.epoch, self._batches = state["epoch"], state["batches"]
         self.close()

@@ -33,6 +33,7 @@ import threading
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -151,9 +152,11 @@ def serve_batches(
                 slot = free.popleft()
                 layout, nbytes = batch_layout(batch)
                 grown = None
-                if slots[slot] is None or slots[slot].numel() < nbytes:
-                    slots[slot] = grown = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-                raw = slots[slot].numpy()
+                buffer = slots[slot]
+                if buffer is None or buffer.numel() < nbytes:
+                    buffer = grown = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+                    slots[slot] = buffer
+                raw = buffer.numpy()
                 for name, _, _, offset, size in layout:
                     value = getattr(batch, name).numpy()
                     np.copyto(raw[offset : offset + size].view(value.dtype), value.ravel())
@@ -181,7 +184,7 @@ class LoaderProcess:
         context = torch.multiprocessing.get_context("spawn")  # never fork a CUDA process
         self._conn, child = context.Pipe()
         self._layers, child_layers = context.Pipe()
-        self._process = context.Process(
+        self._process: BaseProcess | None = context.Process(
             target=serve_batches,
             args=(plan, start, child, child_layers),
             name="loader",
@@ -240,6 +243,8 @@ class LoaderProcess:
     def _receive(self) -> Any:
         """The child's next message; gives back the slots whose copies have finished. A child
         that died, or a pipe that failed, is one LoaderError, within a second or two."""
+        process = self._process
+        assert process is not None, "receiving from a closed loader"
         problem: OSError | EOFError | None = None
         try:
             while True:
@@ -251,18 +256,18 @@ class LoaderProcess:
                     self._conn.send(slot)
                 if self._conn.poll(1.0):
                     return self._conn.recv()
-                if not self._process.is_alive():
+                if not process.is_alive():
                     break
         except (EOFError, OSError) as err:  # the child's end is gone; or a slot's handle failed
             problem = err
         gone = problem is None or isinstance(problem, _PIPE_GONE)
-        self._process.join(timeout=10 if gone else 1)
-        if self._process.exitcode is None and problem is not None:
+        process.join(timeout=10 if gone else 1)
+        if process.exitcode is None and problem is not None:
             raise LoaderError(
                 f"receiving a batch from the loader process: {type(problem).__name__}: {problem}"
             ) from problem
         raise LoaderError(
-            f"the loader process ended without a word: {_how_it_ended(self._process.exitcode)}"
+            f"the loader process ended without a word: {_how_it_ended(process.exitcode)}"
         )
 
     def add_layer(self, layer_id: str) -> None:
@@ -289,7 +294,8 @@ class LoaderProcess:
 
     def close(self) -> None:
         """Stop the child and release the slots (after the copies out of them have finished)."""
-        if self._process is None:
+        process = self._process
+        if process is None:
             return
         for _, copied in self._copying:
             copied.synchronize()
@@ -298,10 +304,10 @@ class LoaderProcess:
             self._unpin(slot)
         self._conn.close()
         self._layers.close()
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+            process.join()
         self._process = None
 
     def __del__(self) -> None:

@@ -2,23 +2,31 @@
 
 Order. An epoch's examples are (shard, example-in-shard) pairs: a global permutation of the
 split's shards from (seed, epoch), each shard's examples in place. That global stream is cut
-into ``world_size`` contiguous, equal slices of floor(M / world_size) examples (the remainder of
-M is dropped: every rank sees the same number of examples, so DDP never hangs). A rank's slice
-is read in groups of ``shuffle_shards`` shard segments whose examples are permuted from
-(seed, epoch, rank, group): the shuffle buffer. Decoded shards stay in a bounded RAM cache
-(``cache_mb``), so a split that fits is read and verified once, not every epoch. A shard's query
-sets of an epoch are decoded, gathered and normalised in one vectorised pass over the shard
-(``gather_queries``, ``Collate.prepare``), in threads ahead of the stream, so each snapshot is
-prepared once per epoch and the collate only cuts batches out of prepared arrays.
+into ``partitions`` contiguous, equal slices of floor(M / partitions) examples (the remainder is
+dropped). A partition is read in groups of ``shuffle_shards`` shard segments whose examples are
+permuted from (seed, epoch, partition, group): the shuffle buffer. Global batch b takes the b-th
+run of batch_size / partitions examples of every partition, partition by partition. A rank of
+``world_size`` streams partitions_per_rank = partitions / world_size neighbouring partitions,
+so it reads only their shards, and its batch b is its partitions' share of global batch b. The
+sequence of global batches therefore depends on the seed, the batch size and the number of
+partitions, not on the number of ranks: a checkpoint resumes on any world size that divides
+``partitions`` (as MosaicML Streaming's canonical nodes do).
 
-The state is (epoch, examples emitted): resuming seeks to that example, re-reads one group and
-skips within it; it never replays the epoch (docs/design.md, section 7).
+Decoded shards stay in a bounded RAM cache (``cache_mb``), so a split that fits is read and
+verified once, not every epoch. A shard's query sets of an epoch are decoded, gathered and
+normalised in one vectorised pass over the shard (``gather_queries``, ``Collate.prepare``), in
+threads ahead of the stream, so each snapshot is prepared once per epoch and the collate only
+cuts batches out of prepared arrays.
+
+The state is (epoch, examples emitted): resuming seeks every partition to its place, re-reads one
+group each and skips within it; it never replays the epoch (docs/design.md, section 7).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +34,7 @@ import numpy as np
 from torchdata.nodes import BaseNode
 
 from pipeline.collate import Collate
+from pipeline.config import check
 from pipeline.loader_config import LoaderConfig
 from pipeline.records import LayerBlock, ShardBlock, ShardError
 from pipeline.shards import ShardSet
@@ -38,14 +47,29 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
+class _Cursor:
+    """Where one partition stands in an epoch: the group streaming, its examples in shuffled
+    order, and how many of them were taken. ``examples`` is None until the group is loaded."""
+
+    def __init__(self, partition: int):
+        self.partition, self.epoch, self.group, self.offset = partition, 0, 0, 0
+        self.examples: list[dict] | None = None
+        self.order = np.zeros(0, dtype=np.int64)
+
+    def seek(self, epoch: int, group: int, offset: int) -> None:
+        self.epoch, self.group, self.offset, self.examples = epoch, group, offset, None
+
+
 class ShardStream(BaseNode[dict]):
-    """Source node: yields the examples of this rank's slice of every epoch, in a seeded order.
+    """Source node: yields the examples of this rank's partitions of every epoch, in a seeded
+    order, batch by batch: ``batch_size / partitions`` examples of each of its partitions in
+    turn, so ``Batcher(batch_size / world_size)`` cuts the rank's share of each global batch.
 
     An example is a window of ``window + 1`` consecutive snapshots of one trajectory (window 0:
     single snapshots for the codec; 1: pairs (u_t, u_{t+1}); h: rollout windows). Each epoch
-    yields the first ``per_epoch`` examples of its shuffled slice (whole batches), then
-    the stream runs on into the next epoch without a pause: shard reads run ahead across the
-    epoch boundary. It ends before the first epoch that has no query sets.
+    yields ``batches_per_epoch`` batches, then the stream runs on into the next epoch without a
+    pause: shard reads run ahead across the epoch boundary. It ends before the first epoch that
+    has no query sets.
     """
 
     def __init__(
@@ -64,6 +88,21 @@ class ShardStream(BaseNode[dict]):
             raise ShardError(
                 f"{shards.location}: windows of {window + 1} snapshots need trajectories of at least {window + 1}; these have {steps}"
             )
+        partitions = cfg.partitions
+        # every rank streams whole partitions; every global batch takes as many from each
+        check(
+            partitions % world_size == 0,
+            "loader.partitions",
+            f"a multiple of the world size {world_size} (it fixes the data order: keep it for "
+            "the whole run)",
+            partitions,
+        )
+        check(
+            batch_size % partitions == 0,
+            "batch_size",
+            f"a multiple of loader.partitions={partitions}",
+            batch_size,
+        )
         self.shards, self.window, self.rank, self.world_size = shards, window, rank, world_size
         self.collate = collate  # prepares each shard's arrays for an epoch
         self.seed, self.shuffle_shards, self.wrap_epochs = (
@@ -74,29 +113,41 @@ class ShardStream(BaseNode[dict]):
         self.steps = steps
         self.per_trajectory = steps - window  # examples per trajectory
         self.examples_per_shard = [s.count // steps * self.per_trajectory for s in shards.shards]
-        self.per_rank = sum(self.examples_per_shard) // world_size
-        self.per_epoch = self.per_rank // batch_size * batch_size
+        self.partitions = partitions
+        self.per_partition = sum(self.examples_per_shard) // partitions
+        self.share = batch_size // partitions  # examples of a partition in one global batch
+        self.batches_per_epoch = self.per_partition // self.share
+        if self.batches_per_epoch < 1:
+            raise ShardError(
+                f"batch_size {batch_size} takes {self.share} examples from each of "
+                f"loader.partitions={partitions} partitions, which hold {self.per_partition} "
+                f"examples each ({shards.location}, split '{shards.split}'): use a smaller "
+                "batch_size or fewer partitions"
+            )
+        mine = partitions // world_size
+        self._cursors = [_Cursor(p) for p in range(rank * mine, (rank + 1) * mine)]
+        self.per_epoch = self.batches_per_epoch * self.share * mine  # examples of this rank
         self._start = (0, 0)
         self.read_ahead, self.read_threads = cfg.read_ahead, cfg.read_threads
         self._pool: ThreadPoolExecutor | None = None  # shard reads, ahead of use
         self._decode: ThreadPoolExecutor | None = None  # query sets, after reads
         self._stopped = threading.Event()
-        # (epoch, group) -> per shard (its reads, decoded)
-        self._ahead: dict[tuple[int, int], list[tuple[list[Future], Future]]] = {}
+        # (epoch, partition, group) -> per shard (its reads, decoded)
+        self._ahead: dict[tuple[int, int, int], list[tuple[list[Future], Future]]] = {}
         # (shard, layer id or None) -> its block (or layer block), least recently used first
         self._cache: OrderedDict[tuple[int, str | None], ShardBlock | LayerBlock] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
         self._reading: dict[tuple[int, str | None], Future] = {}  # reads in flight
-        self._plans: dict[int, list[list[tuple[int, int, int]]]] = {}
+        self._plans: dict[tuple[int, int], list[list[tuple[int, int, int]]]] = {}
 
     def has_epoch(self, epoch: int) -> bool:
         return self.wrap_epochs or epoch < self.shards.epochs
 
     # -- the plan of an epoch: which (shard, example range) segments, in which groups
-    def _groups(self, epoch: int) -> list[list[tuple[int, int, int]]]:
-        if epoch not in self._plans:
+    def _groups(self, epoch: int, partition: int) -> list[list[tuple[int, int, int]]]:
+        if (epoch, partition) not in self._plans:
             order = _rng(self.seed, epoch, _ORDER_STREAM).permutation(len(self.shards.shards))
-            lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+            lo, hi = partition * self.per_partition, (partition + 1) * self.per_partition
             segments, offset = [], 0
             for shard in order.tolist():
                 n = self.examples_per_shard[shard]
@@ -104,49 +155,50 @@ class ShardStream(BaseNode[dict]):
                 if start < stop:
                     segments.append((shard, start - offset, stop - offset))
                 offset += n
-            self._plans = {e: g for e, g in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = [
+            self._plans = {key: g for key, g in self._plans.items() if key[0] >= epoch - 1}
+            self._plans[(epoch, partition)] = [
                 segments[i : i + self.shuffle_shards]
                 for i in range(0, len(segments), self.shuffle_shards)
             ]
-        return self._plans[epoch]
+        return self._plans[(epoch, partition)]
 
-    def _upcoming(self, epoch: int, group: int) -> list[tuple[int, int]]:
-        """(epoch, group) of this group and the ``read_ahead`` after it, across epochs, up to an
-        epoch whose layer of query sets is still to come."""
-        keys = []
+    def _upcoming(self, cursor: _Cursor) -> list[tuple[int, int, int]]:
+        """(epoch, partition, group) of the cursor's group and the ``read_ahead`` after it,
+        across epochs, up to an epoch whose layer of query sets is still to come."""
+        epoch, partition, group = cursor.epoch, cursor.partition, cursor.group
+        keys: list[tuple[int, int, int]] = []
         while len(keys) <= self.read_ahead and self.has_epoch(epoch):
             if keys and self.shards.pending(epoch):
                 break
-            if group < len(self._groups(epoch)):
-                keys.append((epoch, group))
+            if group < len(self._groups(epoch, partition)):
+                keys.append((epoch, partition, group))
                 group += 1
             else:
                 epoch, group = epoch + 1, 0
         return keys
 
-    def _blocks(self, epoch: int, group: int) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
-        """The group's shard blocks with their arrays prepared for ``epoch``. Its shards are read
-        and prepared in parallel, and the next ``read_ahead`` groups (of this epoch or the next)
-        are already in flight while this one streams. An epoch whose layer is still to come
-        waits for it here."""
-        if self.collate.spec.sparse_steps and self.shards.pending(epoch):
-            self.shards.wait_for_layer(epoch, self._stopped)
+    def _blocks(self, cursor: _Cursor) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
+        """The cursor's group's shard blocks with their arrays prepared for its epoch. Its shards
+        are read and prepared in parallel, and the next ``read_ahead`` groups of every partition
+        of this rank (of this epoch or the next) are already in flight while this one streams.
+        An epoch whose layer is still to come waits for it here."""
+        if self.collate.spec.sparse_steps and self.shards.pending(cursor.epoch):
+            self.shards.wait_for_layer(cursor.epoch, self._stopped)
             if self._stopped.is_set():
                 raise StopIteration
-        wanted = self._upcoming(epoch, group)
+        wanted = [key for c in self._cursors for key in self._upcoming(c)]
         self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
-        for e, g in wanted:
-            if (e, g) not in self._ahead:
-                self._ahead[(e, g)] = [
-                    self._prepare(shard, e) for shard, _, _ in self._groups(e)[g]
+        for e, p, g in wanted:
+            if (e, p, g) not in self._ahead:
+                self._ahead[(e, p, g)] = [
+                    self._prepare(shard, e) for shard, _, _ in self._groups(e, p)[g]
                 ]
         pending = {
             id(read) for futures in self._ahead.values() for reads, _ in futures for read in reads
         }
         self._reading = {key: f for key, f in self._reading.items() if id(f) in pending}
         prepared = []
-        for reads, decoded in self._ahead.pop((epoch, group)):
+        for reads, decoded in self._ahead.pop((cursor.epoch, cursor.partition, cursor.group)):
             prepared.append(decoded.result())
             for read in reads:
                 key, block = read.result()
@@ -162,6 +214,7 @@ class ShardStream(BaseNode[dict]):
             layer = self.shards.layer_of(stored)
             if layer is not None:
                 reads.append(self._read(shard, layer))
+        assert self._decode is not None, "reset() starts the decode threads"
         return reads, self._decode.submit(self._decoded, reads, shard, epoch)
 
     def _decoded(
@@ -186,6 +239,8 @@ class ShardStream(BaseNode[dict]):
             done.set_result((key, self._cache[key]))
             return done
         if key not in self._reading:
+            assert self._pool is not None, "reset() starts the read threads"
+            read: Callable[[], tuple[tuple[int, str | None], ShardBlock | LayerBlock]]
             if layer is None:
                 read = lambda: (key, self.shards.read_shard(shard, cache=False))  # noqa: E731
             else:
@@ -203,29 +258,45 @@ class ShardStream(BaseNode[dict]):
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.nbytes
 
-    def _load_group(self) -> None:
-        """Read this group's shard segments, join their prepared arrays and fix the shuffled order.
+    def _load_group(self, cursor: _Cursor) -> list[dict]:
+        """Read the cursor's group of shard segments, join their prepared arrays and fix the
+        shuffled order; returns the group's examples.
 
         Joined, the group's arrays let the collate cut a batch with one copy per array instead of
         one per shard and array: each copy is a point where the loader threads and the training
         step hand the interpreter lock to each other."""
-        group = self._groups(self.epoch)[self._group]
-        prepared = [arrays for _, arrays in self._blocks(self.epoch, self._group)]
+        group = self._groups(cursor.epoch, cursor.partition)[cursor.group]
+        prepared = [arrays for _, arrays in self._blocks(cursor)]
         joined = prepared[0]
         if len(prepared) > 1:
             joined = {name: np.concatenate([a[name] for a in prepared]) for name in joined}
         offsets = np.cumsum([0] + [len(a["snapshot_id"]) for a in prepared[:-1]])  # in joined
-        self._examples = []
+        examples = []
         for (_, start, stop), offset in zip(group, offsets.tolist(), strict=True):
             for e in range(start, stop):
                 first = offset + (e // self.per_trajectory) * self.steps + e % self.per_trajectory
-                self._examples.append({"arrays": joined, "row": first, "epoch": self.epoch})
-        self._order = _rng(
-            self.seed, self.epoch, self.rank, self._group, _SHUFFLE_STREAM
-        ).permutation(len(self._examples))
+                examples.append({"arrays": joined, "row": first, "epoch": cursor.epoch})
+        cursor.examples = examples
+        cursor.order = _rng(
+            self.seed, cursor.epoch, cursor.partition, cursor.group, _SHUFFLE_STREAM
+        ).permutation(len(examples))
+        return examples
+
+    def _seek(self, epoch: int, emitted: int) -> None:
+        """Place every cursor after this rank's first ``emitted`` examples of ``epoch``: whole
+        global batches, then the shares of the batch in progress, partition by partition."""
+        done, within = divmod(emitted, self.share * len(self._cursors))
+        for i, cursor in enumerate(self._cursors):
+            taken = done * self.share + min(self.share, max(0, within - i * self.share))
+            sizes = [sum(b - a for _, a, b in g) for g in self._groups(epoch, cursor.partition)]
+            group = 0
+            while group < len(sizes) and taken >= sizes[group]:  # a partition done: past its end
+                taken, group = taken - sizes[group], group + 1
+            cursor.seek(epoch, group, taken)
 
     def start(self, epoch: int, skip: int) -> None:
-        """Where the next reset(None) begins: ``skip`` examples into ``epoch`` (no replay)."""
+        """Where the next reset(None) begins: ``skip`` of this rank's examples into ``epoch``
+        (no replay)."""
         self.shards.k_for_epoch(epoch, self.wrap_epochs)  # epochs beyond the query sets fail here
         self._start = (epoch, skip)
 
@@ -237,17 +308,11 @@ class ShardStream(BaseNode[dict]):
             self._decode = ThreadPoolExecutor(max_workers=self.read_threads)
         state = initial_state or {"epoch": self._start[0], "skip": self._start[1]}
         self.epoch, self._emitted = state["epoch"], state["skip"]
-        # seek to the example ``skip`` positions into this rank's slice of the epoch
-        skip, self._group = state["skip"], 0
-        groups = self._groups(self.epoch)
-        while self._group < len(groups):
-            size = sum(stop - start for _, start, stop in groups[self._group])
-            if skip < size:
-                break
-            skip, self._group = skip - size, self._group + 1
-        self._examples, self._order, self._offset = [], np.zeros(0, dtype=np.int64), skip
-        if self._group < len(groups):
-            self._load_group()
+        if self._emitted < self.per_epoch:
+            self._seek(self.epoch, self._emitted)
+            # the first group is read here, in the caller's thread: an unreadable shard at the
+            # start raises its own error, not the prefetch thread's wrapped one
+            self._load_group(self._cursors[self._emitted // self.share % len(self._cursors)])
 
     def stop(self) -> None:
         """End the stream: ``next`` raises StopIteration from now on, so every node downstream
@@ -265,13 +330,17 @@ class ShardStream(BaseNode[dict]):
         if self._emitted >= self.per_epoch:  # on into the next epoch
             if not self.has_epoch(self.epoch + 1):
                 raise StopIteration
-            self.epoch, self._group, self._offset, self._emitted = self.epoch + 1, 0, 0, 0
-            self._load_group()
-        while self._offset >= len(self._order):  # on into the next group
-            self._group, self._offset = self._group + 1, 0
-            self._load_group()
-        example = self._examples[self._order[self._offset]]
-        self._offset += 1
+            self.epoch, self._emitted = self.epoch + 1, 0
+            for cursor in self._cursors:
+                cursor.seek(self.epoch, 0, 0)
+        # this rank's batches take ``share`` examples of each of its partitions in turn
+        cursor = self._cursors[self._emitted // self.share % len(self._cursors)]
+        examples = cursor.examples if cursor.examples is not None else self._load_group(cursor)
+        while cursor.offset >= len(examples):  # on into the partition's next group
+            cursor.group, cursor.offset = cursor.group + 1, 0
+            examples = self._load_group(cursor)
+        example = examples[cursor.order[cursor.offset]]
+        cursor.offset += 1
         self._emitted += 1
         return example
 

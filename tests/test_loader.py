@@ -1,4 +1,4 @@
-"""The streaming loader on real shard sets: pairs, query gathering, order, resume, rank slices."""
+"""The streaming loader on real shard sets: pairs, query gathering, order, resume, ranks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_codec_checkpoint
 
 from pipeline.build import BuildConfig, run_build
+from pipeline.config import ConfigError
 from pipeline.grid import grid_coordinates
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
@@ -60,9 +61,13 @@ def make_loader(
     cache_mb=2048,
     process=True,
     device=None,
+    partitions=2,
+    read_ahead=2,
 ):
     shards = open_shards(str(location), split, fmt)
     cfg = LoaderConfig(
+        partitions=partitions,
+        read_ahead=read_ahead,
         workers=workers,
         format=fmt,
         wrap_epochs=wrap,
@@ -141,7 +146,7 @@ def check_batch_against_shards(batch, shards, index, coords, mean, std):
 
 
 def test_every_pair_once_per_epoch_and_epochs_differ(latent_shards):
-    loader = make_loader(latent_shards, batch_size=1)
+    loader = make_loader(latent_shards, batch_size=1, partitions=1)
     epochs = run_epochs(loader, 2)
     shards = open_shards(str(latent_shards))
     steps = shards.steps
@@ -177,23 +182,50 @@ def test_resume_mid_epoch_is_exact_and_independent_of_workers_format_and_process
     same_batches(reference[cut:], run_epochs(resumed, 2))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_rank_slices_are_disjoint_equal_and_drop_only_the_remainder(latent_shards, world):
-    total = len(run_epochs(make_loader(latent_shards, batch_size=1), 1))
-    per_rank = [
-        [
-            sid
-            for _, ids, *_ in run_epochs(
-                make_loader(latent_shards, batch_size=1, rank=r, world=world), 1
-            )
-            for sid in ids
+@pytest.mark.parametrize(("world", "partitions"), [(2, 2), (2, 4), (3, 6)])
+def test_global_batches_do_not_depend_on_the_world_size(latent_shards, world, partitions):
+    """Each rank's batch is its share of the one-rank run's batch, in rank order; ranks are
+    disjoint, see equal counts, and each reads only the shards of its neighbouring partitions."""
+    batch = 2 * partitions
+
+    def epochs(rank, world):
+        loader = make_loader(
+            latent_shards, batch_size=batch, rank=rank, world=world, partitions=partitions
+        )
+        return run_epochs(loader, 2)
+
+    single = epochs(0, 1)
+    ranks = [epochs(r, world) for r in range(world)]
+    assert {len(r) for r in ranks} == {len(single)}, "every rank takes part in every step"
+    for step, reference in enumerate(single):
+        shares = [r[step] for r in ranks]
+        assert [sid for share in shares for sid in share[1]] == reference[1]
+        np.testing.assert_array_equal(np.concatenate([s[2] for s in shares]), reference[2])
+        assert {len(share[1]) for share in shares} == {batch // world}
+    shards = open_shards(str(latent_shards))
+    ends = np.cumsum([s.count for s in shards.shards])  # snapshot index -> its shard
+    index = by_snapshot_id(shards)
+    for epoch in (0, 1):
+        read = [
+            {
+                int(np.searchsorted(ends, index[sid], side="right"))
+                for e, ids, *_ in r
+                if e == epoch
+                for sid in ids
+            }
+            for r in ranks
         ]
-        for r in range(world)
-    ]
-    assert len({len(ids) for ids in per_rank}) == 1, "every rank gets the same number of examples"
-    union = set().union(*map(set, per_rank))
-    assert sum(map(len, per_rank)) == len(union), "rank slices are disjoint"
-    assert len(union) == total - total % world, "only the remainder of M / world is dropped"
+        for shards_of_rank in read:  # a contiguous run of the epoch's shard order, one shared
+            assert len(shards_of_rank) <= -(-len(shards.shards) // world) + 1
+
+
+def test_partitions_divide_the_batch_and_the_world_size_divides_them(latent_shards):
+    with pytest.raises(
+        ConfigError, match=r"option 'loader.partitions'.*multiple of the world size 3"
+    ):
+        make_loader(latent_shards, world=3, partitions=4)
+    with pytest.raises(ConfigError, match=r"option 'batch_size'.*multiple of loader.partitions=4"):
+        make_loader(latent_shards, batch_size=6, partitions=4)
 
 
 def test_epochs_beyond_the_query_sets_need_wrap(latent_shards):
@@ -218,9 +250,11 @@ def test_epochs_beyond_the_query_sets_need_wrap(latent_shards):
     np.testing.assert_array_equal(batch.coords[0].numpy(), grid_coordinates(shards.grid)[idx])
 
 
-def test_batch_larger_than_a_rank_slice(latent_shards):
+def test_batch_larger_than_the_partitions(latent_shards):
     with pytest.raises(
-        ShardError, match=r"batch_size 1000 is larger than a rank's slice of \d+ examples"
+        ShardError,
+        match=r"batch_size 1000 takes 500 examples from each of loader.partitions=2 partitions, "
+        r"which hold \d+ examples each",
     ):
         make_loader(latent_shards, batch_size=1000)
 
@@ -248,7 +282,8 @@ def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, m
     shards = len(open_shards(str(latent_shards)).shards)
     assert sorted(reads) == list(range(shards)), "a split that fits the cache is read once"
     reads.clear()
-    uncached = run_epochs(make_loader(latent_shards, cache_mb=0, process=False), 3)
+    # (a read still in flight is shared: no read-ahead here, so none spans two epochs)
+    uncached = run_epochs(make_loader(latent_shards, cache_mb=0, read_ahead=0, process=False), 3)
     assert len(reads) > shards, "without the cache, later epochs read again"
     same_batches(cached, uncached)
 

@@ -12,15 +12,18 @@
 of sets for the next R epochs, and the loader streams on from it. The chain of layers a run
 reads is in its checkpoints; a resume reads the same chain or refuses.
 
-Runs on one process or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs; every rank streams
-its own equal slice; only rank 0 writes). Checkpoints hold the models, optimizer, scheduler,
-step, every rank's loader position, the on-the-fly sampling RNG, and the shard set's identity;
-``resume=PATH`` continues exactly where the run stopped and refuses other shards.
+Runs on one process or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs; ``batch_size`` is
+the global batch, each rank streams its equal share of it; only rank 0 writes). Checkpoints hold
+the models, optimizer, scheduler, step, the loader's position in global batches, the on-the-fly
+sampling RNG, and the shard set's identity; ``resume=PATH`` continues exactly where the run
+stopped and refuses other shards. The global batches do not depend on the number of ranks, so a
+run resumes on any world size that divides ``loader.partitions`` (an elastic resume).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -128,7 +132,7 @@ class TrainConfig:
     # layers of adaptive sets read from the start: null (the set's own sets), "latest", or an id
     layer: str | None = None
     epochs: int | None = None  # None: as many as the shards have query sets
-    batch_size: int = 32
+    batch_size: int = 32  # examples per step over all ranks (each takes batch_size / world size)
     max_steps: int = 0  # stop early after this many steps (0: all epochs)
     seed: int = 0  # model init and on-the-fly sampling; data order is loader.seed, query sets come from the shards
     device: str = "auto"
@@ -153,6 +157,13 @@ class TrainConfig:
             self.epochs,
         )
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        check(
+            self.batch_size % self.loader.partitions == 0,
+            "batch_size",
+            f"a multiple of loader.partitions={self.loader.partitions} (each global batch takes "
+            "as many examples from every partition)",
+            self.batch_size,
+        )
         check(bool(self.shards), "shards", "a shard set's path or URL", self.shards)
         check(bool(self.out), "out", "a directory", self.out)
         check(self.max_steps >= 0, "max_steps", "an integer >= 0 (0: all epochs)", self.max_steps)
@@ -217,8 +228,8 @@ class TrainConfig:
 # Options that may differ between a run and its resume, because none of them changes a batch,
 # the on-the-fly sampling, the model or an optimisation step: resuming with them changed still
 # continues the run bit for bit. Every other option must match the checkpoint's; among them
-# loader.seed and loader.shuffle_shards (the data order), batch_size, epochs and max_steps (the
-# batches per rank and the length of the LR schedule), optim.* and loss.*, stage, codec and
+# loader.seed, loader.partitions and loader.shuffle_shards (the data order), batch_size, epochs and
+# max_steps (the global batches and the length of the LR schedule), optim.* and loss.*, stage, codec and
 # operator (the models), amp and compile (other kernels, other numerics), and seed (it no
 # longer changes anything after the start, but the run's config would then misdescribe its init).
 RESUME_MAY_CHANGE = frozenset(
@@ -362,13 +373,16 @@ def build_models(cfg: TrainConfig, shards: ShardSet) -> tuple[Models, NormStats]
         raise CheckpointError(
             f"{shards.location}: field-only shards (no latents); stage=operator needs shards built with encoder=..."
         )
-    if file_sha256(cfg.codec_checkpoint) != encoder.sha256:
+    latent = shards.manifest.latent
+    assert latent is not None  # the manifest has both an encoder and a latent, or neither
+    checkpoint = cfg.codec_checkpoint
+    assert checkpoint is not None  # TrainConfig requires it for stage=operator
+    if file_sha256(checkpoint) != encoder.sha256:
         raise CheckpointError(
             f"checkpoint {cfg.codec_checkpoint}: its sha256 differs from the encoder the shards were built with ({encoder.path})"
         )
-    codec, norm, _ = load_codec(cfg.codec_checkpoint, info)
+    codec, norm, _ = load_codec(checkpoint, info)
     codec.encoder.requires_grad_(False)  # frozen: the cached latents came from it
-    latent = shards.manifest.latent
     operator = LatentOperator(cfg.operator, latent.dim, latent.tokens, len(info.params))
     return Models(codec, operator), norm
 
@@ -402,8 +416,9 @@ def compute_losses(
         z = codec.encode(batch.fields)
         loss = inverse_encoding_loss(codec.decoder, z, *points(0))
         return {"total": loss, "reconstruction": loss}
-    w = cfg.loss
-    z_pred = models.operator(batch.z, batch.dt, batch.params)
+    w, operator = cfg.loss, models.operator
+    assert operator is not None  # build_models makes one for stage=operator
+    z_pred = operator(batch.z, batch.dt, batch.params)
     terms = {"latent": latent_one_step_loss(z_pred, batch.z_next[:, 0])}
     if w.forward:  # a zero weight skips the term's work, not just its gradient
         terms["forward"] = forward_physical_loss(codec.decoder, z_pred, *points(1))
@@ -411,9 +426,9 @@ def compute_losses(
         terms["inverse"] = inverse_encoding_loss(codec.decoder, batch.z, *points(0))
     if w.rollout_steps > 0:
         window = torch.cat([batch.z[:, None], batch.z_next], dim=1)  # (B, h+1, T, D)
-        terms["rollout"] = latent_rollout_loss(models.operator, window, batch.dt, batch.params)
+        terms["rollout"] = latent_rollout_loss(operator, window, batch.dt, batch.params)
     weight = {"latent": w.latent, "forward": w.forward, "inverse": w.inverse, "rollout": w.rollout}
-    total = sum(weight[name] * value for name, value in terms.items())
+    total = functools.reduce(torch.add, (weight[name] * value for name, value in terms.items()))
     return {"total": total, **terms}
 
 
@@ -421,6 +436,8 @@ def compute_losses(
 
 
 class Trainer:
+    _clock: float  # perf_counter() when train_seconds last resumed counting (set by train())
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed(cfg.device)
@@ -572,11 +589,9 @@ class Trainer:
         }
 
     def save(self, path: Path) -> None:
-        loaders = [self.loader.state_dict()]
-        gens = [self.gen.get_state()]
+        gens: list[torch.Tensor | None] = [self.gen.get_state()]
         if self.world > 1:
-            loaders, gens = [None] * self.world, [None] * self.world
-            dist.all_gather_object(loaders, self.loader.state_dict())
+            gens = [None] * self.world
             dist.all_gather_object(gens, self.gen.get_state())
         if self.rank != 0:
             return
@@ -589,7 +604,7 @@ class Trainer:
             "models": self.models.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "loader": loaders,
+            "loader": self.loader.state_dict(),  # every rank's: at the same global batch
             "generator": gens,
             "refresh_seconds": self.refresh_seconds,
             # the chain of layers read: those from the start, then this run's refreshes
@@ -624,19 +639,25 @@ class Trainer:
                 f"it exactly (saved != now): {'; '.join(diff)}. Only these may change on resume: "
                 f"{', '.join(sorted(RESUME_MAY_CHANGE))}"
             )
-        if len(ckpt["loader"]) != self.world:
-            raise CheckpointError(
-                f"checkpoint {path}: saved with {len(ckpt['loader'])} ranks, resuming with {self.world}"
-            )
         self._resume_layers(path, ckpt.get("layers", {"initial": [], "refreshed": []}))
         self.models.load_state_dict(ckpt["models"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.loader.load_state_dict(ckpt["loader"][self.rank])
-        self.gen.set_state(ckpt["generator"][self.rank])
+        self.loader.load_state_dict(ckpt["loader"])
+        self._resume_generator(ckpt["generator"], ckpt["step"])
         self.step, self.train_seconds = ckpt["step"], ckpt["train_seconds"]
         self.refresh_seconds = ckpt.get("refresh_seconds", 0.0)
         self._truncate_logs()
+
+    def _resume_generator(self, saved: list[torch.Tensor], step: int) -> None:
+        """The on-the-fly sampling generator of this rank: as saved on the same world size; on
+        another (an elastic resume) a fresh stream from (seed, step, rank). The global batches
+        are the same either way, the on-the-fly points drawn in them then are not."""
+        if len(saved) == self.world:
+            self.gen.set_state(saved[self.rank])
+        else:
+            key = np.random.SeedSequence([self.cfg.seed, step, self.rank])
+            self.gen.manual_seed(int(key.generate_state(1)[0]))
 
     def _resume_layers(self, path: str, layers: dict[str, list[str]]) -> None:
         """Read the chain of layers the run read: the same layers from the start (``layer``
@@ -866,14 +887,16 @@ class Trainer:
         if self.cfg.stage == "codec":
             save_codec(self.out / "codec.pt", self.models.codec, self.norm, extra=identity)
             return
+        operator = self.models.operator
+        assert operator is not None  # build_models makes one for stage=operator
         save_checkpoint(
             self.out / "operator.pt",
             {
                 "kind": "operator",
                 "config": to_dict(self.cfg.operator),
                 "latent": to_dict(self.shards.manifest.latent),
-                "num_params": self.models.operator.num_params,
-                "state_dict": self.models.operator.state_dict(),
+                "num_params": operator.num_params,
+                "state_dict": operator.state_dict(),
                 "decoder": self.models.codec.decoder.state_dict(),
                 "codec_checkpoint": self.cfg.codec_checkpoint,
                 **identity,
