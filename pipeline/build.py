@@ -43,6 +43,7 @@ from pipeline.manifest import (
     DataEntry,
     EncoderEntry,
     FileEntry,
+    FormatName,
     LatentEntry,
     Manifest,
     ShardEntry,
@@ -128,7 +129,7 @@ class BuildConfig:
         )
 
     @property
-    def formats(self) -> list[str]:
+    def formats(self) -> list[FormatName]:
         return formats_of(self.format)
 
 

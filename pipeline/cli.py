@@ -31,11 +31,9 @@ import tokenize
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
-from pipeline.config import ConfigError, load_config
-
-T = TypeVar("T")
+from pipeline.config import ConfigError, ConfigT, load_config
 
 HELP_WIDTH = 100
 
@@ -145,7 +143,7 @@ def _describe(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         # the field's own default, not an instance's: a config may require options (no instance
         # of its defaults validates)
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         description = comments.get(f.name, "")
         if dataclasses.is_dataclass(value):
             if description:
@@ -194,11 +192,11 @@ def resolve_config(name: str, package: str | None = None) -> Iterator[Path]:
 
 
 def parse_config(
-    cls: type[T],
+    cls: type[ConfigT],
     argv: Sequence[str] | None = None,
     description: str = "",
     config_package: str | None = None,
-) -> T:
+) -> ConfigT:
     """Build a config dataclass from the command line; prints a clear error and exits 2 on bad input.
 
     ``config_package``: a package whose ``*.yaml`` data files ``--config NAME`` may name (see
@@ -248,6 +246,6 @@ def parse_config(
         fail(str(err))
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

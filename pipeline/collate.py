@@ -149,6 +149,8 @@ class Collate:
             shape = (1, -1) + (1,) * (block.fields.ndim - 2)
             arrays["fields"] = (block.fields - self.mean.reshape(shape)) / self.std.reshape(shape)
         if self.spec.latents:
+            if block.latent is None:
+                raise ValueError("latent steps need shards with latents (these are field-only)")
             arrays["latent"] = block.latent.astype(np.float32, copy=False)  # (S, T, D)
         return arrays
 
@@ -159,8 +161,8 @@ class Collate:
         b = len(examples)
         by_arrays: dict[int, tuple[dict[str, np.ndarray], list[int], list[int]]] = {}
         for position, ex in enumerate(examples):
-            _, positions, rows = by_arrays.setdefault(id(ex["arrays"]), (ex["arrays"], [], []))
-            positions.append(position)
+            _, at, rows = by_arrays.setdefault(id(ex["arrays"]), (ex["arrays"], [], []))
+            at.append(position)
             rows.append(ex["row"])
         # (prepared arrays, positions in the batch, first rows there) per group drawn on
         groups = [(a, np.asarray(p), np.asarray(r)) for a, p, r in by_arrays.values()]

@@ -16,11 +16,14 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")  # a config dataclass
 
 
 class ConfigError(ValueError):
@@ -70,7 +73,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         value_tp = args[1] if len(args) == 2 else Any
         return {key: _coerce(v, value_tp, f"{where}.{key}") for key, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -100,8 +103,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the list of valid ones."""
+def from_dict(cls: type[ConfigT], data: object, where: str = "") -> ConfigT:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the list of valid ones.
+
+    ``data`` may be anything (parsed YAML or JSON): what is not a mapping is refused by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
@@ -179,8 +184,8 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
 
 
 def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()
-) -> T:
+    cls: type[ConfigT], path: str | Path | None = None, overrides: typing.Iterable[str] = ()
+) -> ConfigT:
     """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:

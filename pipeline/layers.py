@@ -26,7 +26,7 @@ import json
 import shutil
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from pipeline.formats import FORMATS, ShardWriter
 from pipeline.manifest import (
     TOOL_VERSION,
     FileEntry,
+    FormatName,
     Manifest,
     ShardEntry,
     file_entry,
@@ -79,7 +80,7 @@ class LayerRecord:
     epochs: list[int]  # [first, stop): the base set's epochs it replaces the sets of
     k_per_epoch: list[int]  # the base set's k of those epochs
     query_slots: list[Slot]
-    formats: list[str]
+    formats: list[FormatName]
     model: dict[str, Any]  # {"sha256": of the weights, "stage": ..., "step": ...}
     error: dict[str, Any]  # the per-point error's definition and its parameters
     importance: ErrorImportance
@@ -231,6 +232,7 @@ class LayerReader:
 
     def read(self, shard: ShardEntry, expected: dict[str, np.ndarray]) -> LayerBlock:
         block = self._reader.read(shard)
+        assert isinstance(block, LayerBlock)  # the reader of the record's stored(...)
         if not all(np.array_equal(getattr(block, name), ids) for name, ids in expected.items()):
             raise ShardError(
                 f"{self.location}: shard {shard.index} holds other snapshots than the set's shard "
@@ -342,7 +344,8 @@ class LayerWriter:
             return
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(threads) as writers:
             read = lambda i: self.shards.read_shard(i, cache=False)  # noqa: E731
-            ahead, pending = reader.submit(read, todo[0]), deque()
+            ahead = reader.submit(read, todo[0])
+            pending: deque[Future[None]] = deque()
             for position, index in enumerate(todo):
                 block = ahead.result()
                 if position + 1 < len(todo):
@@ -397,10 +400,10 @@ class LayerWriter:
         shards = self.shards.shards
         files: dict[str, FileEntry] = {}
         for shard in shards:
-            record = self._part(shard.index)
-            if not record.exists():
+            part = self._part(shard.index)
+            if not part.exists():
                 raise ShardError(f"{self.tmp}: shard {shard.index} of the layer was not written")
-            parts = json.loads(record.read_text())["files"]
+            parts = json.loads(part.read_text())["files"]
             files.update({name: from_dict(FileEntry, entry) for name, entry in parts.items()})
         for meta in sorted(self.tmp.rglob("zarr.json")):
             name = meta.relative_to(self.tmp).as_posix()

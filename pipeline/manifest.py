@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import ConfigError, config_hash, from_dict, to_dict, without_keys
 from pipeline.query_codec import Slot, query_slots
@@ -127,7 +127,10 @@ def build_id(
     )
 
 
-def formats_of(format: str) -> list[str]:
+FormatName = Literal["zarr", "wds"]  # the shard formats (pipeline/formats/)
+
+
+def formats_of(format: FormatName | Literal["both"]) -> list[FormatName]:
     """The formats a build's ``format`` option writes."""
     return ["zarr", "wds"] if format == "both" else [format]
 
@@ -198,7 +201,7 @@ class Manifest:
     encoder: EncoderEntry | None  # None: field-only shards
     latent: LatentEntry | None
     data: DataEntry
-    formats: list[str]
+    formats: list[FormatName]
     epochs: int
     k_per_epoch: list[int]
     query_slots: list[Slot]  # where and how each epoch's set lies in a snapshot's queries row
@@ -274,6 +277,13 @@ class Manifest:
             schedule = from_dict(ScheduleConfig, cfg.get("schedule"), "config.schedule")
         except ConfigError as err:
             return [str(err).replace("option '", "key '")]
+        missing = [
+            key
+            for key in ("seed", "format", "latent_dtype", "trajectories_per_shard")
+            if key not in cfg
+        ]
+        if missing:  # the ids below are computed from them
+            return [f"key 'config.{missing[0]}': missing, the set's ids are computed from it"]
         expect(
             build_config_hash(cfg) == self.config_hash,
             f"key 'config_hash': {self.config_hash[:12]}..., its config gives "
@@ -283,6 +293,7 @@ class Manifest:
             cfg.get("epochs") == self.epochs,
             f"key 'epochs': {self.epochs}, the config says {cfg.get('epochs')!r}",
         )
+        ks: list[int] | str  # the schedule's k per epoch, or why it has none
         try:
             ks = k_per_epoch(schedule, self.epochs, self.num_points)
         except ConfigError as err:
@@ -333,7 +344,7 @@ class Manifest:
             sampler=to_dict(sampler),
             schedule=to_dict(schedule),
             k_per_epoch=self.k_per_epoch,
-            seed=cfg.get("seed"),
+            seed=cfg["seed"],
             epochs=self.epochs,
             norm=norm,
         )
@@ -344,9 +355,9 @@ class Manifest:
         expected_build = build_id(
             sample_set_id=expected_set,
             encoder_sha256=None if self.encoder is None else self.encoder.sha256,
-            format=cfg.get("format"),
-            latent_dtype=cfg.get("latent_dtype"),
-            trajectories_per_shard=cfg.get("trajectories_per_shard"),
+            format=cfg["format"],
+            latent_dtype=cfg["latent_dtype"],
+            trajectories_per_shard=cfg["trajectories_per_shard"],
         )
         expect(
             expected_build == self.build_id,

@@ -48,17 +48,16 @@ def plot_query_sets(
     row = (8.0, _ROW_1D * 3) if one_d else (_COL_2D * 4, _ROW_2D)
     width = max(main[0], row[0] if rows else 0.0)
     fig = Figure(figsize=(width, main[1] + row[1] * len(rows)), layout="constrained")
+    top: Figure | SubFigure = fig
+    below: list[SubFigure] = []  # one per layer row
     if rows:
         heights = [main[1]] + [row[1]] * len(rows)
-        subs = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
-        top = subs[0]
-    else:
-        subs, top = [], fig
+        top, *below = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
     if one_d:
         _plot_1d(top, plan.coords[:, 0], plan.field, plan.q, sets, plan.n, plan.name)
     else:
         _plot_2d(top, plan.coords, plan.field, plan.q, sets, plan.n, plan.grid)
-    for sub, (layer, epoch) in zip(subs[1:], rows, strict=True):
+    for sub, (layer, epoch) in zip(below, rows, strict=True):
         _draw_layer(sub, plan, layer, epoch)
     fig.suptitle(plan.title, fontsize=9)
     return _save(fig, out)

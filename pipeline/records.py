@@ -12,8 +12,8 @@ probabilities -- a cache of what follows from q and k_e, so that weights cost O(
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Self
+from dataclasses import Field, dataclass, fields
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class ShardError(ValueError):
 class _Record:
     """Arrays of a contiguous block of snapshots, one per record name (a dataclass's fields)."""
 
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every record is a dataclass
     snapshot_id: np.ndarray
 
     def __len__(self) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -253,7 +253,10 @@ def _check_fields(fields: torch.Tensor, periodic: Sequence[bool]) -> None:
 # Samplers.
 
 
-class Sampler:
+Shared = TypeVar("Shared")  # what a sampler's draws of one k share (Sampler._shared)
+
+
+class Sampler(Generic[Shared]):
     """Interface of every sampler: per-snapshot q from fields, then keyed fixed-size draws from q."""
 
     kind: ClassVar[str]
@@ -310,12 +313,12 @@ class Sampler:
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor | None:
+    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> Shared:
         """What every epoch's draw of k points from q shares (B rows), computed once per k."""
         raise NotImplementedError
 
     def _draw(
-        self, shared: torch.Tensor | None, k: int, keys: torch.Tensor, grid: tuple[int, ...]
+        self, shared: Shared, k: int, keys: torch.Tensor, grid: tuple[int, ...]
     ) -> torch.Tensor:
         """k ascending indices for each key (R, k); row r of a pass uses row r % B of ``shared``."""
         raise NotImplementedError
@@ -334,7 +337,7 @@ def _require_q(q: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
         )
 
 
-class _GridSampler(Sampler):
+class _GridSampler(Sampler[None]):
     """A sampler whose q depends on the grid only, the same for every snapshot."""
 
     def grid_q(self, grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -510,8 +513,8 @@ ALPHA_EXPECTED = (
 
 def _check_alpha(alpha: object, option: str = "sampler.alpha") -> None:
     """alpha in (0, 1], or one ConfigError naming the option."""
-    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-    check(number and 0.0 < alpha <= 1.0, option, ALPHA_EXPECTED, alpha)
+    in_range = isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0.0 < alpha <= 1.0
+    check(in_range, option, ALPHA_EXPECTED, alpha)
 
 
 def _focus(s: torch.Tensor) -> torch.Tensor:
@@ -524,7 +527,7 @@ def _focus(s: torch.Tensor) -> torch.Tensor:
     return fixed.double() / fixed.sum(1, keepdim=True).double()
 
 
-class _PPSSampler(Sampler):
+class _PPSSampler(Sampler[torch.Tensor]):
     """Draws a fixed-size set with exact inclusion probabilities from any per-snapshot q.
 
     Randomised systematic PPS (Hartley & Rao 1962) over pi = inclusion_probabilities(q, k): the

@@ -54,16 +54,16 @@ def gather_queries(
     :func:`weights_from_scale`). The weights follow from the stored q and the two integers of
     ``pi_scale``: only q at the k points is read.
     """
-    sets = block if sets is None else sets
+    source: ShardBlock | LayerBlock = block if sets is None else sets
     s, n = len(block), block.importance.shape[1]
     try:
-        indices = decode_sets(sets.queries[:, slot.rows], n, k, slot, where)  # (S, k)
+        indices = decode_sets(source.queries[:, slot.rows], n, k, slot, where)  # (S, k)
     except ValueError as err:
         raise ShardError(str(err)) from None
     fields = block.fields.reshape(s, -1, n)  # (S, C, N)
     values = np.take_along_axis(fields, indices[:, None, :], axis=2)  # (S, C, k)
-    q_at = np.take_along_axis(sets.importance, indices, axis=1)  # (S, k)
-    weights = weights_from_scale(q_at, n, k, sets.pi_scale[:, slot.epoch], beta)
+    q_at = np.take_along_axis(source.importance, indices, axis=1)  # (S, k)
+    weights = weights_from_scale(q_at, n, k, source.pi_scale[:, slot.epoch], beta)
     return QuerySets(indices, np.ascontiguousarray(values.transpose(0, 2, 1)), weights)
 
 
@@ -240,6 +240,7 @@ class ShardSet:
             return self._cached[1]
         shard = self.shards[index]
         block = self._reader.read(shard)
+        assert isinstance(block, ShardBlock)  # the reader of manifest.stored(split)
         if len(block) != shard.count:
             raise ShardError(
                 f"{self.location}: shard {index} of '{self.split}' holds {len(block)} snapshots, manifest says {shard.count}"

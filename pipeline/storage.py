@@ -15,15 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import fsspec
 
 from pipeline.config import check
 from pipeline.records import ShardError
-
-try:
-    import aiohttp
-except ImportError:  # fsspec's http(s) needs it; other protocols do not
-    aiohttp = None
 
 T = TypeVar("T")
 
@@ -86,15 +82,29 @@ class RemoteConfig:
         return self.backoff_s * 2**attempt
 
 
-def storage_options(location: str, remote: RemoteConfig) -> dict[str, Any]:
-    """fsspec options for ``location``: http(s) requests get ``remote.timeout_s`` (aiohttp's
-    default is 5 minutes in all, and none between reads)."""
-    if aiohttp is None or not str(location).startswith(("http://", "https://")):
-        return {}
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=remote.timeout_s, sock_read=remote.timeout_s
-    )
-    return {"client_kwargs": {"timeout": timeout}}
+def storage_options(
+    location: str, remote: RemoteConfig, asynchronous: bool = False
+) -> dict[str, Any]:
+    """fsspec options for ``location`` (``fsspec.url_to_fs``, zarr's ``FsspecStore.from_url``):
+    http(s) requests get ``remote.timeout_s`` (aiohttp's default is 5 minutes in all, and none
+    between reads); ``asynchronous``: an async filesystem runs on the caller's event loop (zarr's).
+
+    They are the options of the filesystem that fetches, the innermost of a chained URL
+    (``simplecache::https://...``), whose own options go under its protocol (top-level ones reach
+    the outermost layer only). A cache awaits the layer below it, so that layer must be
+    asynchronous too: else its session belongs to fsspec's event loop, and aiohttp refuses to be
+    awaited from zarr's ("Timeout context manager should be used inside a task")."""
+    *outer, target = location.split("::")
+    protocol = fsspec.core.split_protocol(target)[0] or "file"
+    options: dict[str, Any] = {}
+    if protocol in ("http", "https"):
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=remote.timeout_s, sock_read=remote.timeout_s
+        )
+        options["client_kwargs"] = {"timeout": timeout}
+    if asynchronous and fsspec.get_filesystem_class(protocol).async_impl:
+        options["asynchronous"] = True
+    return {protocol: options} if outer and options else options
 
 
 _NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -104,11 +114,11 @@ _TRANSIENT_STATUS = (408, 425, 429)
 def _transient(err: BaseException) -> bool | None:
     """True for an error worth retrying, False for a refusal (403, permission), None for an
     error that is no remote failure at all (a bug: re-raised as it is)."""
-    if aiohttp is not None and isinstance(err, aiohttp.ClientResponseError):
+    if isinstance(err, aiohttp.ClientResponseError):
         return err.status >= 500 or err.status in _TRANSIENT_STATUS
     if isinstance(err, _NOT_TRANSIENT):
         return False
-    if aiohttp is not None and isinstance(err, aiohttp.ClientError):
+    if isinstance(err, aiohttp.ClientError):
         return True
     return isinstance(err, TimeoutError | asyncio.TimeoutError | ConnectionError | OSError)
 
@@ -119,15 +129,13 @@ def _cause(err: BaseException) -> str:
 
 
 def _refused(url: str, err: BaseException) -> ShardError:
-    if aiohttp is not None and isinstance(err, aiohttp.ClientResponseError):
+    if isinstance(err, aiohttp.ClientResponseError):
         return ShardError(f"{url}: refused with HTTP {err.status} {err.message}".rstrip())
     return ShardError(f"{url}: refused ({_cause(err)})")
 
 
 def _gave_up(url: str, remote: RemoteConfig, err: BaseException) -> ShardError:
-    timed_out = isinstance(err, TimeoutError | asyncio.TimeoutError) or (
-        aiohttp is not None and isinstance(err, aiohttp.ServerTimeoutError)
-    )
+    timed_out = isinstance(err, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError)
     what = f"no answer within {remote.timeout_s:g} s" if timed_out else "read failed"
     attempts = f"{remote.attempts} attempt{'s' if remote.attempts > 1 else ''}"
     return ShardError(f"{url}: {what} after {attempts} ({_cause(err)})")
@@ -200,7 +208,7 @@ def zarr_store(location: str, read_only: bool = True, remote: RemoteConfig | Non
     from zarr.storage import FsspecStore, LocalStore
 
     if is_url(location) and not location.startswith("file://"):
-        options = storage_options(location, remote or RemoteConfig())
+        options = storage_options(location, remote or RemoteConfig(), asynchronous=True)
         return FsspecStore.from_url(location, storage_options=options, read_only=read_only)
     path = location.removeprefix("file://")
     return LocalStore(path, read_only=read_only)

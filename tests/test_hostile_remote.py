@@ -1,7 +1,8 @@
 """Trust in what a shard set's files and servers hand us (issue 13): remote reads time out and
 retry, then fail by name; zarr over HTTP needs no directory listing; files the manifest does not
 list are refused; crafted tars are refused member by member; dead and stalled servers end in a
-named error. Real builds, real tars, real HTTP servers on 127.0.0.1, no mocks."""
+named error; chained URLs (``simplecache::http://...``) read both formats. Real builds, real
+tars, real HTTP servers on 127.0.0.1, no mocks."""
 
 from __future__ import annotations
 
@@ -404,3 +405,30 @@ def test_inspect_shards_turns_shard_errors_into_exit_2(copy, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
     bad = run_inspect(copy, "--timeout-s", "0")
     assert bad.returncode == 2 and "--timeout-s" in bad.stderr
+
+
+# ---------------------------------------------------------------- 6. chained fsspec URLs
+
+V2_METADATA = (".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_simplecache_over_http_reads_the_same_records(built, fmt):
+    """``simplecache::http://...`` (fsspec's local file cache in front of http) reads the local
+    path's snapshots and query sets in both formats, a second read of a shard comes from the
+    cache, and zarr asks for no zarr v2 metadata. zarr used to fail here: its event loop awaited
+    an http filesystem made for fsspec's ("Timeout context manager should be used inside a
+    task")."""
+    local = open_shards(built, "train", fmt)
+    with serve_hostile(built) as server:
+        remote = open_shards(f"simplecache::{server.url}", "train", fmt, FAST)
+        assert_same_records(local, remote)
+        asked = set(server.requests)
+        server.requests.clear()
+        np.testing.assert_array_equal(
+            remote.read_shard(0, cache=False).fields, local.read_shard(0).fields
+        )
+        assert server.requests == []
+    listed = {"/manifest.json", *(f"/{name}" for name in local.manifest.files)}
+    assert asked <= listed, sorted(asked - listed)
+    assert not [path for path in asked if path.endswith(V2_METADATA)]

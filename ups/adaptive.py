@@ -31,6 +31,8 @@ from pipeline.layers import LayerRequest, LayerWriter
 from pipeline.records import ShardBlock
 from pipeline.samplers import ErrorImportance
 from pipeline.shards import ShardSet
+from ups.models.codec import Codec
+from ups.models.operator import LatentOperator
 
 
 @dataclass
@@ -93,8 +95,8 @@ class PointError:
 
     def __init__(
         self,
-        codec: nn.Module,
-        operator: nn.Module | None,
+        codec: Codec,
+        operator: LatentOperator | None,
         shards: ShardSet,
         definition: dict,
         device: torch.device,
@@ -200,6 +202,7 @@ def refresh(
     layer_id = [writer.finalize() if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(layer_id, src=0)
+    assert layer_id[0] is not None  # rank 0's, broadcast to every other rank
     return layer_id[0]
 
 

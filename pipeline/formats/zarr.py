@@ -98,13 +98,13 @@ class ZarrWriter:
     def write(self, split: str, index: int, name: str, block: _Record) -> list[str]:
         """Write one block into its own chunk of every array; returns the chunk files written."""
         store = zarr_store(str(self.root), read_only=False)
-        group = zarr.open_group(store, mode="r+", zarr_format=3)[split]
         start = index * self.chunk
         written = []
         for array_name, values in block.arrays().items():
+            array = zarr.open_array(store, path=f"{split}/{array_name}", mode="r+", zarr_format=3)
             # write_empty_chunks: a block equal to the fill value (e.g. the ids of trajectory 0)
             # must still leave its chunk file, which the shard record and the manifest list.
-            array = group[array_name].with_config({"write_empty_chunks": True})
+            array = array.with_config({"write_empty_chunks": True})
             array[start : start + len(values)] = values
             written.append("zarr/" + chunk_path(split, array_name, index, values.ndim))
         return written

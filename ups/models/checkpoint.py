@@ -49,8 +49,8 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
             f"checkpoint {path} is not readable ({type(err).__name__}: {err})"
         ) from None
     if not isinstance(payload, dict) or payload.get("kind") != kind:
-        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"checkpoint {path}: expected a '{kind}' checkpoint, found {found!r}")
+        got = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"checkpoint {path}: expected a '{kind}' checkpoint, found {got!r}")
     return payload
 
 

@@ -32,6 +32,8 @@ def data_signature(info: DataInfo) -> dict[str, Any]:
 
 
 class Codec(nn.Module):
+    grid_coords: torch.Tensor  # a buffer
+
     def __init__(self, cfg: CodecConfig, info: DataInfo):
         super().__init__()
         self.cfg, self.info = cfg, info

@@ -52,6 +52,9 @@ class GridEncoder(nn.Module):
     Input (B, C, *grid) normalised fields; output (B, T, D) latent tokens.
     """
 
+    patch_coords: torch.Tensor  # buffers
+    pool_bias: torch.Tensor
+
     def __init__(self, cfg: EncoderConfig, channels: int, grid: tuple[int, ...]):
         super().__init__()
         if len(grid) not in (1, 2):

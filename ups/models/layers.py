@@ -12,6 +12,8 @@ from torch import nn
 class FourierFeatures(nn.Module):
     """Fixed sin/cos features of coordinates in [0, 1] at geometric frequencies 1 .. max_freq."""
 
+    freqs: torch.Tensor  # a buffer
+
     def __init__(self, in_dim: int, num_freqs: int, max_freq: float):
         super().__init__()
         freqs = (
