@@ -67,6 +67,19 @@ def test_the_checkout_configs_are_the_shipped_ones():
     assert "*.yaml" in package_data["ups.configs"]
 
 
+def test_every_shipped_config_loads_into_its_config_class():
+    """Unknown keys and out-of-range values are refused on load: each shipped file is valid."""
+    from pipeline.build import BuildConfig
+    from pipeline.config import load_config
+    from ups.training.train import TrainConfig
+
+    for name in shipped_configs("ups.configs"):
+        cls = BuildConfig if name.endswith("_shards") else TrainConfig
+        loaded = load_config(cls, ROOT / "ups" / "configs" / f"{name}.yaml")
+        if cls is TrainConfig:
+            assert loaded.stage == ("codec" if name.endswith("_codec") else "operator"), name
+
+
 def test_config_names_resolve_to_the_package(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     packaged = ROOT / "ups" / "configs" / "burgers1d_shards.yaml"
