@@ -753,6 +753,7 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
     root = check_out(cfg.out)
     device = _device(cfg.device)
     created = not root.exists()
+    started = time.perf_counter()
     with rank_lock(root, rank):
         try:
             plan = make_plan(cfg, load_encoder)
@@ -765,7 +766,7 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
         if cfg.finalize:
             return {"manifest": finalize(plan), "seconds": {}}
         prepare_output(plan, world)
-        return _build(plan, rank, world, device)
+        return _build(plan, rank, world, device, setup=time.perf_counter() - started)
 
 
 def _device(option: str) -> torch.device:
@@ -785,16 +786,25 @@ def _device(option: str) -> torch.device:
     return device
 
 
-def _build(plan: BuildPlan, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+def _build(
+    plan: BuildPlan, rank: int, world: int, device: torch.device, setup: float
+) -> dict[str, Any]:
+    """This rank's shards, then (rank 0) the manifest. The summary's seconds hold the stages
+    (``total`` is their wall-clock) and, apart, what surrounds them: ``setup`` (the plan, with the
+    source's sha256 and norm statistics computed or awaited, and the output prepared), ``start``
+    (the builder on its device), and on rank 0 ``wait`` (for the other ranks) and ``finalize``."""
     root = Path(plan.cfg.out)
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
     todo = [s for s in mine if not part_is_done(root, root / s.record, plan.build_id)]
+    clock = time.perf_counter()
     builder = Builder(plan, device)
     for shard in todo:
         remove_leftovers(root, shard, builder.writers)
     start = time.perf_counter()
     builder.run(todo)
-    seconds = dict(builder.seconds, total=time.perf_counter() - start)
+    seconds = dict(
+        builder.seconds, total=time.perf_counter() - start, setup=setup, start=start - clock
+    )
     summary: dict[str, Any] = {
         "rank": rank,
         "world_size": world,
@@ -805,8 +815,11 @@ def _build(plan: BuildPlan, rank: int, world: int, device: torch.device) -> dict
         "device": str(device),
     }
     if rank == 0:
+        clock = time.perf_counter()
         wait_for_ranks(plan, world)
+        seconds["wait"] = time.perf_counter() - clock
         summary["manifest"] = finalize(plan)
+        seconds["finalize"] = time.perf_counter() - clock - seconds["wait"]
     return summary
 
 

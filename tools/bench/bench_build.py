@@ -137,7 +137,9 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         "in the build's stage table",
         "GPU util %",
     ]
+    # the stages (overlapping; ``total`` is their wall-clock), then what surrounds them
     stages = ["read", "encode", "importance", "query plan", "write", "total"]
+    stages += ["setup", "start", "wait", "finalize"]
     rows, stage_rows, byte_rows = [], [], []
     for run in runs:
         name = Path(run["root"]).name if run["root"] != str(ROOT) else "this checkout"

@@ -36,6 +36,13 @@ def print_summary(summary: dict) -> None:
             if stage in seconds:
                 rate = snaps / seconds[stage] if seconds[stage] > 0 else float("inf")
                 print(f"{stage:<12}{seconds[stage]:>10.2f}{rate:>14.1f}")
+        around = [
+            f"{k} {seconds[k]:.2f} s"
+            for k in ("setup", "start", "wait", "finalize")
+            if k in seconds
+        ]
+        if around:
+            print("around the stages: " + ", ".join(around))
     manifest = summary.get("manifest")
     if manifest:
         for fmt, prefix in (("zarr", "zarr/"), ("wds", "wds/")):
