@@ -24,12 +24,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, markdown_table
+from bench_common import environment_lines, gpu_slots, markdown_table, run_in_slots
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.samplers import SamplerConfig
@@ -230,28 +229,18 @@ def main() -> None:
     print(f"setup {time.perf_counter() - started:.0f} s: {fields}", flush=True)
 
     todo = [name for name in args.configs if name not in done]
-    gpus = max(1, torch.cuda.device_count())
-    lock = threading.Lock()
 
-    def on_gpu(gpu: int) -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                name = todo.pop(0)
-            print(f"started {name} on GPU {gpu}", flush=True)
-            record = run_config(name, gpu, args, fields, work)
-            with lock:  # saved as it finishes: a killed sweep keeps what it did
-                key = (name, args.codec_steps, args.operator_steps)
-                results["runs"] = [r for r in results["runs"] if run_key(r) != key] + [record]
-                results_path.write_text(json.dumps(results, indent=1))
-            print(f"finished {name}: {summary(record)}", flush=True)
+    def start(name: str, gpu: int) -> dict:
+        print(f"started {name} on GPU {gpu}", flush=True)
+        return run_config(name, gpu, args, fields, work)
 
-    threads = [threading.Thread(target=on_gpu, args=(gpu,)) for gpu in range(gpus)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    def finished(name: str, record: dict) -> None:  # saved as it finishes: a killed sweep keeps it
+        key = (name, args.codec_steps, args.operator_steps)
+        results["runs"] = [r for r in results["runs"] if run_key(r) != key] + [record]
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"finished {name}: {summary(record)}", flush=True)
+
+    run_in_slots(todo, gpu_slots(), start, finished)
     report = render(results)
     (out / "bench_codec.md").write_text(report)
     print(report)

@@ -1,15 +1,22 @@
-"""What every benchmark table carries: the command, date, machine, GPU and versions."""
+"""What every benchmark shares: the lines its tables carry (command, date, machine, GPU,
+versions), and the pool that runs a sweep one item per GPU."""
 
 from __future__ import annotations
 
 import contextlib
 import platform
 import sys
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 def environment_lines() -> list[str]:
@@ -39,3 +46,52 @@ def forever(iterable):
     """Iterate again and again without end: a list of batches, or a loader (one epoch a pass)."""
     while True:
         yield from iterable
+
+
+def gpu_slots() -> int:
+    """One slot per visible GPU; one on a machine without (the CPU)."""
+    return max(1, torch.cuda.device_count())
+
+
+def run_in_slots(
+    items: list[Item],
+    slots: int,
+    run: Callable[[Item, int], Result],
+    done: Callable[[Item, Result], None],
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """``run(item, slot)`` for every item, in list order, at most one at a time per slot.
+
+    A slot is a GPU: ``run`` puts its work there (a subprocess with CUDA_VISIBLE_DEVICES=slot),
+    so each GPU trains one thing at a time and a free GPU takes the next item at once.
+    ``done(item, result)`` is called under one lock as each item finishes: save results there, so a
+    sweep killed midway keeps every finished item. Once ``stop()`` is true no further item is
+    handed out (a time limit). An exception in ``run`` or ``done`` stops handing out items; the
+    running ones end and it is raised again here.
+    """
+    todo = list(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def slot_loop(slot: int) -> None:
+        while True:
+            with lock:
+                if not todo or errors or stop():
+                    return
+                item = todo.pop(0)
+            try:
+                result = run(item, slot)
+                with lock:
+                    done(item, result)
+            except BaseException as err:  # re-raised in the caller's thread below
+                with lock:
+                    errors.append(err)
+                return
+
+    threads = [threading.Thread(target=slot_loop, args=(slot,)) for slot in range(slots)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

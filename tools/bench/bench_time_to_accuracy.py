@@ -1,0 +1,1209 @@
+"""How much sooner does sparse (query-based) training reach the accuracy dense training gives?
+
+The operator stage (latent operator + decoder fine-tuning) of one shared codec, trained by every
+configuration for the same ``--steps`` with several seeds, validated every ``--eval-every``
+steps; the study reads each run's validation nRMSE against its training wall-clock:
+
+* the time each configuration takes to reach the dense runs' final validation nRMSE (and 1.05x
+  of it), and the speed-up that gives over dense;
+* its validation nRMSE at the dense runs' final wall-clock, and its final test nRMSE (one-step,
+  rollout h4 and h16) on the dense test grid in physical space;
+* whether each run converged: its one-step validation nRMSE improved by less than 1 % over its
+  last 20 % of steps. When the dense runs did not, a converged dense model would set a lower
+  target, and the times to reach it are lower bounds.
+
+Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 or Burgers 1D at
+PDEBench's 1024 points, generated), field-only shards, one codec (or ``--codec PATH``), and one
+latent shard set per sampler configuration from it, each holding exactly the epochs the runs need
+(``loader.wrap_epochs=false``: the error-based refreshes replace stored epochs' sets, and the
+cosine schedule's dense tail falls on the runs' last epochs).
+
+Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. Each finished run
+is added to OUT/bench_time_to_accuracy.json at once; a rerun of the same command skips finished
+runs and resumes interrupted ones exactly from their last checkpoint (``resume=``), so the study
+can run over several sittings: ``--time-limit`` stops it cleanly before a sitting ends (a run's
+checkpoint is written at every validation). ``--report`` renders without training.
+
+    python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --time-limit 500  # 4 GPUs, rerun until done
+    python tools/bench/bench_time_to_accuracy.py --smoke --out-dir /tmp/tta --work /tmp/tta_work  # tiny, CPU
+    python tools/bench/bench_time_to_accuracy.py --report docs/bench/bench_time_to_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_common import environment_lines, gpu_slots, markdown_table, run_in_slots
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig
+from pipeline.shards import open_shards
+from pipeline.sources.generate import generate
+from pipeline.sources.splits import DataConfig
+from pipeline.storage import file_sha256, write_atomic
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = "bench_time_to_accuracy.json"
+PROGRESS_SECONDS = 30  # between the progress lines of the running runs
+CONVERGED_TAIL = 0.2  # convergence: over the last 20 % of a run's steps ...
+CONVERGED_GAIN = 0.01  # ... its validation nRMSE improved by less than 1 %
+DENSE_TAIL_SHARE = 0.1  # the cosine schedule's dense tail: about the last 10 % of epochs
+# return codes of a run ended by Ctrl-C or a kill (SIGINT, SIGTERM): it resumes next time
+INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
+
+
+@dataclass(frozen=True)
+class ShardSetSpec:
+    """How one latent shard set draws its query sets (ratio k_e / N per epoch)."""
+
+    sampler: str
+    start_ratio: float
+    end_ratio: float | None = None  # None: a constant ratio
+    dense_tail: bool = False  # the last ~10 % of epochs dense (DENSE_TAIL_SHARE)
+
+
+SHARD_SETS = {
+    "uniform 0.1": ShardSetSpec("uniform", 0.1),
+    "uniform 0.3": ShardSetSpec("uniform", 0.3),
+    "stratified 0.1": ShardSetSpec("stratified", 0.1),
+    "stratified 0.3": ShardSetSpec("stratified", 0.3),
+    "gradient 0.1": ShardSetSpec("gradient", 0.1),
+    "gradient 0.3": ShardSetSpec("gradient", 0.3),
+    "gradient cosine 1.0->0.2 + dense tail": ShardSetSpec("gradient", 1.0, 0.2, dense_tail=True),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: the latent shard set it reads, its train.py options, its plot line."""
+
+    shards: str  # a key of SHARD_SETS; dense and on-the-fly runs read only its full fields
+    options: tuple[str, ...] = ()
+    refresh: bool = False  # error-based: adaptive.refresh_every=--refresh-every
+    colour: str = "black"
+    style: str = "-"
+
+
+CONFIGS = {
+    "dense": Config("uniform 0.1", ("loss.mode=dense",), colour="black"),
+    # the UPT-style baseline: a uniform subset of the full fields drawn inside the loss each step
+    "on-the-fly uniform 0.1": Config(
+        "uniform 0.1",
+        ("loss.mode=on_the_fly", "loss.query_sample_ratio=0.1"),
+        colour="tab:gray",
+        style=":",
+    ),
+    "uniform 0.1": Config("uniform 0.1", colour="tab:blue"),
+    "uniform 0.3": Config("uniform 0.3", colour="tab:blue", style="--"),
+    "stratified 0.1": Config("stratified 0.1", colour="tab:orange"),
+    "stratified 0.3": Config("stratified 0.3", colour="tab:orange", style="--"),
+    "gradient 0.1": Config("gradient 0.1", colour="tab:green"),
+    "gradient 0.3": Config("gradient 0.3", colour="tab:green", style="--"),
+    # error-based: the gradient sets first, then sets the model refreshes from its own error
+    "error 0.1": Config("gradient 0.1", refresh=True, colour="tab:red"),
+    "error 0.3": Config("gradient 0.3", refresh=True, colour="tab:red", style="--"),
+    "cosine 1.0->0.2 + dense tail": Config(
+        "gradient cosine 1.0->0.2 + dense tail", colour="tab:purple"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Pde:
+    """A data set of the study: its grid, k_e rounding, and the models trained on it."""
+
+    title: str
+    resolution: int
+    smoke_resolution: int
+    multiple: int  # schedule.multiple: k_e rounded to a multiple of it
+    codec: tuple[str, ...] = ()  # overrides on the shipped {pde}_codec config
+    operator: tuple[str, ...] = ()  # overrides on the shipped {pde}_operator config
+
+
+PDES = {
+    # the shipped models: codec test reconstruction 0.0145, operator 0.07x persistence
+    "ns2d": Pde("NS 2D", 128, 32, 64),
+    # Burgers 1D at 1024 points: models sized like the NS 2D ones but narrower (128 patches of 8
+    # points -> 64 tokens of 32, width 128, a 4-block operator), and the NS 2D losses, codec batch
+    # and lr and loader, all spelt out because the shipped burgers1d configs are tuned for the
+    # 2-core CPU quick-start at 256 points. NOT tuned for accuracy like the NS 2D ones.
+    "burgers1d": Pde(
+        "Burgers 1D",
+        1024,
+        128,
+        32,
+        codec=(
+            "codec.encoder.patch=8",
+            "codec.encoder.dim=128",
+            "codec.encoder.depth=2",
+            "codec.encoder.heads=4",
+            "codec.encoder.num_tokens=64",
+            "codec.encoder.latent_dim=32",
+            "codec.decoder.dim=128",
+            "codec.decoder.depth=3",
+            "codec.decoder.heads=4",
+            "batch_size=32",
+            "optim.lr=1e-3",
+            "loader.workers=4",
+        ),
+        operator=(
+            "operator.dim=128",
+            "operator.depth=4",
+            "operator.heads=4",
+            "loss.latent=1.0",
+            "loss.forward=1.0",
+            "loss.inverse=0.5",
+            "loss.rollout_steps=0",
+            "loader.workers=4",
+        ),
+    ),
+}
+SMOKE_MODEL = (  # tiny models for --smoke, on a CPU
+    "codec.encoder.dim=32",
+    "codec.encoder.depth=1",
+    "codec.encoder.num_tokens=8",
+    "codec.encoder.latent_dim=16",
+    "codec.decoder.dim=32",
+    "codec.decoder.depth=1",
+    "operator.dim=32",
+    "operator.depth=1",
+    "device=cpu",
+    "loader.workers=1",
+    "loader.process=false",
+)
+
+
+# --smoke: tiny sizes, a few seconds per run on a CPU (options given still count)
+SMOKE = {
+    "trajectories": 12,
+    "snapshots": 6,
+    "field_epochs": 2,
+    "codec_steps": 20,
+    "codec_eval_every": 10,
+    "steps": 20,
+    "eval_every": 4,
+    "batch": 8,
+    "seeds": 1,
+    "refresh_every": 1,
+}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+class Children:
+    """The tool's running subprocesses, so that a time limit or a signal ends them cleanly.
+
+    ``stop`` sends SIGINT: train.py then exits at once and its last checkpoint stays for the
+    rerun; a build keeps its finished shards. After ``stop`` no new process starts.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+
+    def call(self, command: list[str], env: dict[str, str], log: Path) -> int | None:
+        """Run ``command`` to its end, its output appended to ``log``: its return code, or None
+        when it was stopped (``stop``, Ctrl-C, a kill) and should resume on the next run."""
+        with self._lock, open(log, "a") as out:
+            if self.stopping.is_set():
+                return None
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self._procs.add(proc)
+        code = proc.wait()
+        with self._lock:
+            self._procs.discard(proc)
+        return None if self.stopping.is_set() or code in INTERRUPTED else code
+
+    def stop(self, reason: str, grace: float = 60.0) -> None:
+        """Interrupt every running process (SIGINT), then kill those still there after ``grace``."""
+        with self._lock:
+            if self.stopping.is_set():
+                return
+            self.stopping.set()
+            procs = list(self._procs)
+        print(f"{reason}: stopping {len(procs)} running process(es)", flush=True)
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class Stopped(Exception):
+    """The setup was stopped (time limit or signal) before it finished; a rerun goes on."""
+
+
+def tool(name: str, *options: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / name), *options]
+
+
+def slot_env(slot: int, slots: int) -> dict[str, str]:
+    """A subprocess on GPU ``slot``, with its share of the CPU cores for torch's threads."""
+    threads = max(1, (os.cpu_count() or 1) // slots)
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot), "OMP_NUM_THREADS": str(threads)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a kill is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """What every run of one PDE shares: the data, the codec and the latent shard sets."""
+
+    data: Path
+    data_sha256: str
+    codec: Path
+    codec_sha256: str
+    epochs: int  # of query sets in every latent shard set: the runs' epochs
+    sets: dict[str, Path]
+    info: dict  # what the report says about it
+
+
+def model_options(args: argparse.Namespace, stage: str) -> list[str]:
+    """train.py options of a stage's model: the PDE's overrides, then (--smoke) the tiny ones,
+    which win; and no progress bars or TensorBoard files."""
+    pde = PDES[args.pde]
+    model = pde.codec if stage == "codec" else pde.operator
+    return ["progress=false", "tensorboard=false", *model, *(SMOKE_MODEL if args.smoke else ())]
+
+
+def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
+    """Data -> field shards -> codec -> one latent shard set per sampler configuration; every
+    step is skipped when its output is complete, and a stopped build or codec resumes."""
+    pde = PDES[args.pde]
+    root = Path(args.work) / f"{args.pde}_{args.resolution}_{args.trajectories}x{args.snapshots}"
+    root.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    data = root / "data.h5"
+    if not data.exists():
+        print(f"generating {args.pde} data: {data}", flush=True)
+        generate(
+            args.pde, data, args.trajectories, args.snapshots, args.resolution, seed=0,
+            device=device, progress=False,
+        )  # fmt: skip
+    fields = root / "fields"
+    if not (fields / "manifest.json").exists():
+        print(f"building field shards: {fields}", flush=True)
+        run_build(
+            BuildConfig(
+                data=DataConfig(path=str(data)),
+                out=str(fields),
+                format="zarr",
+                encoder=None,
+                epochs=args.field_epochs,
+                sampler=SamplerConfig(kind="uniform"),
+                schedule=ScheduleConfig(start_ratio=args.field_ratio, multiple=multiple(args)),
+                trajectories_per_shard=4,
+                progress=False,
+                device=device,
+            )
+        )
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the GPU's memory is for the runs
+    codec, codec_info = train_codec(args, root, fields, children)
+    codec_sha = file_sha256(codec)
+    batches = ShardLoader(
+        open_shards(str(fields)), LoaderConfig(process=False), batch_size=args.batch,
+        spec=BatchSpec(window=1),  # the operator stage's examples: (u_t, u_{t+1}) pairs
+    ).batches_per_epoch  # fmt: skip
+    epochs = math.ceil(args.steps / batches)
+    needed = sorted({CONFIGS[name].shards for name in args.configs}, key=list(SHARD_SETS).index)
+    sets = build_latents(args, root / "latents" / f"{codec_sha[:12]}_e{epochs}", data, codec,
+                         needed, epochs, children, slots)  # fmt: skip
+    info = {
+        "title": pde.title,
+        "resolution": args.resolution,
+        "trajectories": args.trajectories,
+        "snapshots": args.snapshots,
+        "codec": {"path": str(codec), "sha256": codec_sha, **codec_info},
+        "batches_per_epoch": batches,
+        "epochs": epochs,
+        "dense_tail_epochs": dense_tail_epochs(epochs),
+        "wrap_epochs": False,
+        "sets": {},
+    }
+    for name, path in sets.items():
+        shards = open_shards(str(path))
+        info["sets"][name] = {
+            "k_per_epoch": list(shards.k_per_epoch),
+            "num_points": shards.manifest.num_points,
+        }
+    return Setup(data, file_sha256(data), codec, codec_sha, epochs, sets, info)
+
+
+def multiple(args: argparse.Namespace) -> int:
+    """schedule.multiple: the PDE's, or small on the tiny smoke grids so the ratios stay near."""
+    return 8 if args.smoke else PDES[args.pde].multiple
+
+
+def dense_tail_epochs(epochs: int) -> int:
+    return max(1, round(DENSE_TAIL_SHARE * epochs))
+
+
+def train_codec(
+    args: argparse.Namespace, root: Path, fields: Path, children: Children
+) -> tuple[Path, dict]:
+    """The shared codec: ``--codec``, or the one trained here on GPU 0 (resumed if stopped)."""
+    if args.codec:
+        codec = Path(args.codec)
+        if not codec.is_file():
+            raise SystemExit(f"--codec {codec}: no such file")
+        return codec, {"given": True}
+    out = root / f"codec_{args.codec_steps}"
+    codec = out / "codec.pt"
+    if not codec.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = out / "checkpoint.pt"
+        print(f"training the codec ({args.codec_steps} steps): {out}", flush=True)
+        command = tool(
+            "train.py", "--config", f"{args.pde}_codec", f"shards={fields}", f"out={out}",
+            f"max_steps={args.codec_steps}", "epochs=1000000", "loader.wrap_epochs=true",
+            f"eval_every={args.codec_eval_every}", *model_options(args, "codec"),
+            f"resume={checkpoint}" if checkpoint.exists() else "overwrite=true",
+        )  # fmt: skip
+        code = children.call(command, slot_env(0, 1), out / "train.log")
+        if code is None:
+            raise Stopped("the codec's training")
+        if code != 0:
+            raise SystemExit(f"codec training failed ({out / 'train.log'}):\n{tail(out)}")
+    test = json.loads((out / "test_metrics.json").read_text())
+    val = [m for m in read_jsonl(out / "metrics.jsonl") if "val/recon_nrmse" in m]
+    return codec, {
+        "steps": val[-1]["step"],
+        "train_seconds": val[-1]["train_seconds"],
+        "test_recon_nrmse": test["recon_nrmse"],
+    }
+
+
+def tail(run_dir: Path, chars: int = 2000) -> str:
+    log = run_dir / "train.log"
+    return log.read_text()[-chars:] if log.exists() else ""
+
+
+def build_latents(
+    args: argparse.Namespace,
+    root: Path,
+    data: Path,
+    codec: Path,
+    names: list[str],
+    epochs: int,
+    children: Children,
+    slots: int,
+) -> dict[str, Path]:
+    """One latent shard set per name, built one per GPU; a finished set is reused, a stopped
+    build goes on from its finished shards."""
+    root.mkdir(parents=True, exist_ok=True)
+    sets = {name: root / slug(name) for name in names}
+    todo = [name for name in names if not (sets[name] / "manifest.json").exists()]
+
+    def build(name: str, slot: int) -> int | None:
+        spec = SHARD_SETS[name]
+        schedule = [
+            f"schedule.start_ratio={spec.start_ratio}",
+            f"schedule.multiple={multiple(args)}",
+        ]
+        if spec.end_ratio is not None:
+            schedule += ["schedule.kind=cosine", f"schedule.end_ratio={spec.end_ratio}"]
+        if spec.dense_tail:
+            schedule.append(f"schedule.dense_tail_epochs={dense_tail_epochs(epochs)}")
+        print(f"building latent shards '{name}' on GPU {slot}: {sets[name]}", flush=True)
+        return children.call(
+            tool(
+                "build_shards.py", f"data.path={data}", f"out={sets[name]}", f"encoder={codec}",
+                "format=zarr", f"sampler.kind={spec.sampler}", *schedule, f"epochs={epochs}",
+                "trajectories_per_shard=4", "progress=false",
+                *(["device=cpu"] if args.smoke else []),
+            ),
+            slot_env(slot, slots),
+            root / f"{slug(name)}.log",
+        )  # fmt: skip
+
+    def built(name: str, code: int | None) -> None:
+        if code not in (0, None):
+            log = (root / f"{slug(name)}.log").read_text()[-2000:]
+            raise SystemExit(f"building the latent shards '{name}' failed:\n{log}")
+
+    run_in_slots(todo, slots, build, built, stop=children.stopping.is_set)
+    if children.stopping.is_set():
+        raise Stopped("the latent shard builds")
+    return sets
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class Job:
+    config: str
+    seed: int
+
+
+class Study:
+    """The runs of one invocation: which are left, where they run, and the results file."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        setup: Setup,
+        results: dict,
+        out: Path,
+        children: Children,
+        slots: int,
+    ):
+        self.args, self.setup, self.results, self.out = args, setup, results, out
+        self.children, self.slots = children, slots
+        self.lock = threading.Lock()
+        self.running: dict[Job, tuple[int, Path]] = {}  # job -> (GPU, run directory)
+        # runs of other settings or another codec never resume each other's checkpoints
+        digest = hashlib.sha256(json.dumps(settings(args), sort_keys=True).encode()).hexdigest()
+        self.runs_root = setup.data.parent / "runs" / f"{setup.codec_sha256[:12]}_{digest[:8]}"
+
+    def run_dir(self, job: Job) -> Path:
+        return self.runs_root / f"{slug(job.config)}_seed{job.seed}_steps{self.args.steps}"
+
+    def options(self, job: Job, run_dir: Path) -> list[str]:
+        """train.py's options for a run: the shipped operator config, the study's sizes, the
+        configuration's own options, and resume= when an earlier sitting left a checkpoint."""
+        a, config = self.args, CONFIGS[job.config]
+        checkpoint = run_dir / "checkpoint.pt"
+        return [
+            "--config", f"{a.pde}_operator",
+            f"shards={self.setup.sets[config.shards]}", f"codec_checkpoint={self.setup.codec}",
+            f"out={run_dir}", f"seed={job.seed}", f"loader.seed={job.seed}",
+            f"max_steps={a.steps}", f"epochs={self.setup.epochs}", "loader.wrap_epochs=false",
+            f"batch_size={a.batch}", f"optim.lr={a.lr}", f"eval_every={a.eval_every}",
+            f"checkpoint_every={a.eval_every}", f"eval_trajectories={a.eval_trajectories}",
+            *model_options(a, "operator"), *config.options,
+            *([f"adaptive.refresh_every={a.refresh_every}"] if config.refresh else []),
+            *(["compile=true"] if a.compile else []),
+            f"resume={checkpoint}" if checkpoint.exists() else "overwrite=true",
+        ]  # fmt: skip
+
+    def train(self, job: Job, slot: int) -> dict | None:
+        """One run on GPU ``slot``, resumed if an earlier sitting began it: its record, or None
+        when it was stopped (it resumes next time)."""
+        run_dir = self.run_dir(job)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        segments = run_dir / "segments.json"
+        resumed = (run_dir / "checkpoint.pt").exists()
+        if not resumed:  # a fresh start: nothing of an earlier attempt counts
+            segments.unlink(missing_ok=True)
+            (run_dir / "train.log").unlink(missing_ok=True)
+        options = self.options(job, run_dir)
+        last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
+        where = f"resuming after step {last[-1]}" if resumed and last else "from the start"
+        print(f"start {job.config} seed {job.seed} on GPU {slot} ({where})", flush=True)
+        with self.lock:
+            self.running[job] = (slot, run_dir)
+        started = time.perf_counter()
+        try:
+            code = self.children.call(
+                tool("train.py", *options), slot_env(slot, self.slots), run_dir / "train.log"
+            )
+        finally:
+            with self.lock:
+                del self.running[job]
+        # each start of the run (a sitting), kept beside it: the record sums them at the end
+        done = json.loads(segments.read_text()) if segments.exists() else []
+        seconds = time.perf_counter() - started
+        done.append(
+            {"wall_seconds": seconds, "resumed": resumed, "code": code, "gpu": gpu_name(slot)}
+        )
+        write_atomic(segments, json.dumps(done).encode())
+        if code is None:
+            return None
+        record = {
+            "pde": self.args.pde,
+            "config": job.config,
+            "seed": job.seed,
+            "steps": self.args.steps,
+        }
+        if code != 0:
+            return {**record, "error": tail(run_dir)}
+        return {**record, **self.collect(job, run_dir, done)}
+
+    def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
+        """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        curve = [
+            {"step": m["step"], "train_seconds": m["train_seconds"]}
+            | {k[4:]: v for k, v in m.items() if k.startswith("val/")}
+            for m in metrics
+            if "val/model_h1" in m
+        ]
+        refreshes = [m for m in metrics if "refresh/seconds" in m]
+        final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
+        wall = sum(s["wall_seconds"] for s in segments)
+        return {
+            "data_sha256": self.setup.data_sha256,
+            "codec_sha256": self.setup.codec_sha256,
+            "shards": CONFIGS[job.config].shards,
+            "curve": curve,
+            "test": json.loads((run_dir / "test_metrics.json").read_text()),
+            "train_seconds": final["train_seconds"],
+            "refresh_seconds": sum(m["refresh/seconds"] for m in refreshes),
+            "refreshes": len(refreshes),
+            "samples_per_s": statistics.median(
+                m["samples_per_s"] for m in metrics if "samples_per_s" in m
+            ),
+            "wall_seconds": wall,
+            "outside_seconds": wall - final["train_seconds"],
+            "starts": len(segments),
+            "gpus": sorted({s["gpu"] for s in segments}),
+        }
+
+    def finished(self, job: Job, record: dict | None) -> None:
+        """Called under the pool's lock: add the record to the results file at once."""
+        if record is None:
+            print(f"stopped {job.config} seed {job.seed}: it resumes on the next run", flush=True)
+            return
+        key = job_key(self.args, job)
+        self.results["runs"] = [r for r in self.results["runs"] if run_key(r) != key] + [record]
+        save(self.out / RESULTS, self.results)
+        print(f"done {job.config} seed {job.seed}: {summary(record)}", flush=True)
+
+    def report_progress(self, stop: threading.Event) -> None:
+        """Every PROGRESS_SECONDS, one line per running run: its step and latest validation."""
+        while not stop.wait(PROGRESS_SECONDS):
+            with self.lock:
+                running = dict(self.running)
+            for job, (slot, run_dir) in running.items():
+                metrics = read_jsonl(run_dir / "metrics.jsonl")
+                steps = [m for m in metrics if "train_seconds" in m and "step" in m]
+                val = [m for m in metrics if "val/model_h1" in m]
+                if not steps:
+                    print(f"  GPU {slot} {job.config} seed {job.seed}: starting", flush=True)
+                    continue
+                text = f"step {steps[-1]['step']}/{self.args.steps}, "
+                text += f"{steps[-1]['train_seconds']:.0f} s training"
+                if val:
+                    text += f", val h1 {val[-1]['val/model_h1']:.4f} at step {val[-1]['step']}"
+                print(f"  GPU {slot} {job.config} seed {job.seed}: {text}", flush=True)
+
+    def run(self) -> None:
+        """Every run left, one per GPU slot, with progress lines, until done or stopped."""
+        jobs = todo(self.args, self.results)
+        wanted = self.args.seeds * len(self.args.configs)
+        print(f"{len(jobs)} of {wanted} run(s) to do, on {self.slots} GPU slot(s)", flush=True)
+        stop = threading.Event()
+        monitor = threading.Thread(target=self.report_progress, args=(stop,), daemon=True)
+        monitor.start()
+        try:
+            run_in_slots(
+                jobs,
+                self.slots,
+                self.train,
+                self.finished,
+                stop=self.children.stopping.is_set,
+            )
+        finally:
+            stop.set()
+
+
+def job_key(args: argparse.Namespace, job: Job) -> tuple:
+    return (args.pde, job.config, job.seed, args.steps)
+
+
+def todo(args: argparse.Namespace, results: dict) -> list[Job]:
+    """Runs not finished yet, seed-major (every configuration's first seed comes first)."""
+    finished = {run_key(r) for r in results["runs"] if "error" not in r}
+    jobs = [Job(c, s) for s in range(args.seeds) for c in args.configs]
+    return [job for job in jobs if job_key(args, job) not in finished]
+
+
+def gpu_name(slot: int) -> str:
+    return torch.cuda.get_device_name(slot) if torch.cuda.is_available() else "cpu"
+
+
+def run_key(record: dict) -> tuple:
+    return (record["pde"], record["config"], record["seed"], record["steps"])
+
+
+def summary(record: dict) -> str:
+    if "error" in record:
+        return "failed: " + record["error"][-300:]
+    test = record["test"]
+    rollout = ", ".join(f"h{h} {test[f'model_h{h}']:.4f}" for h in (4, 16) if f"model_h{h}" in test)
+    return (
+        f"{record['curve'][-1]['step']} steps, {record['train_seconds']:.0f} s training "
+        f"(+{record['outside_seconds']:.0f} s outside it), val h1 "
+        f"{record['curve'][-1]['model_h1']:.4f}, test h1 {test['model_h1']:.4f} {rollout}"
+    )
+
+
+def save(path: Path, results: dict) -> None:
+    write_atomic(path, json.dumps(results, indent=1).encode())  # a temp file, then a rename
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What every run of a PDE must share to be compared: a rerun with other values is refused."""
+    names = ("resolution", "trajectories", "snapshots", "batch", "lr", "eval_every",
+             "eval_trajectories", "refresh_every", "compile", "smoke", "codec_steps")  # fmt: skip
+    return {name: getattr(args, name) for name in names}
+
+
+def check_settings(results: dict, args: argparse.Namespace, path: Path) -> None:
+    """Refuse to mix runs of other settings into one results file."""
+    saved = results.get("settings", {}).get(args.pde)
+    now = settings(args)
+    if saved is not None and saved != now:
+        diff = [f"{k} {saved.get(k)} != {now[k]}" for k in now if saved.get(k) != now[k]]
+        raise SystemExit(
+            f"{path} holds {args.pde} runs made with other settings (saved != now: "
+            f"{'; '.join(diff)}); rerun with the same options or use another --out-dir"
+        )
+    results.setdefault("settings", {})[args.pde] = now
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def values_at(curve: list[dict], x_key: str, x: float, key: str = "model_h1") -> float | None:
+    """The curve's ``key`` at ``x`` (linear between evaluations); None outside the curve."""
+    xs = [p[x_key] for p in curve]
+    if not xs or x < xs[0] or x > xs[-1]:
+        return None
+    return float(np.interp(x, xs, [p[key] for p in curve]))
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """Training seconds at which the validation nRMSE first reaches ``target`` (linear between
+    the evaluation before and the one that reaches it); None if it never does."""
+    previous = None
+    for point in curve:
+        value, seconds = point["model_h1"], point["train_seconds"]
+        if value <= target:
+            if previous is None:
+                return seconds
+            v0, s0 = previous["model_h1"], previous["train_seconds"]
+            return s0 + (seconds - s0) * (v0 - target) / (v0 - value)
+        previous = point
+    return None
+
+
+def improvement(curve: list[dict], steps: int) -> float | None:
+    """Relative gain of the validation nRMSE over the last CONVERGED_TAIL of the steps."""
+    before = values_at(curve, "step", (1 - CONVERGED_TAIL) * steps)
+    if before is None or not curve:
+        return None
+    return (before - curve[-1]["model_h1"]) / before
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def converged(record: dict) -> bool | None:
+    gain = improvement(record["curve"], record["steps"])
+    return None if gain is None else gain < CONVERGED_GAIN
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+@dataclass
+class Group:
+    """The finished runs of one PDE at one step count, and the dense runs' reference numbers."""
+
+    pde: str
+    steps: int
+    runs: dict[str, list[dict]]  # configuration -> its runs
+
+    @property
+    def dense(self) -> list[dict]:
+        return self.runs.get("dense", [])
+
+    @property
+    def dense_val(self) -> float | None:
+        """The dense runs' final validation nRMSE: the accuracy to reach."""
+        return (
+            statistics.mean(r["curve"][-1]["model_h1"] for r in self.dense) if self.dense else None
+        )
+
+    @property
+    def dense_seconds(self) -> float | None:
+        return statistics.mean(r["train_seconds"] for r in self.dense) if self.dense else None
+
+    def times(self, config: str, factor: float) -> tuple[list[float], int]:
+        """Each run's time to factor x the dense final validation nRMSE (those that reach it),
+        and how many runs there are."""
+        target = (self.dense_val or 0.0) * factor
+        runs = self.runs.get(config, [])
+        found = [t for r in runs if (t := time_to(r["curve"], target)) is not None]
+        return found, len(runs)
+
+    def val_at(self, config: str, seconds: float) -> list[float | None]:
+        return [values_at(r["curve"], "train_seconds", seconds) for r in self.runs.get(config, [])]
+
+
+def groups(results: dict) -> list[Group]:
+    finished = [r for r in results["runs"] if "error" not in r]
+    keys = sorted({(r["pde"], r["steps"]) for r in finished})
+    out = []
+    for pde, steps in keys:
+        runs: dict[str, list[dict]] = {}
+        for name in CONFIGS:
+            mine = [
+                r for r in finished if (r["pde"], r["steps"], r["config"]) == (pde, steps, name)
+            ]
+            if mine:
+                runs[name] = sorted(mine, key=lambda r: r["seed"])
+        out.append(Group(pde, steps, runs))
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def render(results: dict, out: Path) -> str:
+    """The markdown report (and one plot per PDE and step count, written into ``out``)."""
+    lines = [
+        "# Time to accuracy: sparse vs dense training of the operator stage",
+        "",
+        *results["environment"],
+        "",
+        "Every configuration trains the operator stage (latent operator + decoder fine-tuning) of "
+        "one shared codec for the same number of steps, validated on the val split on the way "
+        "and tested at the end on the test split (dense grid, physical space, nRMSE; one-step "
+        "and latent rollouts of 4 and 16 steps). Training seconds (`train_seconds` of "
+        "train.py) count the training loop, loader waits included, and the error-based "
+        "refreshes; validation, checkpoints, start-up and the test are outside them (the "
+        "'outside s' column: the processes' wall-clock minus training seconds). ± is the "
+        "standard deviation over seeds. Convergence: a run converged when its one-step "
+        f"validation nRMSE improved by less than {CONVERGED_GAIN:.0%} over its last "
+        f"{CONVERGED_TAIL:.0%} of steps.",
+        "",
+    ]
+    failed = [r for r in results["runs"] if "error" in r]
+    if failed:
+        names = ", ".join(f"{r['pde']} {r['config']} seed {r['seed']}" for r in failed)
+        lines += [f"**Failed runs** (rerun to retry): {names}.", ""]
+    for group in groups(results):
+        lines += render_group(group, results, out)
+    return "\n".join(lines) + "\n"
+
+
+def render_group(group: Group, results: dict, out: Path) -> list[str]:
+    setup = results.get("setup", {}).get(group.pde, {})
+    title = setup.get("title", group.pde)
+    lines = [f"## {title}, {group.steps} steps", ""]
+    lines += setup_lines(setup, results.get("settings", {}).get(group.pde, {}))
+    lines += warnings(group)
+    if group.dense:
+        lines += goals(group)
+    lines += accuracy_table(group)
+    if group.dense:
+        lines += time_table(group)
+    plot = out / f"bench_time_to_accuracy_{group.pde}_{group.steps}.png"
+    draw(group, title, plot)
+    lines += [f"![validation nRMSE against training seconds]({plot.name})", ""]
+    return lines
+
+
+def setup_lines(setup: dict, settings: dict) -> list[str]:
+    """What the runs shared: data, codec, shard sets, and the options of every run."""
+    if not setup:
+        return []
+    codec = setup["codec"]
+    trained = (
+        f"trained here ({codec['steps']} steps, {codec['train_seconds']:.0f} s, test "
+        f"reconstruction nRMSE {codec['test_recon_nrmse']:.4f})"
+        if "steps" in codec
+        else "given with --codec"
+    )
+    ratios = ", ".join(
+        f"{name} {statistics.mean(s['k_per_epoch']) / s['num_points']:.3f}"
+        for name, s in setup["sets"].items()
+    )
+    tail = any(SHARD_SETS[name].dense_tail for name in setup["sets"])
+    return [
+        f"- data: generated, {setup['trajectories']} trajectories x {setup['snapshots']} snapshots "
+        f"at resolution {setup['resolution']}, trajectory-disjoint train/val/test splits",
+        f"- codec: {trained}; sha256 {codec['sha256'][:12]}",
+        f"- latent shard sets: {setup['epochs']} epochs of query sets each "
+        f"({setup['batches_per_epoch']} batches per epoch, no wrapping)"
+        + (f", the cosine set's last {setup['dense_tail_epochs']} dense" if tail else "")
+        + f"; mean k/N per set: {ratios}",
+        f"- every run: batch {settings['batch']}, lr {settings['lr']} (cosine decay over the "
+        f"run), validation every {settings['eval_every']} steps on up to "
+        f"{settings['eval_trajectories']} val trajectories, error-based refreshes every "
+        f"{settings['refresh_every']} epochs, compile {str(settings['compile']).lower()}",
+        "",
+    ]
+
+
+def warnings(group: Group) -> list[str]:
+    out = []
+    every = [r for rs in group.runs.values() for r in rs]
+    gpus = sorted({gpu for r in every for gpu in r["gpus"]})
+    if len(gpus) > 1:
+        out.append(
+            f"- **Warning**: runs on different devices ({', '.join(gpus)}); their wall-clocks do not compare."
+        )
+    for key, what in (("codec_sha256", "codecs"), ("data_sha256", "data files")):
+        if len({r[key] for r in every}) > 1:
+            out.append(
+                f"- **Warning**: runs from different {what}; their accuracies do not compare."
+            )
+    resumed = sum(r["starts"] > 1 for r in every)
+    if resumed:
+        out.append(
+            f"- {resumed} run(s) resumed from a checkpoint (the 'starts' column); each start pays "
+            "its warm-up (and with --compile its compilation) again inside the training seconds."
+        )
+    if not group.dense:
+        out.append("- No dense runs yet: no time-to-accuracy numbers.")
+    elif not all(converged(r) for r in group.dense):
+        gains = ", ".join(percent(improvement(r["curve"], r["steps"])) for r in group.dense)
+        out.append(
+            f"- **Warning: the dense runs did not converge** (validation gain over the last "
+            f"{CONVERGED_TAIL:.0%} of steps: {gains}): a converged dense model sets a lower "
+            "target, so the times to reach the dense accuracy below are lower bounds."
+        )
+    return [*out, ""] if out else []
+
+
+def goals(group: Group) -> list[str]:
+    """The issue's goals, met or missed from the data."""
+    rows = [goal_fast(group)]
+    rows += [goal_error(group, ratio) for ratio in ("0.1", "0.3")]
+    rows.append(goal_cosine(group))
+    rows = [row for row in rows if row is not None]
+    if not rows:
+        return []
+    return ["### Goals", "", *markdown_table(["goal", "measured", ""], rows), ""]
+
+
+def goal_fast(group: Group) -> list[str] | None:
+    """(a) The best sparse configuration reaches the dense accuracy in <= 1/3 of dense's time
+    (on the validation curve: the test metrics exist only at the end of a run)."""
+    dense_s = group.dense_seconds
+    best = None
+    for name in group.runs:
+        if name == "dense":
+            continue
+        found, n = group.times(name, 1.0)
+        if n and len(found) == n and (best is None or statistics.mean(found) < best[1]):
+            best = (name, statistics.mean(found))
+    goal = (
+        "(a) the best sparse configuration reaches the dense final accuracy (validation curve) "
+        "in <= 1/3 of dense wall-clock"
+    )
+    if best is None:
+        return [
+            goal,
+            "no sparse configuration reached the dense runs' final validation nRMSE in every seed",
+            "missed",
+        ]
+    name, seconds = best
+    test = {
+        n: statistics.mean(r["test"]["model_h1"] for r in group.runs[n]) for n in (name, "dense")
+    }
+    measured = (
+        f"{name}: {seconds:.0f} s to the dense final val nRMSE {group.dense_val:.4f}, against "
+        f"dense's {dense_s:.0f} s ({seconds / dense_s:.2f}x); its final test one-step "
+        f"{test[name]:.4f} vs dense {test['dense']:.4f}"
+    )
+    return [goal, measured, "met" if seconds <= dense_s / 3 else "missed"]
+
+
+def goal_error(group: Group, ratio: str) -> list[str] | None:
+    """(b) At equal wall-clock, error-based sets beat uniform ones at the same ratio by >= 5 %,
+    with a seed spread smaller than the gap. Equal wall-clock: the latest time every run of
+    both configurations reached, where every curve has a value."""
+    error, uniform = f"error {ratio}", f"uniform {ratio}"
+    if error not in group.runs or uniform not in group.runs:
+        return None
+    goal = f"(b) at equal wall-clock error {ratio} beats uniform {ratio} by >= 5 %, spread < gap"
+    both = group.runs[error] + group.runs[uniform]
+    seconds = min(r["curve"][-1]["train_seconds"] for r in both)
+    e, u = group.val_at(error, seconds), group.val_at(uniform, seconds)
+    if None in e or None in u:  # a curve starts (its first validation) after another ends
+        return [goal, f"no wall-clock every run's validation curve covers ({seconds:.0f} s)", "-"]
+    (me, se), (mu, su) = mean_std(e), mean_std(u)
+    gap = mu - me
+    met = gap >= 0.05 * mu and max(se, su) < gap
+    measured = (
+        f"val one-step at {seconds:.0f} s: error {me:.4f} ± {se:.4f}, uniform {mu:.4f} ± {su:.4f} "
+        f"({gap / mu:+.1%} for error)"
+    )
+    return [goal, measured, "met" if met else "missed"]
+
+
+def goal_cosine(group: Group) -> list[str] | None:
+    """(c) The cosine schedule with a dense tail ends within 1.0x of dense's test accuracy in
+    less wall-clock."""
+    name = "cosine 1.0->0.2 + dense tail"
+    if name not in group.runs:
+        return None
+    cos, dense = group.runs[name], group.dense
+    test_c = statistics.mean(r["test"]["model_h1"] for r in cos)
+    test_d = statistics.mean(r["test"]["model_h1"] for r in dense)
+    secs_c = statistics.mean(r["train_seconds"] for r in cos)
+    secs_d = group.dense_seconds or 0.0
+    measured = (
+        f"test one-step {test_c:.4f} vs dense {test_d:.4f} ({test_c / test_d:.3f}x) in "
+        f"{secs_c:.0f} s vs {secs_d:.0f} s"
+    )
+    met = test_c <= test_d and secs_c < secs_d
+    return [
+        f"(c) {name} ends within 1.0x of dense test accuracy at less wall-clock",
+        measured,
+        "met" if met else "missed",
+    ]
+
+
+def accuracy_table(group: Group) -> list[str]:
+    head = ["configuration", "seeds", "train s", "refresh s", "outside s", "starts",
+            "samples/s", "test one-step", "test h4", "test h16", "converged"]  # fmt: skip
+    rows = []
+    for name, runs in group.runs.items():
+        test = {
+            k: [r["test"][k] for r in runs if k in r["test"]]
+            for k in ("model_h1", "model_h4", "model_h16")
+        }
+        conv = [converged(r) for r in runs]
+        rows.append([
+            name, len(runs), fmt([r["train_seconds"] for r in runs], 1),
+            f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
+            f"{statistics.mean(r['outside_seconds'] for r in runs):.0f}",
+            sum(r["starts"] for r in runs),
+            f"{statistics.mean(r['samples_per_s'] for r in runs):.0f}",
+            fmt(test["model_h1"]), fmt(test["model_h4"]), fmt(test["model_h16"]),
+            f"{sum(c is True for c in conv)}/{len(conv)}",
+        ])  # fmt: skip
+    return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
+
+
+def time_table(group: Group) -> list[str]:
+    dense_s = group.dense_seconds
+    head = [
+        "configuration",
+        f"s to dense val ({group.dense_val:.4f})",
+        "speed-up",
+        "s to 1.05x dense val",
+        "speed-up (1.05x)",
+        f"val one-step at dense's {dense_s:.0f} s",
+    ]
+    rows = []
+    for name, runs in group.runs.items():
+        row = [name]
+        for factor in (1.0, 1.05):
+            found, n = group.times(name, factor)
+            if len(found) == n:
+                row += [fmt(found, 1), f"{dense_s / statistics.mean(found):.2f}x"]
+            else:
+                row += [f"not reached ({len(found)}/{n} seeds)", "-"]
+        at = group.val_at(name, dense_s)
+        if all(v is not None for v in at):
+            row.append(fmt(at))
+        else:
+            ends = statistics.mean(r["curve"][-1]["train_seconds"] for r in runs)
+            row.append(f"- (ends at {ends:.0f} s)")
+        rows.append(row)
+    return [
+        "### Time to the dense runs' final validation nRMSE",
+        "",
+        "First crossing on each run's validation curve (linear between evaluations); speed-up: "
+        "the dense runs' mean training seconds over the mean time to cross. The validation "
+        "nRMSE at dense's wall-clock is interpolated; a run that ended sooner has none. Dense's "
+        "own row says where its curve first reached its final value: well before its end, the "
+        "curve was flat or noisy there.",
+        "",
+        *markdown_table(head, rows),
+        "",
+    ]
+
+
+def mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Mean and std over seeds of the validation curves, on the seconds every seed covers."""
+    start = max(r["curve"][0]["train_seconds"] for r in runs)
+    stop = min(r["curve"][-1]["train_seconds"] for r in runs)
+    if stop < start:
+        return None
+    grid = np.linspace(start, stop, 200)
+    values = np.stack([
+        np.interp(grid, [p["train_seconds"] for p in r["curve"]], [p["model_h1"] for p in r["curve"]])
+        for r in runs
+    ])  # fmt: skip
+    return grid, values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(grid)
+
+
+def draw(group: Group, title: str, path: Path) -> None:
+    """Validation one-step nRMSE against training seconds: one line per configuration (the
+    mean over seeds, shaded ± std), log y; the dense target and 1.05x of it dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, runs in group.runs.items():
+        curve = mean_curve(runs)
+        if curve is None:
+            continue
+        grid, mean, std = curve
+        config = CONFIGS[name]
+        ax.plot(
+            grid, mean, color=config.colour, linestyle=config.style, label=f"{name} ({len(runs)})"
+        )
+        ax.fill_between(grid, mean - std, mean + std, color=config.colour, alpha=0.15, linewidth=0)
+    if group.dense_val is not None:
+        for factor in (1.0, 1.05):
+            ax.axhline(
+                group.dense_val * factor,
+                color="black",
+                linewidth=0.7,
+                linestyle=(0, (4, 4)),
+                label="dense final val, 1.05x" if factor == 1.0 else None,
+            )
+    ax.set(
+        yscale="log",
+        xlabel="training seconds (refreshes included; validation excluded)",
+        ylabel="validation one-step nRMSE",
+        title=f"{title}, operator stage, {group.steps} steps (mean ± std over seeds)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------- main
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a kill, the end of a sitting) ends the study as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="docs/bench")
+    parser.add_argument("--work", default="runs/bench_time_to_accuracy", help="data, shards, runs")
+    parser.add_argument("--report", default=None, help="only render this results JSON (next to it)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, on a CPU")
+    parser.add_argument("--pde", default="ns2d", choices=list(PDES))
+    parser.add_argument("--resolution", type=int, default=None, help="default: the PDE's")
+    parser.add_argument("--trajectories", type=int, default=256)
+    parser.add_argument("--snapshots", type=int, default=20, help="per trajectory (> 16 for h16)")
+    parser.add_argument(
+        "--field-epochs", type=int, default=20, help="query sets of the codec's shards"
+    )
+    parser.add_argument(
+        "--field-ratio", type=float, default=0.3, help="k/N of the codec's query sets"
+    )
+    parser.add_argument("--codec", default=None, help="a trained codec.pt to reuse")
+    parser.add_argument("--codec-steps", type=int, default=8000)
+    parser.add_argument("--codec-eval-every", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=6000, help="operator steps of every run")
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--eval-trajectories", type=int, default=32, help="validation trajectories")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--refresh-every", type=int, default=10, help="epochs, error-based sets")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--compile", action="store_true", help="compile=true for every run")
+    parser.add_argument("--gpus", type=int, default=0, help="GPU slots (0: every visible GPU)")
+    parser.add_argument(
+        "--time-limit", type=float, default=0, help="seconds; then stop cleanly (0: none)"
+    )
+    args = parser.parse_args()
+    if args.smoke:  # the smoke sizes, where an option does not say otherwise
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+    if args.resolution is None:
+        pde = PDES[args.pde]
+        args.resolution = pde.smoke_resolution if args.smoke else pde.resolution
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.report:
+        path = Path(args.report)
+        report = render(json.loads(path.read_text()), path.parent)
+        (path.parent / "bench_time_to_accuracy.md").write_text(report)
+        print(report)
+        return
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    check_settings(results, args, path)
+    results.update(environment=environment_lines(), args=vars(args))
+    signal.signal(signal.SIGTERM, interrupt)
+    slots = args.gpus or gpu_slots()
+    children = Children()
+    if args.time_limit:
+        timer = threading.Timer(args.time_limit, children.stop, args=("time limit reached",))
+        timer.daemon = True
+        timer.start()
+    started = time.perf_counter()
+    try:
+        shared = setup(args, children, slots)
+        results.setdefault("setup", {})[args.pde] = shared.info
+        save(path, results)
+        print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
+        Study(args, shared, results, out, children, slots).run()
+    except Stopped as stopped:
+        print(f"stopped during {stopped}: rerun the same command to go on", flush=True)
+    except KeyboardInterrupt:
+        children.stop("interrupted")
+        raise SystemExit(130) from None
+    left = len(todo(args, results))
+    report = render(results, out)
+    (out / "bench_time_to_accuracy.md").write_text(report)
+    print(report)
+    print(f"{left} run(s) left" + (": rerun the same command to go on" if left else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
