@@ -100,7 +100,9 @@ def test_ratio_that_selects_no_point_is_an_error():
 
 def test_latent_rollout_loss_averages_the_one_step_losses():
     torch.manual_seed(0)
-    op = LatentOperator(OperatorConfig(dim=32, depth=1), latent_dim=16, num_tokens=8, num_params=0)
+    op = LatentOperator(
+        OperatorConfig(dim=32, depth=1), latent_dim=16, num_tokens=8, num_params=0, coord_dim=1
+    )
     window = torch.randn(2, 4, 8, 16)  # (B, h+1, T, D)
     dt = torch.full((2,), 0.1)
     # identity operator at init: rollout loss = mean over steps of ||z_0 - z_s||^2

@@ -68,8 +68,16 @@ def test_decoder_on_a_subset_returns_exactly_the_rows_of_the_dense_decode():
     torch.testing.assert_close(sparse, torch.gather(dense, 1, idx[..., None]), rtol=1e-5, atol=1e-6)
 
 
-def test_operator_is_identity_at_init_and_conditions_on_dt_and_params():
-    op = LatentOperator(OperatorConfig(dim=32, depth=2), latent_dim=16, num_tokens=8, num_params=1)
+@pytest.mark.parametrize("coord_dim", [1, 2])  # token anchors on a line or a 2 x 4 grid
+def test_operator_is_identity_at_init_and_conditions_on_dt_and_params(coord_dim):
+    op = LatentOperator(
+        OperatorConfig(dim=32, depth=2),
+        latent_dim=16,
+        num_tokens=8,
+        num_params=1,
+        coord_dim=coord_dim,
+    )
+    assert op.anchors.shape == (8, coord_dim)
     z = torch.randn(4, 8, 16)
     dt, nu = torch.full((4,), 0.1), torch.full((4, 1), 0.01)
     torch.testing.assert_close(op(z, dt, nu), z)

@@ -197,7 +197,9 @@ class Bench:
     def decoder_step(self) -> dict:
         a = self.args
         torch.manual_seed(0)
-        decoder = AnyPointDecoder(self.codec_cfg.decoder, a.latent_dim, 2, 1).to(self.device)
+        decoder = AnyPointDecoder(self.codec_cfg.decoder, a.latent_dim, 2, 1, a.tokens).to(
+            self.device
+        )
         opt = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
         n = a.resolution**2
         out = {}
@@ -255,6 +257,7 @@ class Bench:
                 self.args.latent_dim,
                 self.args.tokens,
                 len(self.info.params),
+                coord_dim=len(self.info.grid),
             )
             if stage == "operator"
             else None

@@ -39,7 +39,11 @@ class Codec(nn.Module):
         self.cfg, self.info = cfg, info
         self.encoder = GridEncoder(cfg.encoder, len(info.channels), info.grid)
         self.decoder = AnyPointDecoder(
-            cfg.decoder, cfg.encoder.latent_dim, len(info.grid), len(info.channels)
+            cfg.decoder,
+            cfg.encoder.latent_dim,
+            len(info.grid),
+            len(info.channels),
+            cfg.encoder.num_tokens,
         )
         self.register_buffer(
             "grid_coords", torch.from_numpy(grid_coordinates(info.grid)), persistent=False

@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, check
 from pipeline.grid import grid_coordinates
-from ups.models.layers import Block, FourierFeatures
+from ups.models.layers import Block, FourierFeatures, locality_bias, token_anchors
 
 
 @dataclass
@@ -72,9 +72,10 @@ class GridEncoder(nn.Module):
         self.pos_proj = nn.Linear(self.pos.out_dim, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads) for _ in range(cfg.depth))
         self.queries = nn.Parameter(torch.randn(cfg.num_tokens, cfg.dim) * 0.02)
+        anchors, spacing = token_anchors(cfg.num_tokens, len(grid))
         self.register_buffer(
-            "pool_bias", locality_bias(cfg.num_tokens, self.patch_coords), persistent=False
-        )
+            "pool_bias", locality_bias(self.patch_coords, anchors, spacing).T, persistent=False
+        )  # (T, P)
         self.pool = Block(cfg.dim, cfg.heads, cross=True)
         self.norm = nn.LayerNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.latent_dim)
@@ -92,20 +93,3 @@ class GridEncoder(nn.Module):
             self.queries.expand(x.shape[0], -1, -1), x, self.pool_bias
         )  # (B, T, dim)
         return self.out(self.norm(tokens))  # (B, T, D)
-
-
-def token_grid(num_tokens: int, ndim: int) -> tuple[int, ...]:
-    """The most even factorisation of ``num_tokens`` over ``ndim`` axes (16 -> (4, 4), 32 -> (4, 8))."""
-    if ndim == 1:
-        return (num_tokens,)
-    a = max(d for d in range(1, int(num_tokens**0.5) + 1) if num_tokens % d == 0)
-    return (a, num_tokens // a)
-
-
-def locality_bias(num_tokens: int, patch_coords: torch.Tensor) -> torch.Tensor:
-    """Attention-logit bias (T, P) from token anchors to patch centres, in units of anchor spacing."""
-    shape = token_grid(num_tokens, patch_coords.shape[1])
-    anchors = torch.from_numpy(grid_coordinates(shape))  # (T, d)
-    spacing = torch.tensor([1.0 / n for n in shape])
-    d2 = (((anchors[:, None, :] - patch_coords[None]) / spacing) ** 2).sum(-1)  # (T, P)
-    return -0.5 * d2

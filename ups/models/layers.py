@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.grid import grid_coordinates
+
 
 class FourierFeatures(nn.Module):
     """Fixed sin/cos features of coordinates in [0, 1] at geometric frequencies 1 .. max_freq."""
@@ -53,7 +55,7 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``bias`` (Q, T) is added to the attention logits."""
+        """``bias`` (Q, T), or (B, 1, Q, T) for one per sample, is added to the attention logits."""
         b, q_len, d = x.shape
         h = self.heads
         q = self.q(x).view(b, q_len, h, d // h).transpose(1, 2)  # (B, h, Q, d/h)
@@ -81,3 +83,28 @@ class Block(nn.Module):
         h = self.norm_x(x)
         x = x + self.attn(h, h if self.norm_ctx is None else self.norm_ctx(context), bias)
         return x + self.mlp(self.norm_mlp(x))
+
+
+def token_grid(num_tokens: int, ndim: int) -> tuple[int, ...]:
+    """The most even factorisation of ``num_tokens`` over ``ndim`` axes (16 -> (4, 4), 32 -> (4, 8))."""
+    if ndim == 1:
+        return (num_tokens,)
+    a = max(d for d in range(1, int(num_tokens**0.5) + 1) if num_tokens % d == 0)
+    return (a, num_tokens // a)
+
+
+def token_anchors(num_tokens: int, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent token's anchor, on a regular grid of token positions in [0, 1]^d, (T, d), and
+    the anchor spacing per axis, (d,)."""
+    shape = token_grid(num_tokens, ndim)
+    anchors = torch.from_numpy(grid_coordinates(shape))
+    return anchors, torch.tensor([1.0 / n for n in shape])
+
+
+def locality_bias(
+    points: torch.Tensor, anchors: torch.Tensor, spacing: torch.Tensor
+) -> torch.Tensor:
+    """Attention-logit bias -|x - anchor_j|^2 / (2 s^2) from points x (..., N, d) to the token
+    anchors (T, d), in units of anchor spacing s: (..., N, T)."""
+    d2 = (((points[..., :, None, :] - anchors) / spacing) ** 2).sum(-1)
+    return -0.5 * d2

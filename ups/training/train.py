@@ -383,7 +383,9 @@ def build_models(cfg: TrainConfig, shards: ShardSet) -> tuple[Models, NormStats]
         )
     codec, norm, _ = load_codec(checkpoint, info)
     codec.encoder.requires_grad_(False)  # frozen: the cached latents came from it
-    operator = LatentOperator(cfg.operator, latent.dim, latent.tokens, len(info.params))
+    operator = LatentOperator(
+        cfg.operator, latent.dim, latent.tokens, len(info.params), coord_dim=len(info.grid)
+    )
     return Models(codec, operator), norm
 
 
