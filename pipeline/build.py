@@ -390,9 +390,14 @@ def source_facts(
         if rank == 0 or rank_zero.gone([0]) or time.monotonic() - start > cfg.finalize_timeout:
             break  # rank 0 computes; another rank computes itself when rank 0 is not there to
         time.sleep(0.2)
-    facts = dict(facts) if facts else {**key, "sha256": file_sha256(path)}
+    # both read the whole file: the hash (hashlib releases the interpreter lock) runs beside
+    # the norm statistics, so the other ranks wait for the longer of the two, not their sum
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        digest = None if facts else hasher.submit(file_sha256, path)
+        if need_norm:
+            norm = NormStats.from_trajectories(source, train, progress=cfg.progress)
+        facts = dict(facts) if digest is None else {**key, "sha256": digest.result()}
     if need_norm:
-        norm = NormStats.from_trajectories(source, train, progress=cfg.progress)
         facts["norm"] = {"train": list(train), **to_dict(norm)}
     return facts
 

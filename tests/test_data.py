@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.sources.splits as splits_module
 from pipeline.sources.generate import generate, ns_rhs
 from pipeline.sources.pdebench import DataError, PDEBenchFile
 from pipeline.sources.splits import NormStats, split_trajectories
@@ -212,6 +213,17 @@ def test_splits_are_trajectory_disjoint_and_stats_come_from_train(burgers_file):
     torch.testing.assert_close(stats.denormalize(stats.normalize(x)), x)
     with pytest.raises(DataError, match="cannot give non-empty train/val/test"):
         split_trajectories(2, 0.1, 0.1, seed=0)
+
+
+def test_norm_stats_do_not_depend_on_the_thread_count(burgers_file, monkeypatch):
+    """The trajectories' sums are added in trajectory order, whichever thread summed them."""
+    src = PDEBenchFile(burgers_file)
+    train = split_trajectories(len(src), 0.2, 0.2, seed=0)["train"]
+    stats = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(splits_module, "NORM_THREADS", threads)
+        stats[threads] = NormStats.from_trajectories(src, train, progress=False)
+    assert stats[1] == stats[3]  # bit for bit
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +16,7 @@ from pipeline.config import check
 from pipeline.sources.pdebench import DataError, PDEBenchFile
 
 SPLITS = ("train", "val", "test")
+NORM_THREADS = 8  # trajectories summed at once by NormStats.from_trajectories
 
 
 @dataclass
@@ -69,15 +73,32 @@ class NormStats:
     def from_trajectories(
         cls, source: PDEBenchFile, train_ids: list[int], progress: bool = True
     ) -> NormStats:
-        """Streamed float64 sums over the training trajectories only."""
+        """Streamed float64 sums over the training trajectories only.
+
+        A whole PDEBench file takes seconds of arithmetic, which a multi-GPU build's other ranks
+        wait for: the file is read here in order while a thread pool (numpy releases the
+        interpreter lock) sums each trajectory, and the sums are added in trajectory order, so
+        the statistics do not depend on the number of threads."""
         n_ch = len(source.info.channels)
         total, total_sq, count = np.zeros(n_ch), np.zeros(n_ch), 0
-        for i in tqdm(train_ids, desc="norm stats", disable=not progress, leave=False):
-            traj = source.trajectory(i).astype(np.float64)  # (T, C, *grid)
-            axes = (0, *range(2, traj.ndim))
-            total += traj.sum(axis=axes)
-            total_sq += (traj**2).sum(axis=axes)
-            count += traj.size // n_ch
+        threads = min(NORM_THREADS, os.cpu_count() or 1)
+
+        def add(sums: Future) -> None:
+            nonlocal total, total_sq
+            s, sq = sums.result()
+            total += s
+            total_sq += sq
+
+        with ThreadPoolExecutor(threads) as pool:
+            pending: deque[Future] = deque()
+            for i in tqdm(train_ids, desc="norm stats", disable=not progress, leave=False):
+                traj = source.trajectory(i)  # (T, C, *grid)
+                count += traj.size // n_ch
+                pending.append(pool.submit(_channel_sums, traj))
+                if len(pending) > 2 * threads:  # a bounded number of trajectories in memory
+                    add(pending.popleft())
+            while pending:
+                add(pending.popleft())
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
         std = np.where(std > 1e-12, std, 1.0)  # a constant channel stays unscaled
@@ -97,3 +118,10 @@ class NormStats:
     def denormalize(self, x: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
         mean, std = self._shape(x, channel_axis)
         return x * std + mean
+
+
+def _channel_sums(traj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float64 sum and sum of squares of one trajectory (T, C, *grid) -> (C,), (C,)."""
+    values = traj.astype(np.float64)
+    axes = (0, *range(2, values.ndim))
+    return values.sum(axis=axes), np.square(values).sum(axis=axes)
