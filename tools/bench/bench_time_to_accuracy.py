@@ -1150,7 +1150,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refresh-every", type=int, default=10, help="epochs, error-based sets")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--compile", action="store_true", help="compile=true for every run")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile=true for every run (default: on a GPU, where torch.compile makes both the "
+        "dense and the sparse steps faster, docs/benchmarks.md table 5; --no-compile: eager)",
+    )
     parser.add_argument("--gpus", type=int, default=0, help="GPU slots (0: every visible GPU)")
     parser.add_argument(
         "--time-limit", type=float, default=0, help="seconds; then stop cleanly (0: none)"
@@ -1159,6 +1165,8 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:  # the smoke sizes, where an option does not say otherwise
         parser.set_defaults(**SMOKE)
         args = parser.parse_args()
+    if args.compile is None:  # each configuration at its fastest correct step
+        args.compile = torch.cuda.is_available() and not args.smoke
     if args.resolution is None:
         pde = PDES[args.pde]
         args.resolution = pde.smoke_resolution if args.smoke else pde.resolution
