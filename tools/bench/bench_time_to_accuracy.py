@@ -563,8 +563,20 @@ class Study:
     def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
         """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
         metrics = read_jsonl(run_dir / "metrics.jsonl")
+        rate = statistics.median(m["samples_per_s"] for m in metrics if "samples_per_s" in m)
+        # a resumed start's first step pays the warm-up (with --compile the compilation) that an
+        # uninterrupted run pays once: its excess over a steady step is left out of the seconds
+        step_seconds = self.args.batch / rate
+        starts = [m for m in metrics if "start/first_step_seconds" in m]
+        extra = [
+            (m["step"], max(0.0, m["start/first_step_seconds"] - step_seconds)) for m in starts[1:]
+        ]
+
+        def seconds(m: dict) -> float:
+            return m["train_seconds"] - sum(x for step, x in extra if step <= m["step"])
+
         curve = [
-            {"step": m["step"], "train_seconds": m["train_seconds"]}
+            {"step": m["step"], "train_seconds": seconds(m)}
             | {k[4:]: v for k, v in m.items() if k.startswith("val/")}
             for m in metrics
             if "val/model_h1" in m
@@ -578,14 +590,13 @@ class Study:
             "shards": CONFIGS[job.config].shards,
             "curve": curve,
             "test": json.loads((run_dir / "test_metrics.json").read_text()),
-            "train_seconds": final["train_seconds"],
+            "train_seconds": seconds(final),
+            "resume_warmup_seconds": sum(x for _, x in extra),  # left out of train_seconds
             "refresh_seconds": sum(m["refresh/seconds"] for m in refreshes),
             "refreshes": len(refreshes),
-            "samples_per_s": statistics.median(
-                m["samples_per_s"] for m in metrics if "samples_per_s" in m
-            ),
+            "samples_per_s": rate,
             "wall_seconds": wall,
-            "outside_seconds": wall - final["train_seconds"],
+            "outside_seconds": wall - seconds(final),
             "starts": len(segments),
             "gpus": sorted({s["gpu"] for s in segments}),
         }
@@ -894,8 +905,12 @@ def warnings(group: Group) -> list[str]:
     resumed = sum(r["starts"] > 1 for r in every)
     if resumed:
         out.append(
-            f"- {resumed} run(s) resumed from a checkpoint (the 'starts' column); each start pays "
-            "its warm-up (and with --compile its compilation) again inside the training seconds."
+            f"- {resumed} run(s) resumed from a checkpoint (the 'starts' column). A resumed "
+            "start's first step pays the warm-up (with --compile the compilation) an "
+            "uninterrupted run pays once; its excess over a steady step "
+            f"({sum(r.get('resume_warmup_seconds', 0.0) for r in every):.0f} s in all) is left "
+            "out of the training seconds and counted outside them. The loader's refill after a "
+            "resume stays in."
         )
     if not group.dense:
         out.append("- No dense runs yet: no time-to-accuracy numbers.")

@@ -748,11 +748,17 @@ class Trainer:
         self._seen, self._tick = 0, time.perf_counter()  # for samples/s between log lines
         self._clock = time.perf_counter()  # train_seconds counts the loop, not eval or checkpoints
         self.models.train()
+        first_step = True  # this start's first step: its warm-up (with compile, compilation)
         try:
             while self.step < self.total_steps:
                 self._refresh_if_due(writer)
                 for batch in self.loader:
+                    tick = time.perf_counter()
                     terms, grad_norm = self._train_step(batch)
+                    if first_step:
+                        seconds = time.perf_counter() - tick
+                        self._log({"step": self.step, "start/first_step_seconds": seconds}, writer)
+                        first_step = False
                     self._log_step(batch, terms, grad_norm, writer, bar)
                     bar.update(1)
                     self._checkpoint_and_validate(writer)
