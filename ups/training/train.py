@@ -439,6 +439,7 @@ def compute_losses(
 
 class Trainer:
     _clock: float  # perf_counter() when train_seconds last resumed counting (set by train())
+    _first_step_seconds: float | None = None  # this start's first step, until it is logged
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -755,9 +756,8 @@ class Trainer:
                 for batch in self.loader:
                     tick = time.perf_counter()
                     terms, grad_norm = self._train_step(batch)
-                    if first_step:
-                        seconds = time.perf_counter() - tick
-                        self._log({"step": self.step, "start/first_step_seconds": seconds}, writer)
+                    if first_step:  # logged with the next training record
+                        self._first_step_seconds = time.perf_counter() - tick
                         first_step = False
                     self._log_step(batch, terms, grad_norm, writer, bar)
                     bar.update(1)
@@ -802,7 +802,11 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "samples_per_s": rate,
         }
-        self._log({**record, **{f"train/{k}": v for k, v in values.items()}}, writer)
+        record |= {f"train/{k}": v for k, v in values.items()}
+        if self._first_step_seconds is not None:  # this start's first step, its warm-up
+            record["start/first_step_seconds"] = self._first_step_seconds
+            self._first_step_seconds = None
+        self._log(record, writer)
         bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
         self._seen, self._tick = 0, time.perf_counter()
 
