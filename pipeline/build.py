@@ -394,10 +394,9 @@ def source_facts(
     # the norm statistics, so the other ranks wait for the longer of the two, not their sum
     with ThreadPoolExecutor(max_workers=1) as hasher:
         digest = None if facts else hasher.submit(file_sha256, path)
-        if need_norm:
-            norm = NormStats.from_trajectories(source, train, progress=cfg.progress)
+        norm = NormStats.from_trajectories(source, train, cfg.progress) if need_norm else None
         facts = dict(facts) if digest is None else {**key, "sha256": digest.result()}
-    if need_norm:
+    if norm is not None:
         facts["norm"] = {"train": list(train), **to_dict(norm)}
     return facts
 

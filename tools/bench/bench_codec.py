@@ -28,13 +28,17 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, gpu_slots, markdown_table, run_in_slots
+from bench_common import (
+    build_field_shards,
+    environment_lines,
+    gpu_slots,
+    markdown_table,
+    read_jsonl,
+    run_in_slots,
+)
 
-from pipeline.build import BuildConfig, run_build
-from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.sources.generate import generate
-from pipeline.sources.splits import DataConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,25 +105,8 @@ def setup(args: argparse.Namespace, work: Path) -> Path:
         "ns2d", work / "ns.h5", args.trajectories, args.steps, args.resolution, seed=0,
         device=device, progress=False,
     )  # fmt: skip
-    run_build(
-        BuildConfig(
-            data=DataConfig(path=str(data)),
-            out=str(fields),
-            format="zarr",
-            encoder=None,
-            epochs=args.epochs,
-            sampler=SamplerConfig(kind="uniform"),
-            schedule=ScheduleConfig(start_ratio=args.ratio),
-            trajectories_per_shard=4,
-            progress=False,
-            device=device,
-        )
-    )
+    build_field_shards(data, fields, args.epochs, ScheduleConfig(start_ratio=args.ratio), device)
     return fields
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def val_curve(run: Path, key: str) -> list[dict]:

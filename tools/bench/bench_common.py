@@ -1,19 +1,27 @@
 """What every benchmark shares: the lines its tables carry (command, date, machine, GPU,
-versions), and the pool that runs a sweep one item per GPU."""
+versions), the pool that runs a sweep one item per GPU, and the field-only shards and run logs
+the training benchmarks read."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.samplers import SamplerConfig
+from pipeline.schedules import ScheduleConfig
+from pipeline.sources.splits import DataConfig
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -95,3 +103,36 @@ def run_in_slots(
         thread.join()
     if errors:
         raise errors[0]
+
+
+def build_field_shards(
+    data: Path, out: Path, epochs: int, schedule: ScheduleConfig, device: str
+) -> None:
+    """Field-only zarr shards (no encoder) of uniform query sets: what a codec trains on."""
+    run_build(
+        BuildConfig(
+            data=DataConfig(path=str(data)),
+            out=str(out),
+            format="zarr",
+            encoder=None,
+            epochs=epochs,
+            sampler=SamplerConfig(kind="uniform"),
+            schedule=schedule,
+            trajectories_per_shard=4,
+            progress=False,
+            device=device,
+        )
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; a line cut short by a kill is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

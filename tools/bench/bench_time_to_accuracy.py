@@ -47,15 +47,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import environment_lines, gpu_slots, markdown_table, run_in_slots
+from bench_common import (
+    build_field_shards,
+    environment_lines,
+    gpu_slots,
+    markdown_table,
+    read_jsonl,
+    run_in_slots,
+)
 
-from pipeline.build import BuildConfig, run_build
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
-from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
-from pipeline.sources.splits import DataConfig
 from pipeline.storage import file_sha256, write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,19 +272,6 @@ def slot_env(slot: int, slots: int) -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot), "OMP_NUM_THREADS": str(threads)}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a kill is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 # ---------------------------------------------------------------- setup
 
 
@@ -322,20 +313,8 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
     fields = root / "fields"
     if not (fields / "manifest.json").exists():
         print(f"building field shards: {fields}", flush=True)
-        run_build(
-            BuildConfig(
-                data=DataConfig(path=str(data)),
-                out=str(fields),
-                format="zarr",
-                encoder=None,
-                epochs=args.field_epochs,
-                sampler=SamplerConfig(kind="uniform"),
-                schedule=ScheduleConfig(start_ratio=args.field_ratio, multiple=multiple(args)),
-                trajectories_per_shard=4,
-                progress=False,
-                device=device,
-            )
-        )
+        schedule = ScheduleConfig(start_ratio=args.field_ratio, multiple=multiple(args))
+        build_field_shards(data, fields, args.field_epochs, schedule, device)
     if device == "cuda":
         torch.cuda.empty_cache()  # the GPU's memory is for the runs
     codec, codec_info = train_codec(args, root, fields, children)
