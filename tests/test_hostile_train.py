@@ -258,6 +258,8 @@ def test_resume_refuses_every_change_that_breaks_exactness(run, fields, tmp_path
         ("log_every=0", "log_every"),
         ("eval_every=-1", "eval_every"),
         ("eval_trajectories=0", "eval_trajectories"),
+        ("eval_horizons=[0, 4]", "eval_horizons"),
+        ("eval_horizons=[]", "eval_horizons"),
         ("checkpoint_every=-1", "checkpoint_every"),
         ("seed=-1", "seed"),
         ("device=gpu", "device"),

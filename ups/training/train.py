@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +142,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between validations; 0: at the end of every epoch
     eval_trajectories: int = 8  # validation trajectories per evaluation
+    # rollout horizons of each validation (the test always reports 1, 4 and 16): [1] halves the
+    # dense decodes of a validation, for runs that only follow the one-step error
+    eval_horizons: tuple[int, ...] = (1, 4, 16)
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
     resume: str | None = None
     overwrite: bool = False  # allow an ``out`` that already holds a run (without resume)
@@ -177,6 +181,12 @@ class TrainConfig:
             "eval_trajectories",
             "an integer >= 1",
             self.eval_trajectories,
+        )
+        check(
+            len(self.eval_horizons) >= 1 and all(h >= 1 for h in self.eval_horizons),
+            "eval_horizons",
+            "a list of integers >= 1, such as [1, 4, 16]",
+            self.eval_horizons,
         )
         check(
             self.checkpoint_every >= 0,
@@ -246,6 +256,7 @@ RESUME_MAY_CHANGE = frozenset(
         # validation reads other shards in eval mode under no_grad and draws no random numbers
         "eval_every",
         "eval_trajectories",
+        "eval_horizons",
         # saving reads the state and changes none of it
         "checkpoint_every",
         # the string only: the device type must match (checked apart), cuda:0 for cuda:1 is fine
@@ -721,7 +732,9 @@ class Trainer:
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist(), strict=True))
 
-    def validate(self, split: str = "val", limit: int | None = None) -> dict[str, float]:
+    def validate(
+        self, split: str = "val", limit: int | None = None, horizons: Sequence[int] = (1, 4, 16)
+    ) -> dict[str, float]:
         shards = open_shards(
             self.cfg.shards, split, self.cfg.loader.format, remote=self.cfg.loader.remote
         )
@@ -733,6 +746,7 @@ class Trainer:
             info.dt,
             list(info.params.values()),
             self.models.operator,
+            horizons=horizons,
             device=self.device,
         )
 
@@ -828,7 +842,7 @@ class Trainer:
             self.save(self.out / "checkpoint.pt")
         if due_eval:
             if self.rank == 0:
-                metrics = self.validate("val", cfg.eval_trajectories)
+                metrics = self.validate("val", cfg.eval_trajectories, cfg.eval_horizons)
                 record = {"step": self.step, "train_seconds": self.train_seconds}
                 self._log({**record, **{f"val/{k}": v for k, v in metrics.items()}}, writer)
             if self.world > 1:
