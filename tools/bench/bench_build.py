@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, markdown_table
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_common import ROOT, environment_lines, markdown_table
 
 BUILD_ONE = """
 import json, sys, time

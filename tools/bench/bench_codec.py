@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from bench_common import (
+    ROOT,
     build_field_shards,
     environment_lines,
     gpu_slots,
@@ -39,8 +40,6 @@ from bench_common import (
 
 from pipeline.schedules import ScheduleConfig
 from pipeline.sources.generate import generate
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # name -> train.py overrides on top of BASE, for both stages
 CONFIGS = {

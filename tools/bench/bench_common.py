@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
+import shlex
 import sys
 import threading
 from collections.abc import Callable
@@ -23,8 +25,15 @@ from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.sources.splits import DataConfig
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+def repo_relative(text: str) -> str:
+    """``text`` with the repository's absolute path left out of every path inside it, so that
+    a result says where a file lies in the project, not on the machine that ran it."""
+    return text.replace(f"{ROOT}{os.sep}", "")
 
 
 def environment_lines() -> list[str]:
@@ -38,7 +47,7 @@ def environment_lines() -> list[str]:
         with contextlib.suppress(PackageNotFoundError):
             versions.append(f"{name} {version(name)}")
     return [
-        f"- command: `python {' '.join(sys.argv)}`",
+        f"- command: `python {repo_relative(shlex.join(sys.argv))}`",
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.platform()}, {platform.machine()}, {torch.get_num_threads()} torch CPU threads; GPU: {gpu}",
         f"- versions: {', '.join(versions)}",

@@ -48,11 +48,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_common import (
+    ROOT,
     build_field_shards,
     environment_lines,
     gpu_slots,
     markdown_table,
     read_jsonl,
+    repo_relative,
     run_in_slots,
 )
 
@@ -62,7 +64,6 @@ from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
 from pipeline.storage import file_sha256, write_atomic
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = "bench_time_to_accuracy.json"
 PROGRESS_SECONDS = 30  # between the progress lines of the running runs
 CONVERGED_TAIL = 0.2  # convergence: over the last 20 % of a run's steps ...
@@ -332,7 +333,7 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
         "resolution": args.resolution,
         "trajectories": args.trajectories,
         "snapshots": args.snapshots,
-        "codec": {"path": str(codec), "sha256": codec_sha, **codec_info},
+        "codec": {"path": repo_relative(str(codec)), "sha256": codec_sha, **codec_info},
         "batches_per_epoch": batches,
         "epochs": epochs,
         "dense_tail_epochs": dense_tail_epochs(epochs),
@@ -490,6 +491,7 @@ class Study:
             f"max_steps={a.steps}", f"epochs={self.setup.epochs}", "loader.wrap_epochs=false",
             f"batch_size={a.batch}", f"optim.lr={a.lr}", f"eval_every={a.eval_every}",
             f"checkpoint_every={a.eval_every}", f"eval_trajectories={a.eval_trajectories}",
+            "eval_horizons=[1]",  # the curves follow the one-step error; the test does h4, h16
             *model_options(a, "operator"), *config.options,
             *([f"adaptive.refresh_every={a.refresh_every}"] if config.refresh else []),
             *(["compile=true"] if a.compile else []),
@@ -571,6 +573,8 @@ class Study:
             "test": json.loads((run_dir / "test_metrics.json").read_text()),
             "train_seconds": seconds(final),
             "resume_warmup_seconds": sum(x for _, x in extra),  # left out of train_seconds
+            # every start's first step (the analysis estimates the first start's warm-up)
+            "first_step_seconds": [m["start/first_step_seconds"] for m in starts],
             "refresh_seconds": sum(m["refresh/seconds"] for m in refreshes),
             "refreshes": len(refreshes),
             "samples_per_s": rate,
@@ -772,8 +776,33 @@ class Group:
         return [values_at(r["curve"], "train_seconds", seconds) for r in self.runs.get(config, [])]
 
 
+def warmup(record: dict) -> float:
+    """A run's warm-up: its training seconds at the first validation less the time its steps
+    take at the pace of the next validation interval. It is mostly the first step's
+    compilation, which takes ~10 s on a warm compiler cache and ~45 s on a cold one (the same
+    configuration, another sitting), so it says where a run fell, not what its sampler costs."""
+    curve = record["curve"]
+    if len(curve) < 2:
+        return 0.0
+    (s0, t0), (s1, t1) = ((p["step"], p["train_seconds"]) for p in curve[:2])
+    return max(0.0, t0 - s0 * (t1 - t0) / (s1 - s0))
+
+
+def steady(record: dict) -> dict:
+    """The record with its warm-up left out of every time (kept as ``warmup_seconds``)."""
+    w = warmup(record)
+    curve = [{**p, "train_seconds": p["train_seconds"] - w} for p in record["curve"]]
+    return {
+        **record,
+        "curve": curve,
+        "train_seconds": record["train_seconds"] - w,
+        "warmup_seconds": w,
+    }
+
+
 def groups(results: dict) -> list[Group]:
-    finished = [r for r in results["runs"] if "error" not in r]
+    """The finished runs by PDE and step count, their times without the warm-up (``steady``)."""
+    finished = [steady(r) for r in results["runs"] if "error" not in r]
     keys = sorted({(r["pde"], r["steps"]) for r in finished})
     out = []
     for pde, steps in keys:
@@ -804,7 +833,11 @@ def render(results: dict, out: Path) -> str:
         "and latent rollouts of 4 and 16 steps). Training seconds (`train_seconds` of "
         "train.py) count the training loop, loader waits included, and the error-based "
         "refreshes; validation, checkpoints, start-up and the test are outside them (the "
-        "'outside s' column: the processes' wall-clock minus training seconds). ± is the "
+        "'outside s' column: the processes' wall-clock minus training seconds). Every time "
+        "below leaves out each run's warm-up (the 'warm-up s' column: its training seconds at "
+        "the first validation less its steps at the pace of the next interval; mostly the "
+        "first step's compilation, ~10 s on a warm compiler cache and ~45 s on a cold one, so "
+        "it depends on the sitting, not on the configuration). ± is the "
         "standard deviation over seeds. Convergence: a run converged when its one-step "
         f"validation nRMSE improved by less than {CONVERGED_GAIN:.0%} over its last "
         f"{CONVERGED_TAIL:.0%} of steps.",
@@ -861,8 +894,8 @@ def setup_lines(setup: dict, settings: dict) -> list[str]:
         + (f", the cosine set's last {setup['dense_tail_epochs']} dense" if tail else "")
         + f"; mean k/N per set: {ratios}",
         f"- every run: batch {settings['batch']}, lr {settings['lr']} (cosine decay over the "
-        f"run), validation every {settings['eval_every']} steps on up to "
-        f"{settings['eval_trajectories']} val trajectories, error-based refreshes every "
+        f"run), validation (one-step) every {settings['eval_every']} "
+        f"steps on up to {settings['eval_trajectories']} val trajectories, error-based refreshes every "
         f"{settings['refresh_every']} epochs, compile {str(settings['compile']).lower()}",
         "",
     ]
@@ -994,7 +1027,7 @@ def goal_cosine(group: Group) -> list[str] | None:
 
 
 def accuracy_table(group: Group) -> list[str]:
-    head = ["configuration", "seeds", "train s", "refresh s", "outside s", "starts",
+    head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "outside s", "starts",
             "samples/s", "test one-step", "test h4", "test h16", "converged"]  # fmt: skip
     rows = []
     for name, runs in group.runs.items():
@@ -1005,6 +1038,7 @@ def accuracy_table(group: Group) -> list[str]:
         conv = [converged(r) for r in runs]
         rows.append([
             name, len(runs), fmt([r["train_seconds"] for r in runs], 1),
+            f"{statistics.mean(r['warmup_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['outside_seconds'] for r in runs):.0f}",
             sum(r["starts"] for r in runs),
@@ -1099,7 +1133,7 @@ def draw(group: Group, title: str, path: Path) -> None:
             )
     ax.set(
         yscale="log",
-        xlabel="training seconds (refreshes included; validation excluded)",
+        xlabel="training seconds (refreshes included; validation and warm-up excluded)",
         ylabel="validation one-step nRMSE",
         title=f"{title}, operator stage, {group.steps} steps (mean ± std over seeds)",
     )
@@ -1180,7 +1214,8 @@ def main() -> None:
     path = out / RESULTS
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
     check_settings(results, args, path)
-    results.update(environment=environment_lines(), args=vars(args))
+    shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
+    results.update(environment=environment_lines(), args=shown)
     signal.signal(signal.SIGTERM, interrupt)
     slots = args.gpus or gpu_slots()
     children = Children()
