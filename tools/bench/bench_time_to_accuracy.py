@@ -467,9 +467,11 @@ class Study:
         out: Path,
         children: Children,
         slots: int,
+        deadline: float | None = None,
     ):
         self.args, self.setup, self.results, self.out = args, setup, results, out
         self.children, self.slots = children, slots
+        self.deadline = deadline  # time.monotonic() of the time limit, if any
         self.lock = threading.Lock()
         self.running: dict[Job, tuple[int, Path]] = {}  # job -> (GPU, run directory)
         # runs of other settings or another codec never resume each other's checkpoints
@@ -505,6 +507,15 @@ class Study:
         run_dir.mkdir(parents=True, exist_ok=True)
         segments = run_dir / "segments.json"
         resumed = (run_dir / "checkpoint.pt").exists()
+        if self.args.finish_in_time and self.deadline is not None:
+            needed, left = self.seconds_to_go(job, run_dir), self.deadline - time.monotonic()
+            if needed is not None and needed > left:
+                print(
+                    f"not starting {job.config} seed {job.seed}: it needs about {needed:.0f} s, "
+                    f"{left:.0f} s are left (--finish-in-time)",
+                    flush=True,
+                )
+                return None
         if not resumed:  # a fresh start: nothing of an earlier attempt counts
             segments.unlink(missing_ok=True)
             (run_dir / "train.log").unlink(missing_ok=True)
@@ -530,6 +541,7 @@ class Study:
         )
         write_atomic(segments, json.dumps(done).encode())
         if code is None:
+            print(f"stopped {job.config} seed {job.seed}: it resumes on the next run", flush=True)
             return None
         record = {
             "pde": self.args.pde,
@@ -540,6 +552,23 @@ class Study:
         if code != 0:
             return {**record, "error": tail(run_dir)}
         return {**record, **self.collect(job, run_dir, done)}
+
+    def seconds_to_go(self, job: Job, run_dir: Path) -> float | None:
+        """The wall-clock a run still needs: the mean of the finished runs of its configuration,
+        less the share of steps an earlier sitting did; None when none has finished."""
+        done = [
+            r["wall_seconds"]
+            for r in self.results["runs"]
+            if "error" not in r
+            and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, self.args.steps)
+        ]
+        if not done:
+            return None
+        last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
+        share = (
+            1 - last[-1] / self.args.steps if last and (run_dir / "checkpoint.pt").exists() else 1
+        )
+        return statistics.mean(done) * share
 
     def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
         """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
@@ -586,8 +615,7 @@ class Study:
 
     def finished(self, job: Job, record: dict | None) -> None:
         """Called under the pool's lock: add the record to the results file at once."""
-        if record is None:
-            print(f"stopped {job.config} seed {job.seed}: it resumes on the next run", flush=True)
+        if record is None:  # stopped or not started: it runs next time
             return
         key = job_key(self.args, job)
         self.results["runs"] = [r for r in self.results["runs"] if run_key(r) != key] + [record]
@@ -1189,7 +1217,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--time-limit", type=float, default=0, help="seconds; then stop cleanly (0: none)"
     )
+    parser.add_argument(
+        "--finish-in-time",
+        action="store_true",
+        help="start only runs that finished runs of their configuration say end before "
+        "--time-limit (a sitting whose machine is handed back after it: a run it stops starts "
+        "again next time)",
+    )
     args = parser.parse_args()
+    if args.finish_in_time and not args.time_limit:
+        parser.error("--finish-in-time needs --time-limit")
     if args.smoke:  # the smoke sizes, where an option does not say otherwise
         parser.set_defaults(**SMOKE)
         args = parser.parse_args()
@@ -1219,6 +1256,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, interrupt)
     slots = args.gpus or gpu_slots()
     children = Children()
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
     if args.time_limit:
         timer = threading.Timer(args.time_limit, children.stop, args=("time limit reached",))
         timer.daemon = True
@@ -1229,7 +1267,7 @@ def main() -> None:
         results.setdefault("setup", {})[args.pde] = shared.info
         save(path, results)
         print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
-        Study(args, shared, results, out, children, slots).run()
+        Study(args, shared, results, out, children, slots, deadline).run()
     except Stopped as stopped:
         print(f"stopped during {stopped}: rerun the same command to go on", flush=True)
     except KeyboardInterrupt:
