@@ -72,11 +72,25 @@ def snapshot_keys(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """One int64 key per snapshot, a pure function of (seed, snapshot id, epoch): (B,) int64."""
+    return epoch_keys(seed, snapshot_ids, [epoch], device)[0]
+
+
+def epoch_keys(
+    seed: int,
+    snapshot_ids: torch.Tensor | Sequence[int],
+    epochs: Sequence[int],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The keys of several epochs at once, (E, B) int64: row e is the snapshots' keys of
+    ``epochs[e]``. One pass of elementwise ops over all epochs, where a loop over epochs would
+    launch the same small kernels E times (the build plans every epoch of a shard together)."""
     _check_int64("seed", seed)
-    _check_int64("epoch", epoch)
+    for epoch in epochs:
+        _check_int64("epoch", epoch)
     ids = torch.as_tensor(snapshot_ids, dtype=torch.int64, device=device).reshape(-1)  # (B,)
-    h = _absorb(torch.zeros_like(ids), seed)
-    return _absorb(_absorb(h, ids), epoch)
+    h = _absorb(_absorb(torch.zeros_like(ids), seed), ids)  # (B,)
+    column = torch.tensor(list(epochs), dtype=torch.int64, device=ids.device)[:, None]  # (E, 1)
+    return _absorb(h.expand(len(column), -1), column)  # (E, B)
 
 
 def random_bits(keys: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:

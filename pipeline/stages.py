@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipeline.keys import snapshot_keys
+from pipeline.keys import epoch_keys
 from pipeline.query_codec import encode_sets, query_slots
 from pipeline.records import ShardBlock, trajectory_ids
 from pipeline.samplers import Sampler, inclusion_scale
@@ -128,12 +128,15 @@ class QueryPlanStage:
         ids = torch.from_numpy(snapshot_ids)
         n = q.shape[1]
         epochs = range(self.first_epoch, self.first_epoch + len(self.slots))
-        keys = [snapshot_keys(self.seed, ids, e, device=q.device) for e in epochs]
-        drawn = self.sampler.sample_epochs(q, self.k_per_epoch, keys, self.grid)  # E x (S, k_e)
-        sets = [encode_sets(idx, n, slot) for idx, slot in zip(drawn, self.slots, strict=True)]
+        keys = epoch_keys(self.seed, ids, epochs, device=q.device)  # (E, S)
+        # E x (S, k_e) ascending indices, every epoch of one k drawn in one pass
+        drawn = self.sampler.sample_epochs(q, self.k_per_epoch, list(keys), self.grid)
+        queries = torch.cat(
+            [encode_sets(idx, n, slot) for idx, slot in zip(drawn, self.slots, strict=True)], dim=1
+        )  # (S, Q)
         scale_of = {k: inclusion_scale(q, k) for k in set(self.k_per_epoch)}  # one capping per k
         scales = [scale_of[k] for k in self.k_per_epoch]
-        return torch.cat(sets, dim=1).cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
+        return queries.cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
 
 
 def assemble(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.keys import random_bits, snapshot_keys, uniform
+from pipeline.keys import epoch_keys, random_bits, snapshot_keys, uniform
 
 M64 = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15
@@ -43,6 +43,17 @@ def test_keys_match_python_reference(seed: int) -> None:
     for epoch in (0, 1, 250):
         got = as_unsigned(snapshot_keys(seed, ids, epoch))
         assert got == [ref_key(seed, i, epoch) for i in ids]
+
+
+def test_epoch_keys_are_each_epochs_snapshot_keys() -> None:
+    ids = [0, 1, 5, 2**40, 7]
+    epochs = [0, 3, 1, 49, 2**33]
+    keys = epoch_keys(11, ids, epochs)
+    assert keys.shape == (len(epochs), len(ids)) and keys.dtype == torch.int64
+    for row, epoch in zip(keys, epochs, strict=True):
+        assert torch.equal(row, snapshot_keys(11, ids, epoch))
+    with pytest.raises(ValueError, match="epoch"):
+        epoch_keys(11, ids, [0, 2**64])
 
 
 def test_random_bits_and_uniform_match_python_reference() -> None:
