@@ -858,6 +858,7 @@ def render(results: dict, out: Path) -> str:
         "# Time to accuracy: sparse vs dense training of the operator stage",
         "",
         *results["environment"],
+        *sittings_lines(results.get("sittings", [])),
         "",
         "Every configuration trains the operator stage (latent operator + decoder fine-tuning) of "
         "one shared codec for the same number of steps, validated on the val split on the way "
@@ -882,6 +883,17 @@ def render(results: dict, out: Path) -> str:
     for group in groups(results):
         lines += render_group(group, results, out)
     return "\n".join(lines) + "\n"
+
+
+def sittings_lines(sittings: list[list[str]]) -> list[str]:
+    """Each invocation that added to the results (the lines above are the latest one's)."""
+    if len(sittings) < 2:
+        return []
+    lines = [f"- the results come from {len(sittings)} sittings:"]
+    for lines_of_one in sittings:
+        fields = dict(line[2:].split(": ", 1) for line in lines_of_one if ": " in line)
+        lines.append(f"  - {fields.get('date', '?')}: {fields.get('command', '?')}")
+    return lines
 
 
 def render_group(group: Group, results: dict, out: Path) -> list[str]:
@@ -1257,6 +1269,7 @@ def main() -> None:
     check_settings(results, args, path)
     shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
     results.update(environment=environment_lines(), args=shown)
+    results.setdefault("sittings", []).append(results["environment"])
     signal.signal(signal.SIGTERM, interrupt)
     slots = args.gpus or gpu_slots()
     children = Children()
