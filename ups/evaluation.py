@@ -21,6 +21,9 @@ def nrmse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return (err / ref).mean(dim=1)
 
 
+HORIZONS = (1, 4, 16)  # the rollout horizons reported by default (and always by the test)
+
+
 @torch.no_grad()
 def evaluate(
     codec: Codec,
@@ -29,7 +32,7 @@ def evaluate(
     dt: float,
     params: Sequence[float] = (),
     operator: torch.nn.Module | None = None,
-    horizons: Sequence[int] = (1, 4, 16),
+    horizons: Sequence[int] = HORIZONS,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Dense-grid nRMSE over whole trajectories, each (T, C, *grid) in physical units.

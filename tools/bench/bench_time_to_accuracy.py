@@ -597,6 +597,7 @@ class Study:
         ]
         refreshes = [m for m in metrics if "refresh/seconds" in m]
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
+        trained = seconds(final)
         wall = sum(s["wall_seconds"] for s in segments)
         return {
             "data_sha256": self.setup.data_sha256,
@@ -604,7 +605,7 @@ class Study:
             "shards": CONFIGS[job.config].shards,
             "curve": curve,
             "test": json.loads((run_dir / "test_metrics.json").read_text()),
-            "train_seconds": seconds(final),
+            "train_seconds": trained,
             "resume_warmup_seconds": sum(x for _, x in extra),  # left out of train_seconds
             # every start's first step (the analysis estimates the first start's warm-up)
             "first_step_seconds": [m["start/first_step_seconds"] for m in starts],
@@ -612,7 +613,7 @@ class Study:
             "refreshes": len(refreshes),
             "samples_per_s": rate,
             "wall_seconds": wall,
-            "outside_seconds": wall - seconds(final),
+            "outside_seconds": wall - trained,
             "starts": len(segments),
             "gpus": sorted({s["gpu"] for s in segments}),
         }

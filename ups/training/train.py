@@ -50,7 +50,7 @@ from pipeline.shards import ShardSet, open_shards
 from pipeline.sources.splits import NormStats
 from pipeline.storage import file_sha256, named_os_errors, write_atomic
 from ups.adaptive import AdaptiveConfig, PointError, error_definition, model_entry, refresh
-from ups.evaluation import evaluate
+from ups.evaluation import HORIZONS, evaluate
 from ups.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ups.models.codec import Codec, CodecConfig, load_codec, save_codec
 from ups.models.operator import LatentOperator, OperatorConfig
@@ -142,9 +142,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between validations; 0: at the end of every epoch
     eval_trajectories: int = 8  # validation trajectories per evaluation
-    # rollout horizons of each validation (the test always reports 1, 4 and 16): [1] halves the
-    # dense decodes of a validation, for runs that only follow the one-step error
-    eval_horizons: tuple[int, ...] = (1, 4, 16)
+    # rollout horizons of each validation (the test always reports HORIZONS, 1, 4 and 16): [1]
+    # halves the dense decodes of a validation, for runs that only follow the one-step error
+    eval_horizons: tuple[int, ...] = HORIZONS
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
     resume: str | None = None
     overwrite: bool = False  # allow an ``out`` that already holds a run (without resume)
@@ -733,7 +733,7 @@ class Trainer:
         return dict(zip(values, (t / self.world).tolist(), strict=True))
 
     def validate(
-        self, split: str = "val", limit: int | None = None, horizons: Sequence[int] = (1, 4, 16)
+        self, split: str = "val", limit: int | None = None, horizons: Sequence[int] = HORIZONS
     ) -> dict[str, float]:
         shards = open_shards(
             self.cfg.shards, split, self.cfg.loader.format, remote=self.cfg.loader.remote
