@@ -144,6 +144,33 @@ def test_codec_then_operator_streaming_from_shards(flow, tmp_path):
     )
 
 
+def test_compiled_step_trains_like_the_eager_one(flow, tmp_path):
+    """compile=true with compile_mode=reduce-overhead (CUDA graphs on a GPU; on this CPU the
+    mode's plumbing, the step marks, and inductor's kernels): the same losses as eager, within
+    the rounding of other kernels."""
+    losses = {}
+    for name, extra in [
+        ("eager", []),
+        ("compiled", ["compile=true", "compile_mode=reduce-overhead"]),
+    ]:
+        train(
+            config(
+                "stage=operator",
+                f"shards={flow['latents']}",
+                f"codec_checkpoint={flow['codec']}",
+                f"out={tmp_path / name}",
+                "max_steps=10",
+                "batch_size=8",
+                "log_every=1",
+                *extra,
+            )
+        )
+        metrics = read_jsonl(tmp_path / name / "metrics.jsonl")
+        losses[name] = [m["train/total"] for m in metrics if "train/total" in m]
+    assert len(losses["eager"]) == 10
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=2e-3)
+
+
 def test_operator_decoder_calls_see_at_most_k_points(flow, tmp_path):
     trainer = Trainer(
         config(

@@ -139,6 +139,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False
+    # torch.compile's mode: "reduce-overhead" replays the step's graphs as CUDA graphs (one
+    # launch instead of hundreds: the sparse step is launch-bound, docs/benchmarks.md)
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
     log_every: int = 10
     eval_every: int = 0  # steps between validations; 0: at the end of every epoch
     eval_trajectories: int = 8  # validation trajectories per evaluation
@@ -483,8 +486,10 @@ class Trainer:
         self.shards.k_for_epoch(
             last_epoch, cfg.loader.wrap_epochs
         )  # epochs beyond the query sets: fail now
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.models, cfg.optim.weight_decay), lr=cfg.optim.lr
+        self.optimizer = torch.optim.AdamW(  # fused: one kernel per step on a GPU
+            param_groups(self.models, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            fused=self.device.type == "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.optim, self.total_steps)
@@ -504,7 +509,7 @@ class Trainer:
             self._resume(cfg.resume)
             self._await_refreshes()
         if cfg.compile:
-            self.models.compile()
+            self.models.compile(mode=cfg.compile_mode)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cfg.amp and self.device.type == "cuda"
@@ -789,6 +794,8 @@ class Trainer:
             raise RuntimeError(
                 f"loader epoch {batch.epoch} out of step with training step {self.step}"
             )
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
         with self.autocast:
             terms = self.step_fn(batch, self.cfg, self.gen)
         self.optimizer.zero_grad(set_to_none=True)
