@@ -1,11 +1,13 @@
 """Where a training step's time goes: loader wait, the step, and the step's top operations.
 
 Builds the run that ``tools/train.py`` would build from the same options (config, overrides),
-takes ``--warmup`` steps (compilation with ``compile=true``), then times ``--steps`` steps, each
-split into the wait for its batch and the step itself (loss, backward, clipping, optimizer),
-synchronised with the GPU, and profiles them with ``torch.profiler``: the busiest operations by
-device time (or CPU time on a CPU) and the share of the step the device was busy. A step well
-above its kernels' time is launch-bound: the fix is fewer launches, not fewer FLOPs.
+takes ``--warmup`` steps (compilation with ``compile=true``), then times ``--steps`` steps three
+ways: free-running as a run takes them (the loader overlapping the step, the device synchronised
+at the end only); each split into the wait for its batch and the step itself (loss, backward,
+clipping, optimizer), synchronised with the GPU; and profiled with ``torch.profiler``: the
+busiest operations by device time (or CPU time on a CPU) and the share of the step the device was
+busy. A step well above its kernels' time is launch-bound: the fix is fewer launches, not fewer
+FLOPs. A free-running step well above the synchronised one waits on the loader.
 
     python tools/bench/profile_step.py --steps 50 -- --config ns2d_operator shards=... \\
         codec_checkpoint=... batch_size=32 compile=true out=runs/profile overwrite=true
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, forever, markdown_table
+from bench_common import environment_lines, forever, markdown_table, repo_relative
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -50,6 +52,20 @@ def timed_steps(trainer: Trainer, batches, steps: int) -> tuple[list[float], lis
     return waits, step_seconds
 
 
+def free_running(trainer: Trainer, batches, steps: int) -> tuple[float, float]:
+    """(seconds per step, batch wait seconds per step) of ``steps`` steps as training takes them:
+    the device synchronised only at the end, so the loader and the step overlap as in a run."""
+    synchronize(trainer.device)
+    wait, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        tick = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - tick
+        trainer._train_step(batch)
+    synchronize(trainer.device)
+    return (time.perf_counter() - start) / steps, wait / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing")
@@ -65,6 +81,7 @@ def main() -> None:
     batches = forever(trainer.loader)
     try:
         timed_steps(trainer, batches, args.warmup)
+        running, running_wait = free_running(trainer, batches, args.steps)
         waits, steps = timed_steps(trainer, batches, args.steps)
         on_gpu = trainer.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -79,9 +96,11 @@ def main() -> None:
     busy = sum(e.device_time_total for e in kernels) / 1e6 / args.steps if on_gpu else None
     step = statistics.median(steps)
     numbers = {
-        "options": train_argv,
+        "options": [repo_relative(option) for option in train_argv],
         "warmup_steps": args.warmup,
         "steps": args.steps,
+        "free_running_ms_per_step": 1e3 * running,
+        "free_running_wait_ms_per_step": 1e3 * running_wait,
         "batch_wait_ms_median": 1e3 * statistics.median(waits),
         "step_ms_median": 1e3 * step,
         "step_ms_p90": 1e3 * sorted(steps)[int(0.9 * (len(steps) - 1))],
@@ -90,9 +109,19 @@ def main() -> None:
     }
     lines = [*environment_lines(), ""]
     lines += markdown_table(
-        ["batch wait ms", "step ms (median)", "step ms (p90)", "device busy ms", "busy share"],
+        [
+            "free-running ms/step",
+            "of it batch wait",
+            "batch wait ms",
+            "step ms (median)",
+            "step ms (p90)",
+            "device busy ms",
+            "busy share",
+        ],
         [
             [
+                f"{1e3 * running:.2f}",
+                f"{1e3 * running_wait:.2f}",
                 f"{numbers['batch_wait_ms_median']:.2f}",
                 f"{numbers['step_ms_median']:.2f}",
                 f"{numbers['step_ms_p90']:.2f}",
