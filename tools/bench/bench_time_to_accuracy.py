@@ -500,7 +500,7 @@ class Study:
             "eval_horizons=[1]",  # the curves follow the one-step error; the test does h4, h16
             *model_options(a, "operator"), *config.options,
             *([f"adaptive.refresh_every={a.refresh_every}"] if config.refresh else []),
-            *(["compile=true"] if a.compile else []),
+            *(["compile=true", f"compile_mode={a.compile_mode}"] if a.compile else []),
             f"resume={checkpoint}" if checkpoint.exists() else "overwrite=true",
         ]  # fmt: skip
 
@@ -703,7 +703,8 @@ def save(path: Path, results: dict) -> None:
 def settings(args: argparse.Namespace) -> dict:
     """What every run of a PDE must share to be compared: a rerun with other values is refused."""
     names = ("resolution", "trajectories", "snapshots", "batch", "lr", "eval_every",
-             "eval_trajectories", "refresh_every", "compile", "smoke", "codec_steps")  # fmt: skip
+             "eval_trajectories", "refresh_every", "compile", "compile_mode", "smoke",
+             "codec_steps")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 
@@ -941,7 +942,8 @@ def setup_lines(setup: dict, settings: dict) -> list[str]:
         f"- every run: batch {settings['batch']}, lr {settings['lr']} (cosine decay over the "
         f"run), validation (one-step) every {settings['eval_every']} "
         f"steps on up to {settings['eval_trajectories']} val trajectories, error-based refreshes every "
-        f"{settings['refresh_every']} epochs, compile {str(settings['compile']).lower()}",
+        f"{settings['refresh_every']} epochs, compile {str(settings['compile']).lower()}"
+        + (f" (mode {settings['compile_mode']})" if settings.get("compile_mode") else ""),
         "",
     ]
 
@@ -1230,7 +1232,19 @@ def parse_args() -> argparse.Namespace:
         help="compile=true for every run (default: on a GPU, where torch.compile makes both the "
         "dense and the sparse steps faster, docs/benchmarks.md table 5; --no-compile: eager)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        choices=["default", "reduce-overhead"],
+        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs, which take the "
+        "launch-bound k/N 0.1 step from 24 to 11 ms, docs/benchmarks.md)",
+    )
     parser.add_argument("--gpus", type=int, default=0, help="GPU slots (0: every visible GPU)")
+    parser.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="prepare the data, codec and shard sets, print where they are, train no run",
+    )
     parser.add_argument(
         "--time-limit", type=float, default=0, help="seconds; then stop cleanly (0: none)"
     )
@@ -1282,9 +1296,14 @@ def main() -> None:
     started = time.perf_counter()
     try:
         shared = setup(args, children, slots)
+        print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
+        if args.setup_only:  # the results file stays as it was
+            print(f"codec: {shared.codec}", flush=True)
+            for name, where in shared.sets.items():
+                print(f"shard set {name}: {where}", flush=True)
+            return
         results.setdefault("setup", {})[args.pde] = shared.info
         save(path, results)
-        print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
         Study(args, shared, results, out, children, slots, deadline).run()
     except Stopped as stopped:
         print(f"stopped during {stopped}: rerun the same command to go on", flush=True)
