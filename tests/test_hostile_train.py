@@ -261,6 +261,7 @@ def test_resume_refuses_every_change_that_breaks_exactness(run, fields, tmp_path
         ("eval_horizons=[0, 4]", "eval_horizons"),
         ("eval_horizons=[]", "eval_horizons"),
         ("compile_mode=max-autotune", "compile_mode"),
+        ("eval_reconstruction=false", "eval_reconstruction"),  # stage=codec measures nothing else
         ("checkpoint_every=-1", "checkpoint_every"),
         ("seed=-1", "seed"),
         ("device=gpu", "device"),

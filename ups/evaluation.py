@@ -33,11 +33,13 @@ def evaluate(
     params: Sequence[float] = (),
     operator: torch.nn.Module | None = None,
     horizons: Sequence[int] = HORIZONS,
+    reconstruction: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Dense-grid nRMSE over whole trajectories, each (T, C, *grid) in physical units.
 
-    Reports the codec's reconstruction error (decode(encode(u_t)) vs u_t) and, per horizon h,
+    Reports the codec's reconstruction error (decode(encode(u_t)) vs u_t; ``reconstruction``
+    false leaves out its decodes) and, per horizon h,
     persistence (u_t vs u_{t+h}) and -- when an operator is given -- the latent rollout
     (decode(op^h(encode(u_t))) vs u_{t+h}), averaged over all start times with t + h < T.
     Horizons longer than the trajectories are skipped.
@@ -54,8 +56,9 @@ def evaluate(
             torch.from_numpy(np.asarray(trajectory)).float().to(device)
         )  # (T, C, *grid), physical
         z = codec.encode(norm.normalize(true))  # (T, tokens, D)
-        recon = norm.denormalize(codec.decode_grid(z))
-        sums.setdefault("recon_nrmse", []).extend(nrmse(recon, true).tolist())
+        if reconstruction:
+            recon = norm.denormalize(codec.decode_grid(z))
+            sums.setdefault("recon_nrmse", []).extend(nrmse(recon, true).tolist())
         steps = true.shape[0]
         step_dt = torch.full((steps,), dt, device=device)
         step_params = torch.tensor([list(params)], dtype=torch.float32, device=device).expand(

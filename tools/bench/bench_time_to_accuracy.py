@@ -497,7 +497,8 @@ class Study:
             f"max_steps={a.steps}", f"epochs={self.setup.epochs}", "loader.wrap_epochs=false",
             f"batch_size={a.batch}", f"optim.lr={a.lr}", f"eval_every={a.eval_every}",
             f"checkpoint_every={a.eval_every}", f"eval_trajectories={a.eval_trajectories}",
-            "eval_horizons=[1]",  # the curves follow the one-step error; the test does h4, h16
+            # the curves follow the one-step error; the test does h4, h16 and the reconstruction
+            "eval_horizons=[1]", "eval_reconstruction=false",
             *model_options(a, "operator"), *config.options,
             *([f"adaptive.refresh_every={a.refresh_every}"] if config.refresh else []),
             *(["compile=true", f"compile_mode={a.compile_mode}"] if a.compile else []),
@@ -596,6 +597,7 @@ class Study:
             if "val/model_h1" in m
         ]
         refreshes = [m for m in metrics if "refresh/seconds" in m]
+        timed = [m["val_seconds"] for m in metrics if "val_seconds" in m]  # train.py logs them
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
         trained = seconds(final)
         wall = sum(s["wall_seconds"] for s in segments)
@@ -614,6 +616,7 @@ class Study:
             "samples_per_s": rate,
             "wall_seconds": wall,
             "outside_seconds": wall - trained,
+            "validation_seconds": sum(timed) if timed else None,  # part of the outside seconds
             "starts": len(segments),
             "gpus": sorted({s["gpu"] for s in segments}),
         }
@@ -868,7 +871,8 @@ def render(results: dict, out: Path) -> str:
         "and latent rollouts of 4 and 16 steps). Training seconds (`train_seconds` of "
         "train.py) count the training loop, loader waits included, and the error-based "
         "refreshes; validation, checkpoints, start-up and the test are outside them (the "
-        "'outside s' column: the processes' wall-clock minus training seconds). Every time "
+        "'outside s' column: the processes' wall-clock minus training seconds, and of it the "
+        "validations' own seconds, logged by train.py since the second pass). Every time "
         "below leaves out each run's warm-up (the 'warm-up s' column: its training seconds at "
         "the first validation less its steps at the pace of the next interval; mostly the "
         "first step's compilation, ~10 s on a warm compiler cache and ~45 s on a cold one, so "
@@ -1074,8 +1078,9 @@ def goal_cosine(group: Group) -> list[str] | None:
 
 
 def accuracy_table(group: Group) -> list[str]:
-    head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "outside s", "starts",
-            "samples/s", "test one-step", "test h4", "test h16", "converged"]  # fmt: skip
+    head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "outside s",
+            "of it validation s", "starts", "samples/s", "test one-step", "test h4", "test h16",
+            "converged"]  # fmt: skip
     rows = []
     for name, runs in group.runs.items():
         test = {
@@ -1088,12 +1093,21 @@ def accuracy_table(group: Group) -> list[str]:
             f"{statistics.mean(r['warmup_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['outside_seconds'] for r in runs):.0f}",
+            validation_seconds(runs),
             sum(r["starts"] for r in runs),
             f"{statistics.mean(r['samples_per_s'] for r in runs):.0f}",
             fmt(test["model_h1"]), fmt(test["model_h4"]), fmt(test["model_h16"]),
             f"{sum(c is True for c in conv)}/{len(conv)}",
         ])  # fmt: skip
     return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
+
+
+def validation_seconds(runs: list[dict]) -> str:
+    """Mean seconds the runs spent validating; '-' where a run predates their logging."""
+    values = [r.get("validation_seconds") for r in runs]
+    if any(v is None for v in values):
+        return "-"
+    return f"{statistics.mean(values):.0f}"
 
 
 def time_table(group: Group) -> list[str]:
