@@ -154,6 +154,18 @@ def without_keys(data: dict[str, Any], keys: typing.Iterable[str]) -> dict[str, 
     return out
 
 
+def with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (nested) with the keys it lacks taken from ``defaults``: a config written before
+    an option existed reads as that option's default, which is what the older version did."""
+    out = dict(saved)
+    for name, value in defaults.items():
+        if name not in out:
+            out[name] = value
+        elif isinstance(value, dict) and isinstance(out[name], dict):
+            out[name] = with_defaults(out[name], value)
+    return out
+
+
 def config_diff(saved: Any, expected: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts, as 'key: saved != expected'."""
     if isinstance(saved, dict) and isinstance(expected, dict):

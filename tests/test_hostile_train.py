@@ -21,7 +21,7 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
 from pipeline.shards import open_shards
 from pipeline.sources.splits import DataConfig
-from ups.models.checkpoint import CheckpointError, load_checkpoint
+from ups.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ups.models.codec import load_codec, load_encoder
 from ups.training import train as train_module
 from ups.training.train import TrainConfig, Trainer, train
@@ -243,6 +243,23 @@ def test_resume_refuses_every_change_that_breaks_exactness(run, fields, tmp_path
     assert load_checkpoint(out / "checkpoint.pt", "train")["step"] == 6
 
 
+@pytest.mark.slow
+def test_a_checkpoint_older_than_an_option_resumes_as_its_default(run, fields, tmp_path):
+    """A checkpoint written before compile_mode and eval_reconstruction existed: its run went as
+    their defaults go, so it resumes (with them at their defaults) and ends where RUN ends."""
+    out = copy_run(run, tmp_path)
+    ckpt = out / "ckpt-2.pt"
+    payload = torch.load(ckpt, weights_only=True)
+    for key in ("compile_mode", "eval_reconstruction"):
+        del payload["config"][key]
+    save_checkpoint(ckpt, payload)
+    base = [*RUN, f"shards={fields}", f"out={out}", f"resume={ckpt}"]
+    train(load_config(TrainConfig, None, base))
+    assert load_checkpoint(out / "checkpoint.pt", "train")["step"] == 6
+    with pytest.raises(CheckpointError, match="compile_mode: 'default' != 'reduce-overhead'"):
+        Trainer(load_config(TrainConfig, None, [*base, "compile_mode=reduce-overhead"]))
+
+
 # ---------------------------------------------------------------- 3. options out of range
 
 
@@ -395,6 +412,10 @@ def test_resume_after_a_kill_logs_every_step_once(run, fields, tmp_path):
         min(r["step"] for r in resumed if r["step"] > s and "train/total" in r) for s in (0, 2)
     ]
     assert starts == first_logged  # the first start and the resume from step 2
+    # ... and so does its wait for the first batch (the loader starting and filling)
+    assert all(
+        r["start/first_batch_seconds"] > 0 for r in resumed if "start/first_step_seconds" in r
+    )
     # the resumed steps are the same steps, bit for bit
     train_ref = [r["train/total"] for r in reference if "train/total" in r]
     assert [r["train/total"] for r in resumed if "train/total" in r] == train_ref

@@ -580,11 +580,17 @@ class Study:
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         rate = statistics.median(m["samples_per_s"] for m in metrics if "samples_per_s" in m)
         # a resumed start's first step pays the warm-up (with --compile the compilation) that an
-        # uninterrupted run pays once: its excess over a steady step is left out of the seconds
+        # uninterrupted run pays once, and it waits for the loader's start and first shards:
+        # its excess over a steady step, and that wait, are left out of the seconds
         step_seconds = self.args.batch / rate
         starts = [m for m in metrics if "start/first_step_seconds" in m]
         extra = [
-            (m["step"], max(0.0, m["start/first_step_seconds"] - step_seconds)) for m in starts[1:]
+            (
+                m["step"],
+                max(0.0, m["start/first_step_seconds"] - step_seconds)
+                + m.get("start/first_batch_seconds", 0.0),  # not logged before the second pass
+            )
+            for m in starts[1:]
         ]
 
         def seconds(m: dict) -> float:
@@ -970,10 +976,11 @@ def warnings(group: Group) -> list[str]:
         out.append(
             f"- {resumed} run(s) resumed from a checkpoint (the 'starts' column). A resumed "
             "start's first step pays the warm-up (with --compile the compilation) an "
-            "uninterrupted run pays once; its excess over a steady step "
-            f"({sum(r.get('resume_warmup_seconds', 0.0) for r in every):.0f} s in all) is left "
-            "out of the training seconds and counted outside them. The loader's refill after a "
-            "resume stays in."
+            "uninterrupted run pays once, and waits for the loader to start again; the step's "
+            "excess over a steady step and that wait "
+            f"({sum(r.get('resume_warmup_seconds', 0.0) for r in every):.0f} s in all; runs "
+            "before the second pass logged no wait, and theirs stays in) are left out of the "
+            "training seconds and counted outside them."
         )
     if not group.dense:
         out.append("- No dense runs yet: no time-to-accuracy numbers.")

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.collate import SparseBatch
-from pipeline.config import ConfigError, check, config_diff, to_dict, without_keys
+from pipeline.config import ConfigError, check, config_diff, to_dict, with_defaults, without_keys
 from pipeline.layers import LayerRequest
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
@@ -269,6 +269,7 @@ RESUME_MAY_CHANGE = frozenset(
         "eval_every",
         "eval_trajectories",
         "eval_horizons",
+        "eval_reconstruction",
         # saving reads the state and changes none of it
         "checkpoint_every",
         # the string only: the device type must match (checked apart), cuda:0 for cuda:1 is fine
@@ -463,6 +464,7 @@ def compute_losses(
 class Trainer:
     _clock: float  # perf_counter() when train_seconds last resumed counting (set by train())
     _first_step_seconds: float | None = None  # this start's first step, until it is logged
+    _first_batch_seconds: float | None = None  # the wait for this start's first batch, likewise
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -654,8 +656,9 @@ class Trainer:
                     f"{value[:12]} of {self.cfg.shards}); resume on the shard set the run started "
                     "with (a checkpoint of an older version records no manifest_id)"
                 )
+        saved = with_defaults(ckpt["config"], to_dict(TrainConfig()))  # options added since
         diff = config_diff(
-            without_keys(ckpt["config"], RESUME_MAY_CHANGE),
+            without_keys(saved, RESUME_MAY_CHANGE),
             without_keys(to_dict(self.cfg), RESUME_MAY_CHANGE),
         )
         saved_device = ckpt["device_type"]
@@ -786,11 +789,13 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self._refresh_if_due(writer)
+                asked = time.perf_counter()
                 for batch in self.loader:
                     tick = time.perf_counter()
                     terms, grad_norm = self._train_step(batch)
                     if first_step:  # logged with the next training record
                         self._first_step_seconds = time.perf_counter() - tick
+                        self._first_batch_seconds = tick - asked  # the loader's start and fill
                         first_step = False
                     self._log_step(batch, terms, grad_norm, writer, bar)
                     bar.update(1)
@@ -840,7 +845,8 @@ class Trainer:
         record |= {f"train/{k}": v for k, v in values.items()}
         if self._first_step_seconds is not None:  # this start's first step, its warm-up
             record["start/first_step_seconds"] = self._first_step_seconds
-            self._first_step_seconds = None
+            record["start/first_batch_seconds"] = self._first_batch_seconds
+            self._first_step_seconds = self._first_batch_seconds = None
         self._log(record, writer)
         bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
         self._seen, self._tick = 0, time.perf_counter()
