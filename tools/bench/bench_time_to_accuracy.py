@@ -953,7 +953,8 @@ def setup_lines(setup: dict, settings: dict) -> list[str]:
         f"run), validation (one-step) every {settings['eval_every']} "
         f"steps on up to {settings['eval_trajectories']} val trajectories, error-based refreshes every "
         f"{settings['refresh_every']} epochs, compile {str(settings['compile']).lower()}"
-        + (f" (mode {settings['compile_mode']})" if settings.get("compile_mode") else ""),
+        # results made before --compile-mode compiled in torch.compile's default mode
+        + (f" (mode {settings.get('compile_mode', 'default')})" if settings["compile"] else ""),
         "",
     ]
 
