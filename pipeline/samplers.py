@@ -256,6 +256,13 @@ def _check_fields(fields: torch.Tensor, periodic: Sequence[bool]) -> None:
 Shared = TypeVar("Shared")  # what a sampler's draws of one k share (Sampler._shared)
 
 
+class EpochDraws(NamedTuple):
+    """What :meth:`Sampler.sample_epochs` draws for a shard's epochs."""
+
+    indices: list[torch.Tensor]  # per epoch e, (B, k_e) int64 flat indices, ascending
+    scale: torch.Tensor  # (B, E, 2) int64: each epoch's inclusion_scale(q, k_e)
+
+
 class Sampler(Generic[Shared]):
     """Interface of every sampler: per-snapshot q from fields, then keyed fixed-size draws from q."""
 
@@ -273,7 +280,7 @@ class Sampler(Generic[Shared]):
         self, q: torch.Tensor, k: int, keys: torch.Tensor, grid: Sequence[int]
     ) -> torch.Tensor:
         """k distinct flat indices per snapshot, ascending (B, k) int64; k == N gives all points."""
-        return self.sample_epochs(q, [k], [keys], grid)[0]
+        return self.sample_epochs(q, [k], [keys], grid).indices[0]
 
     def sample_epochs(
         self,
@@ -281,15 +288,20 @@ class Sampler(Generic[Shared]):
         k_per_epoch: Sequence[int],
         keys_per_epoch: Sequence[torch.Tensor],
         grid: Sequence[int],
-    ) -> list[torch.Tensor]:
+    ) -> EpochDraws:
         """``[sample(q, k_e, keys_e, grid) for every epoch e]``, the same bits, with the epochs of
-        one k drawn together: what they share (checks, the capping of q) is computed once, and
-        one pass over (epochs x B, N) replaces an epoch-by-epoch loop of small kernels."""
+        one k drawn together, and each epoch's :func:`inclusion_scale`: what the epochs of one k
+        share (checks, the capping of q) is computed once, and one pass over (epochs x B, N)
+        replaces an epoch-by-epoch loop of small kernels."""
         grid = tuple(grid)
         (b, n), out = q.shape, [torch.empty(0)] * len(k_per_epoch)
+        scales = [torch.empty(0)] * len(k_per_epoch)
         for k in sorted(set(k_per_epoch)):
             epochs = [e for e, ke in enumerate(k_per_epoch) if ke == k]
             _check_q(q, k)
+            capping = _cap(q, k)
+            for e in epochs:
+                scales[e] = torch.stack([capping.remaining, capping.total], dim=1)  # (B, 2)
             for e in epochs:
                 if math.prod(grid) != n or keys_per_epoch[e].shape != (b,):
                     raise ValueError(
@@ -300,7 +312,7 @@ class Sampler(Generic[Shared]):
                 for e in epochs:
                     out[e] = torch.arange(k, device=q.device).expand(b, k).clone()
                 continue
-            shared = self._shared(q, k, grid)
+            shared = self._shared(q, capping, grid)
             per_pass = max(1, _DRAW_ELEMENTS // (b * n))  # epochs drawn in one pass
             for first in range(0, len(epochs), per_pass):
                 group = epochs[first : first + per_pass]
@@ -308,13 +320,14 @@ class Sampler(Generic[Shared]):
                 drawn = self._draw(shared, k, keys, grid)  # (len(group) * B, k)
                 for i, e in enumerate(group):
                     out[e] = drawn[i * b : (i + 1) * b]
-        return out
+        return EpochDraws(out, torch.stack(scales, dim=1))
 
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> Shared:
-        """What every epoch's draw of k points from q shares (B rows), computed once per k."""
+    def _shared(self, q: torch.Tensor, capping: _Capping, grid: tuple[int, ...]) -> Shared:
+        """What every epoch's draw of k points from q shares (B rows), computed once per k from
+        q and its capping for that k."""
         raise NotImplementedError
 
     def _draw(
@@ -347,7 +360,7 @@ class _GridSampler(Sampler[None]):
     def _probabilities(self, fields: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
         return _per_snapshot(self.grid_q(tuple(fields.shape[2:]), fields.device), fields)
 
-    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> None:
+    def _shared(self, q: torch.Tensor, capping: _Capping, grid: tuple[int, ...]) -> None:
         """Nothing: the draw depends on the keys and the grid only, once q is this sampler's."""
         _require_q(q, self.grid_q(grid, q.device), self.kind)
 
@@ -538,9 +551,9 @@ class _PPSSampler(Sampler[torch.Tensor]):
     only shift one lattice.
     """
 
-    def _shared(self, q: torch.Tensor, k: int, grid: tuple[int, ...]) -> torch.Tensor:
-        """pi in units (B, N) int64, summing to k * _UNIT, each <= _UNIT: the capping, once per k."""
-        return _pps_units(_cap(q, k))
+    def _shared(self, q: torch.Tensor, capping: _Capping, grid: tuple[int, ...]) -> torch.Tensor:
+        """pi in units (B, N) int64, summing to k * _UNIT, each <= _UNIT: from the capping."""
+        return _pps_units(capping)
 
     def _order(self, keys: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """The order the points are laid out in (R, N): random."""

@@ -17,7 +17,7 @@ import torch
 from pipeline.keys import epoch_keys
 from pipeline.query_codec import encode_sets, query_slots
 from pipeline.records import ShardBlock, trajectory_ids
-from pipeline.samplers import Sampler, inclusion_scale
+from pipeline.samplers import Sampler
 from pipeline.sources.pdebench import DataInfo, PDEBenchFile
 from pipeline.sources.splits import NormStats
 
@@ -129,14 +129,12 @@ class QueryPlanStage:
         n = q.shape[1]
         epochs = range(self.first_epoch, self.first_epoch + len(self.slots))
         keys = epoch_keys(self.seed, ids, epochs, device=q.device)  # (E, S)
-        # E x (S, k_e) ascending indices, every epoch of one k drawn in one pass
-        drawn = self.sampler.sample_epochs(q, self.k_per_epoch, list(keys), self.grid)
+        # E x (S, k_e) ascending indices, every epoch of one k drawn in one pass; (S, E, 2)
+        drawn, scale = self.sampler.sample_epochs(q, self.k_per_epoch, list(keys), self.grid)
         queries = torch.cat(
             [encode_sets(idx, n, slot) for idx, slot in zip(drawn, self.slots, strict=True)], dim=1
         )  # (S, Q)
-        scale_of = {k: inclusion_scale(q, k) for k in set(self.k_per_epoch)}  # one capping per k
-        scales = [scale_of[k] for k in self.k_per_epoch]
-        return queries.cpu().numpy(), torch.stack(scales, dim=1).cpu().numpy()
+        return queries.cpu().numpy(), scale.cpu().numpy()
 
 
 def assemble(

@@ -246,8 +246,12 @@ def test_epochs_drawn_together_equal_epochs_drawn_one_by_one(kind: str, monkeypa
     for per_pass in (None, 1024 * 3 * 2):  # default passes, then two epochs per pass
         if per_pass:
             monkeypatch.setattr(samplers_module, "_DRAW_ELEMENTS", per_pass)
-        together = sampler.sample_epochs(q, ks, keys, (32, 32))
+        together, scale = sampler.sample_epochs(q, ks, keys, (32, 32))
         assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+        # and each epoch's scale is its k's inclusion_scale, from the one capping per k
+        assert scale.shape == (3, len(ks), 2)
+        for e, k in enumerate(ks):
+            assert torch.equal(scale[:, e], inclusion_scale(q, k))
 
 
 def test_gradient_weights_bounded_by_one_over_alpha_and_ess_reported() -> None:

@@ -450,7 +450,7 @@ class Bench:
         """R keyed draws of one configuration: the estimates' deviations from L and g."""
         g_norm2 = float(g.pow(2).sum())
         started = time.perf_counter()
-        sets = sampler.sample_epochs(q, [k] * len(keys), keys, grid)
+        sets = sampler.sample_epochs(q, [k] * len(keys), keys, grid).indices
         loss_dev, grad_dev, losses, ess = [], [], [], []
         g_sum, max_w = torch.zeros_like(g), 0.0
         for idx in sets:
