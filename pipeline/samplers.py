@@ -300,14 +300,14 @@ class Sampler(Generic[Shared]):
             epochs = [e for e, ke in enumerate(k_per_epoch) if ke == k]
             _check_q(q, k)
             capping = _cap(q, k)
-            for e in epochs:
-                scales[e] = torch.stack([capping.remaining, capping.total], dim=1)  # (B, 2)
+            scale = torch.stack([capping.remaining, capping.total], dim=1)  # (B, 2), once per k
             for e in epochs:
                 if math.prod(grid) != n or keys_per_epoch[e].shape != (b,):
                     raise ValueError(
                         f"sample: q {tuple(q.shape)}, keys {tuple(keys_per_epoch[e].shape)} and "
                         f"grid {grid} disagree"
                     )
+                scales[e] = scale
             if k == n:  # the dense case: every point, weight 1
                 for e in epochs:
                     out[e] = torch.arange(k, device=q.device).expand(b, k).clone()
