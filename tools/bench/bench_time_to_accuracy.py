@@ -272,9 +272,12 @@ def tool(name: str, *options: str) -> list[str]:
 
 
 def slot_env(slot: int, slots: int) -> dict[str, str]:
-    """A subprocess on GPU ``slot``, with its share of the CPU cores for torch's threads."""
+    """A subprocess on GPU ``slot`` of the GPUs this study sees (so two studies can share a
+    host through CUDA_VISIBLE_DEVICES), with its share of the CPU cores for torch's threads."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    gpu = visible[slot] if slot < len(visible) and visible[slot].strip() else str(slot)
     threads = max(1, (os.cpu_count() or 1) // slots)
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot), "OMP_NUM_THREADS": str(threads)}
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": str(threads)}
 
 
 # ---------------------------------------------------------------- setup
