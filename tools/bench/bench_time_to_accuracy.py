@@ -531,6 +531,12 @@ class Study:
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         where = f"resuming after step {last[-1]}" if resumed and last else "from the start"
         print(f"start {job.config} seed {job.seed} on GPU {slot} ({where})", flush=True)
+        # each start of the run (a sitting), kept beside it: the record sums them at the end.
+        # Written before the start, its wall-clock after: a sitting killed before it could log
+        # that leaves a segment without one, and the run's wall-clock is then unknown
+        done = json.loads(segments.read_text()) if segments.exists() else []
+        done.append({"wall_seconds": None, "resumed": resumed, "gpu": gpu_name(slot)})
+        write_atomic(segments, json.dumps(done).encode())
         with self.lock:
             self.running[job] = (slot, run_dir)
         started = time.perf_counter()
@@ -541,12 +547,7 @@ class Study:
         finally:
             with self.lock:
                 del self.running[job]
-        # each start of the run (a sitting), kept beside it: the record sums them at the end
-        done = json.loads(segments.read_text()) if segments.exists() else []
-        seconds = time.perf_counter() - started
-        done.append(
-            {"wall_seconds": seconds, "resumed": resumed, "code": code, "gpu": gpu_name(slot)}
-        )
+        done[-1].update(wall_seconds=time.perf_counter() - started, code=code)
         write_atomic(segments, json.dumps(done).encode())
         if code is None:
             print(f"stopped {job.config} seed {job.seed}: it resumes on the next run", flush=True)
@@ -568,6 +569,7 @@ class Study:
             r["wall_seconds"]
             for r in self.results["runs"]
             if "error" not in r
+            and r["wall_seconds"] is not None
             and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, self.args.steps)
         ]
         if not done:
@@ -609,7 +611,8 @@ class Study:
         timed = [m["val_seconds"] for m in metrics if "val_seconds" in m]  # train.py logs them
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
         trained = seconds(final)
-        wall = sum(s["wall_seconds"] for s in segments)
+        lost = any(s["wall_seconds"] is None for s in segments)  # a sitting killed outright
+        wall = None if lost else sum(s["wall_seconds"] for s in segments)
         return {
             "data_sha256": self.setup.data_sha256,
             "codec_sha256": self.setup.codec_sha256,
@@ -623,10 +626,10 @@ class Study:
             "refresh_seconds": sum(m["refresh/seconds"] for m in refreshes),
             "refreshes": len(refreshes),
             "samples_per_s": rate,
-            "wall_seconds": wall,
-            "outside_seconds": wall - trained,
+            "wall_seconds": wall,  # None when a sitting's wall-clock was lost
+            "outside_seconds": None if wall is None else wall - trained,
             "validation_seconds": sum(timed) if timed else None,  # part of the outside seconds
-            "starts": len(segments),
+            "starts": max(len(segments), len(starts)),  # a killed sitting may leave no segment
             "gpus": sorted({s["gpu"] for s in segments}),
         }
 
@@ -701,9 +704,11 @@ def summary(record: dict) -> str:
         return "failed: " + record["error"][-300:]
     test = record["test"]
     rollout = ", ".join(f"h{h} {test[f'model_h{h}']:.4f}" for h in (4, 16) if f"model_h{h}" in test)
+    outside = record["outside_seconds"]
     return (
         f"{record['curve'][-1]['step']} steps, {record['train_seconds']:.0f} s training "
-        f"(+{record['outside_seconds']:.0f} s outside it), val h1 "
+        + ("" if outside is None else f"(+{outside:.0f} s outside it)")
+        + ", val h1 "
         f"{record['curve'][-1]['model_h1']:.4f}, test h1 {test['model_h1']:.4f} {rollout}"
     )
 
@@ -881,7 +886,8 @@ def render(results: dict, out: Path) -> str:
         "train.py) count the training loop, loader waits included, and the error-based "
         "refreshes; validation, checkpoints, start-up and the test are outside them (the "
         "'outside s' column: the processes' wall-clock minus training seconds, and of it the "
-        "validations' own seconds, logged by train.py since the second pass). Every time "
+        "validations' own seconds, logged by train.py since the second pass; '-' where a "
+        "sitting was killed before it logged a run's wall-clock). Every time "
         "below leaves out each run's warm-up (the 'warm-up s' column: its training seconds at "
         "the first validation less its steps at the pace of the next interval; mostly the "
         "first step's compilation, ~10 s on a warm compiler cache and ~45 s on a cold one, so "
@@ -1103,8 +1109,8 @@ def accuracy_table(group: Group) -> list[str]:
             name, len(runs), fmt([r["train_seconds"] for r in runs], 1),
             f"{statistics.mean(r['warmup_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
-            f"{statistics.mean(r['outside_seconds'] for r in runs):.0f}",
-            validation_seconds(runs),
+            mean_of_known([r["outside_seconds"] for r in runs]),
+            mean_of_known([r.get("validation_seconds") for r in runs]),
             sum(r["starts"] for r in runs),
             f"{statistics.mean(r['samples_per_s'] for r in runs):.0f}",
             fmt(test["model_h1"]), fmt(test["model_h4"]), fmt(test["model_h16"]),
@@ -1113,9 +1119,9 @@ def accuracy_table(group: Group) -> list[str]:
     return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
 
 
-def validation_seconds(runs: list[dict]) -> str:
-    """Mean seconds the runs spent validating; '-' where a run predates their logging."""
-    values = [r.get("validation_seconds") for r in runs]
+def mean_of_known(values: list[float | None]) -> str:
+    """The mean of the runs' seconds; '-' where one has none (validation seconds: it predates
+    their logging; outside seconds: a sitting of it was killed before it logged its wall-clock)."""
     if any(v is None for v in values):
         return "-"
     return f"{statistics.mean(values):.0f}"
