@@ -706,8 +706,8 @@ def summary(record: dict) -> str:
     rollout = ", ".join(f"h{h} {test[f'model_h{h}']:.4f}" for h in (4, 16) if f"model_h{h}" in test)
     outside = record["outside_seconds"]
     return (
-        f"{record['curve'][-1]['step']} steps, {record['train_seconds']:.0f} s training "
-        + ("" if outside is None else f"(+{outside:.0f} s outside it)")
+        f"{record['curve'][-1]['step']} steps, {record['train_seconds']:.0f} s training"
+        + ("" if outside is None else f" (+{outside:.0f} s outside it)")
         + ", val h1 "
         f"{record['curve'][-1]['model_h1']:.4f}, test h1 {test['model_h1']:.4f} {rollout}"
     )
