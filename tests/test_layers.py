@@ -300,6 +300,10 @@ def test_training_refreshes_and_a_killed_run_resumes_to_the_same_batches(flow, t
     refreshes = [m for m in metrics if "refresh/seconds" in m]
     assert [m["refresh/epochs"] for m in refreshes] == [[2, 4], [4, 6]]
     assert [m["refresh/layer"] for m in refreshes] == chain["refreshed"]
+    for m in refreshes:  # where each refresh's seconds went: the main thread's part of them
+        parts = [m[f"refresh/{stage}_seconds"] for stage in ("read", "error", "plan", "write")]
+        assert all(seconds > 0 for seconds in parts), m
+        assert sum(parts[:3]) <= m["refresh/seconds"], m
 
     cut_set = copy_set(flow["fields"], tmp_path / "cut_set")
     out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoint.pt"

@@ -171,6 +171,15 @@ class PointError:
         return error
 
 
+@dataclass(frozen=True)
+class Refreshed:
+    """A refresh's layer, and where this rank's seconds went: waiting for reads, the error, the
+    plan on the main thread, and the writes summed over their threads (LayerWriter.seconds)."""
+
+    layer_id: str
+    seconds: dict[str, float]
+
+
 def refresh(
     shards: ShardSet,
     error_of: Callable[[ShardBlock], torch.Tensor],
@@ -179,9 +188,9 @@ def refresh(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
-) -> str:
+) -> Refreshed:
     """Write a layer of error-based sets for ``request.epochs``: every rank computes and writes
-    its share of the shards, rank 0 records the layer; returns its id on every rank."""
+    its share of the shards, rank 0 records the layer; its id is the same on every rank."""
     writer = LayerWriter(shards, request, device)
     if rank == 0:
         writer.create()
@@ -203,7 +212,7 @@ def refresh(
     if world > 1:
         dist.broadcast_object_list(layer_id, src=0)
     assert layer_id[0] is not None  # rank 0's, broadcast to every other rank
-    return layer_id[0]
+    return Refreshed(layer_id[0], dict(writer.seconds))
 
 
 def model_entry(models: nn.Module, stage: str, step: int) -> dict:
@@ -214,6 +223,7 @@ def model_entry(models: nn.Module, stage: str, step: int) -> dict:
 __all__ = [
     "AdaptiveConfig",
     "PointError",
+    "Refreshed",
     "error_definition",
     "model_entry",
     "refresh",

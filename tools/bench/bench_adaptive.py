@@ -502,7 +502,7 @@ class Bench:
                 importance=importance,
             )
             error_of = PointError(self.codec, None, shards, definition, self.device, batch, a.amp)
-            layer_id = refresh(shards, error_of, request, self.device, progress=False)
+            layer_id = refresh(shards, error_of, request, self.device, progress=False).layer_id
             self.sync()
             seconds = time.perf_counter() - start
             files = (self.shards_path / "layers" / layer_id).rglob("*")

@@ -608,6 +608,7 @@ class Study:
             if "val/model_h1" in m
         ]
         refreshes = [m for m in metrics if "refresh/seconds" in m]
+        stages = ("read", "error", "plan", "write")  # logged by train.py since the third pass
         timed = [m["val_seconds"] for m in metrics if "val_seconds" in m]  # train.py logs them
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
         trained = seconds(final)
@@ -625,6 +626,11 @@ class Study:
             "first_step_seconds": [m["start/first_step_seconds"] for m in starts],
             "refresh_seconds": sum(m["refresh/seconds"] for m in refreshes),
             "refreshes": len(refreshes),
+            "refresh_stage_seconds": {
+                stage: sum(m[f"refresh/{stage}_seconds"] for m in refreshes) for stage in stages
+            }
+            if refreshes and all(f"refresh/{s}_seconds" in m for m in refreshes for s in stages)
+            else None,
             "samples_per_s": rate,
             "wall_seconds": wall,  # None when a sitting's wall-clock was lost
             "outside_seconds": None if wall is None else wall - trained,
@@ -926,6 +932,7 @@ def render_group(group: Group, results: dict, out: Path) -> list[str]:
     if group.dense:
         lines += goals(group)
     lines += accuracy_table(group)
+    lines += refresh_lines(group)
     if group.dense:
         lines += time_table(group)
     plot = out / f"bench_time_to_accuracy_{group.pde}_{group.steps}.png"
@@ -1117,6 +1124,31 @@ def accuracy_table(group: Group) -> list[str]:
             f"{sum(c is True for c in conv)}/{len(conv)}",
         ])  # fmt: skip
     return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
+
+
+def refresh_lines(group: Group) -> list[str]:
+    """Where the error-based runs' refresh seconds went, for the runs that logged it."""
+    out = []
+    for name, runs in group.runs.items():
+        split = [r["refresh_stage_seconds"] for r in runs if r.get("refresh_stage_seconds")]
+        if not split:
+            continue
+        mean = {stage: statistics.mean(s[stage] for s in split) for stage in split[0]}
+        refresh = statistics.mean(
+            r["refresh_seconds"] for r in runs if r.get("refresh_stage_seconds")
+        )
+        parts = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in mean.items())
+        out.append(f"- {name}: refreshes {refresh:.1f} s per run ({len(split)} run(s)); {parts}")
+    if not out:
+        return []
+    return [
+        "Where the refreshes' seconds go (summed over a run's refreshes; read: waiting for a "
+        "shard, error and plan on the main thread, write: summed over the writer threads, "
+        "behind the rest):",
+        "",
+        *out,
+        "",
+    ]
 
 
 def mean_of_known(values: list[float | None]) -> str:

@@ -96,7 +96,7 @@ def refresh_from_checkpoint(cfg: RefreshConfig) -> str:
     error_of = PointError(
         models.codec, models.operator, shards, definition, device, cfg.batch, cfg.amp
     )
-    return refresh(shards, error_of, request, device, progress=cfg.progress)
+    return refresh(shards, error_of, request, device, progress=cfg.progress).layer_id
 
 
 def _same_request(record, request: LayerRequest) -> bool:

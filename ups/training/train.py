@@ -589,12 +589,12 @@ class Trainer:
         )
         self.models.eval()
         try:
-            layer_id = refresh(
+            refreshed = refresh(
                 self.shards, error_of, request, self.device, self.rank, self.world, cfg.progress
             )
         finally:
             self.models.train()
-        self.loader.add_layer(layer_id)
+        self.loader.add_layer(refreshed.layer_id)
         seconds = time.perf_counter() - start
         self.refresh_seconds += seconds
         self.train_seconds += seconds  # part of the run's wall-clock
@@ -604,8 +604,10 @@ class Trainer:
                 **record,
                 "refresh/seconds": seconds,
                 "refresh/total_seconds": self.refresh_seconds,
-                "refresh/layer": layer_id,
+                "refresh/layer": refreshed.layer_id,
                 "refresh/epochs": [epoch, stop],
+                # read (waiting), error, plan; write: summed over the writer threads
+                **{f"refresh/{k}_seconds": v for k, v in sorted(refreshed.seconds.items())},
             },
             writer,
         )
