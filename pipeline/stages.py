@@ -21,6 +21,8 @@ from pipeline.samplers import Sampler
 from pipeline.sources.pdebench import DataInfo, PDEBenchFile
 from pipeline.sources.splits import NormStats
 
+_ENCODE_ELEMENTS = 1 << 24  # (epochs x snapshots) x N per encoding pass, as the draws' passes
+
 
 class LatentEncoder(Protocol):
     """What a build needs of a trained encoder; the pipeline never imports a model library.
@@ -131,9 +133,22 @@ class QueryPlanStage:
         keys = epoch_keys(self.seed, ids, epochs, device=q.device)  # (E, S)
         # E x (S, k_e) ascending indices, every epoch of one k drawn in one pass; (S, E, 2)
         drawn, scale = self.sampler.sample_epochs(q, self.k_per_epoch, list(keys), self.grid)
-        queries = torch.cat(
-            [encode_sets(idx, n, slot) for idx, slot in zip(drawn, self.slots, strict=True)], dim=1
-        )  # (S, Q)
+        s = q.shape[0]
+        queries = torch.empty(
+            (s, sum(slot.nbytes for slot in self.slots)), dtype=torch.uint8, device=q.device
+        )  # (S, Q): the epochs' slots back to back
+        # the epochs of one k share their slot's code: encoded together, a pass of them at once,
+        # where an epoch-by-epoch loop would launch the same small kernels E times
+        epochs_of: dict[int, list[int]] = {}
+        for epoch, k in enumerate(self.k_per_epoch):
+            epochs_of.setdefault(k, []).append(epoch)
+        per_pass = max(1, _ENCODE_ELEMENTS // max(1, s * n))
+        for epochs in epochs_of.values():
+            for first in range(0, len(epochs), per_pass):
+                group = epochs[first : first + per_pass]
+                codes = encode_sets(torch.cat([drawn[e] for e in group]), n, self.slots[group[0]])
+                for i, epoch in enumerate(group):  # codes: (len(group) * S, nbytes)
+                    queries[:, self.slots[epoch].rows] = codes[i * s : (i + 1) * s]
         return queries.cpu().numpy(), scale.cpu().numpy()
 
 
