@@ -7,7 +7,9 @@ python tools/bench/bench_build.py --pde ns2d --resolution 128 --trajectories 200
 Each build runs in its own processes, one per rank and GPU (``--world-sizes``), as a distributed
 build does; ``--root`` runs the same build with the ``pipeline`` package of another checkout,
 for before/after tables measured side by side. The data file is generated once, on the GPU when
-there is one.
+there is one. Each finished build is saved to ``--json`` at once, and a rerun with the same
+settings keeps those and runs only the rest: a long benchmark (many epochs, several world sizes)
+can span several sittings.
 """
 
 from __future__ import annotations
@@ -185,6 +187,25 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     ]
 
 
+SETTINGS = (  # what a saved run must share to be kept by a rerun
+    "pde", "resolution", "trajectories", "steps", "epochs", "ratio", "sampler", "format",
+    "trajectories_per_shard", "batch_size",
+)  # fmt: skip
+
+
+def save(args: argparse.Namespace, settings: dict, runs: list[dict]) -> None:
+    """The runs so far (a temporary file, then a rename) and their tables."""
+    for path, text in (
+        (args.json, json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n"),
+        (args.out, "\n".join(report(runs, args)) + "\n"),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    os.sync()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pde", choices=["ns2d", "burgers1d"], default="ns2d")
@@ -204,6 +225,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("docs/bench/bench_build.json"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    settings = {key: str(value) for key, value in vars(args).items() if key in SETTINGS}
+    saved = json.loads(args.json.read_text()) if args.json.exists() else None
+    runs = saved["runs"] if isinstance(saved, dict) and saved["settings"] == settings else []
+    if saved is not None and not runs:
+        print(f"{args.json}: no runs of these settings in it; it is written afresh", flush=True)
     data = args.work / f"{args.pde}-{args.resolution}-{args.trajectories}x{args.steps}.h5"
     if not data.exists():
         sys.path.insert(0, str(ROOT))
@@ -222,19 +248,16 @@ def main() -> None:
             progress=False,
         )
         print(f"generated {data} in {time.perf_counter() - start:.0f} s", flush=True)
-    runs = []
     worlds = [int(w) for w in args.world_sizes.split(",")]
     for root in [ROOT, *args.root]:
         for world in worlds if root == ROOT else [1]:
+            if any(r["root"] == str(root.resolve()) and r["world_size"] == world for r in runs):
+                print(f"kept from {args.json}: {root} on {world} rank(s)", flush=True)
+                continue
             runs.append(build(root.resolve(), args, data, args.work / f"set-{len(runs)}", world))
             print(json.dumps(runs[-1]), flush=True)
-    text = "\n".join(report(runs, args)) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(runs, indent=1) + "\n")
-    os.sync()
+            save(args, settings, runs)  # each build as it finishes
+    print("\n".join(report(runs, args)))
 
 
 if __name__ == "__main__":
