@@ -1183,14 +1183,17 @@ def time_table(group: Group) -> list[str]:
             row.append(fmt(at))
         else:
             ends = statistics.mean(r["curve"][-1]["train_seconds"] for r in runs)
-            row.append(f"- (ends at {ends:.0f} s)")
+            final = fmt([r["curve"][-1]["model_h1"] for r in runs])
+            row.append(f"- (ends at {ends:.0f} s, at {final})")
         rows.append(row)
     return [
         "### Time to the dense runs' final validation nRMSE",
         "",
         "First crossing on each run's validation curve (linear between evaluations); speed-up: "
         "the dense runs' mean training seconds over the mean time to cross. The validation "
-        "nRMSE at dense's wall-clock is interpolated; a run that ended sooner has none. Dense's "
+        "nRMSE at dense's wall-clock is interpolated; a run that ended sooner has none, and its "
+        "own final value is given instead (it reached that in less time; a longer run, with its "
+        "learning rate decayed over more steps, is what would say more). Dense's "
         "own row says where its curve first reached its final value: well before its end, the "
         "curve was flat or noisy there.",
         "",
