@@ -143,9 +143,9 @@ class QueryPlanStage:
         for epoch, k in enumerate(self.k_per_epoch):
             epochs_of.setdefault(k, []).append(epoch)
         per_pass = max(1, _ENCODE_ELEMENTS // max(1, s * n))
-        for epochs in epochs_of.values():
-            for first in range(0, len(epochs), per_pass):
-                group = epochs[first : first + per_pass]
+        for same_k in epochs_of.values():
+            for first in range(0, len(same_k), per_pass):
+                group = same_k[first : first + per_pass]
                 codes = encode_sets(torch.cat([drawn[e] for e in group]), n, self.slots[group[0]])
                 for i, epoch in enumerate(group):  # codes: (len(group) * S, nbytes)
                     queries[:, self.slots[epoch].rows] = codes[i * s : (i + 1) * s]
