@@ -19,9 +19,8 @@ import fnmatch
 import json
 import os
 import shutil
-import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,6 +71,7 @@ from pipeline.stages import (
     LatentEncoder,
     QueryPlanStage,
     ReadStage,
+    StageClock,
     assemble,
 )
 from pipeline.storage import file_sha256, write_atomic
@@ -522,24 +522,15 @@ class Builder:
         self.writers = plan.writers()
         self.importance = ImportanceStage(sampler, plan.norm, plan.info.periodic, cfg.batch_size)
         self.query_plan = QueryPlanStage(sampler, plan.k_per_epoch, cfg.seed, plan.info.grid)
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._seconds_lock = threading.Lock()
-
-    def _timed(self, stage: str, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[stage] += time.perf_counter() - start
-        return out
+        self.clock = StageClock(device)
 
     def compute(self, shard: ShardPlan, read: dict[str, np.ndarray]) -> ShardBlock:
         fields = torch.from_numpy(read["fields"]).to(self.device)
         self._check_range(shard, fields, read)
-        latent = self._timed("encode", self.encode, fields) if self.encode else None
-        q = self._timed("importance", self.importance, fields)
+        latent = self.clock.timed("encode", self.encode, fields) if self.encode else None
+        q = self.clock.timed("importance", self.importance, fields)
         self._check_range(shard, q, read, "the importance q")
-        queries, pi_scale = self._timed("query plan", self.query_plan, q, read["snapshot_id"])
+        queries, pi_scale = self.clock.timed("query plan", self.query_plan, q, read["snapshot_id"])
         return assemble(read, q, queries, pi_scale, latent)
 
     def _check_range(
@@ -575,8 +566,7 @@ class Builder:
             "files": {name: to_dict(file_entry(self.root, name, shard.count)) for name in files},
         }
         write_atomic(self.root / shard.record, json.dumps(record, sort_keys=True).encode())
-        with self._seconds_lock:  # several writes run at once
-            self.seconds["write"] += time.perf_counter() - start
+        self.clock.add("write", start)  # several writes run at once
 
     def run(self, shards: list[ShardPlan]) -> None:
         """Read ahead one shard, and keep up to ``write_threads`` shards writing, while the current
@@ -617,7 +607,7 @@ class Builder:
     def _timed_read(self, shard: ShardPlan) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         out = self.read(shard.trajectories)
-        self.seconds["read"] += time.perf_counter() - start
+        self.clock.add("read", start)
         return out
 
 
@@ -807,7 +797,7 @@ def _build(
     start = time.perf_counter()
     builder.run(todo)
     seconds = dict(
-        builder.seconds, total=time.perf_counter() - start, setup=setup, start=start - clock
+        builder.clock.seconds, total=time.perf_counter() - start, setup=setup, start=start - clock
     )
     summary: dict[str, Any] = {
         "rank": rank,

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -51,7 +50,7 @@ from pipeline.manifest import (
 from pipeline.query_codec import Slot, query_slots
 from pipeline.records import LayerBlock, ShardBlock, ShardError, StoredRecords, layer_schema
 from pipeline.samplers import ErrorImportance, ErrorSampler
-from pipeline.stages import QueryPlanStage
+from pipeline.stages import QueryPlanStage, StageClock
 from pipeline.storage import (
     RemoteConfig,
     is_url,
@@ -315,14 +314,7 @@ class LayerWriter:
         ]
         # where write_shards' seconds go: waiting for a read, the error, the plan (q, the sets
         # and the copy to the host) on the main thread; the writes summed over their threads
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._seconds_lock = threading.Lock()
-
-    def _lap(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        with self._seconds_lock:  # the writes add theirs from their threads
-            self.seconds[stage] += now - since
-        return now
+        self.clock = StageClock(device)
 
     def create(self) -> None:
         """Once, before any shard (on one rank): the partial directory and zarr's arrays."""
@@ -359,17 +351,11 @@ class LayerWriter:
             ahead = reader.submit(read, todo[0])
             pending: deque[Future[None]] = deque()
             for position, index in enumerate(todo):
-                clock = time.perf_counter()
-                block = ahead.result()
-                clock = self._lap("read", clock)
+                block = self.clock.timed("read", ahead.result)
                 if position + 1 < len(todo):
                     ahead = reader.submit(read, todo[position + 1])
-                error = error_of(block)
-                if self.device.type == "cuda":  # its kernels, not the plan's, own its seconds
-                    torch.cuda.synchronize(self.device)
-                clock = self._lap("error", clock)
-                layer = self.plan_block(block, error)  # ends with copies to the host
-                self._lap("plan", clock)
+                error = self.clock.timed("error", error_of, block)
+                layer = self.clock.timed("plan", self.plan_block, block, error)
                 pending.append(writers.submit(self._write, index, layer))
                 while len(pending) > threads or (pending and pending[0].done()):
                     pending.popleft().result()  # raises a failed write here
@@ -385,14 +371,14 @@ class LayerWriter:
 
     def _write(self, index: int, layer: LayerBlock) -> None:
         """One shard's files in every format, then its part record (what a rerun keeps)."""
-        clock = time.perf_counter()
+        start = time.perf_counter()
         files = []
         for writer in self.writers:
             files += writer.write("train", index, shard_name("train", index), layer)
         entries = {f: to_dict(file_entry(self.tmp, f, len(layer))) for f in files}
         record = {"owner": self.request_id, "files": entries}
         write_atomic(self._part(index), json.dumps(record, sort_keys=True).encode())
-        self._lap("write", clock)
+        self.clock.add("write", start)
 
     @torch.no_grad()
     def plan_block(self, block: ShardBlock, error: torch.Tensor) -> LayerBlock:

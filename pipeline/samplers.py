@@ -256,6 +256,13 @@ def _check_fields(fields: torch.Tensor, periodic: Sequence[bool]) -> None:
 Shared = TypeVar("Shared")  # what a sampler's draws of one k share (Sampler._shared)
 
 
+def epoch_passes(epochs: Sequence[int], rows: int, n: int) -> list[list[int]]:
+    """``epochs`` in the groups that one pass over (len(group) x rows, N) handles at once: the
+    draws of one k, and their encoding, are bounded by _DRAW_ELEMENTS elements a pass."""
+    per_pass = max(1, _DRAW_ELEMENTS // max(1, rows * n))
+    return [list(epochs[first : first + per_pass]) for first in range(0, len(epochs), per_pass)]
+
+
 class EpochDraws(NamedTuple):
     """What :meth:`Sampler.sample_epochs` draws for a shard's epochs."""
 
@@ -313,9 +320,7 @@ class Sampler(Generic[Shared]):
                     out[e] = torch.arange(k, device=q.device).expand(b, k).clone()
                 continue
             shared = self._shared(q, capping, grid)
-            per_pass = max(1, _DRAW_ELEMENTS // (b * n))  # epochs drawn in one pass
-            for first in range(0, len(epochs), per_pass):
-                group = epochs[first : first + per_pass]
+            for group in epoch_passes(epochs, b, n):
                 keys = torch.cat([keys_per_epoch[e] for e in group])  # (len(group) * B,)
                 drawn = self._draw(shared, k, keys, grid)  # (len(group) * B, k)
                 for i, e in enumerate(group):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -17,11 +20,35 @@ import torch
 from pipeline.keys import epoch_keys
 from pipeline.query_codec import encode_sets, query_slots
 from pipeline.records import ShardBlock, trajectory_ids
-from pipeline.samplers import Sampler
+from pipeline.samplers import Sampler, epoch_passes
 from pipeline.sources.pdebench import DataInfo, PDEBenchFile
 from pipeline.sources.splits import NormStats
 
-_ENCODE_ELEMENTS = 1 << 24  # (epochs x snapshots) x N per encoding pass, as the draws' passes
+
+class StageClock:
+    """Seconds per stage, added from any thread: the main thread's stages timed with the device
+    synchronised (queued kernels count in the stage that launched them), the writes summed over
+    the threads that run them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, since: float) -> None:
+        """The time since ``since`` (a perf_counter()), to ``stage``."""
+        elapsed = time.perf_counter() - since
+        with self._lock:
+            self.seconds[stage] += elapsed
+
+    def timed(self, stage: str, fn: Callable, *args):
+        """``fn(*args)``, its seconds (the device synchronised after it) added to ``stage``."""
+        start = time.perf_counter()
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.add(stage, start)
+        return out
 
 
 class LatentEncoder(Protocol):
@@ -142,10 +169,8 @@ class QueryPlanStage:
         epochs_of: dict[int, list[int]] = {}
         for epoch, k in enumerate(self.k_per_epoch):
             epochs_of.setdefault(k, []).append(epoch)
-        per_pass = max(1, _ENCODE_ELEMENTS // max(1, s * n))
         for same_k in epochs_of.values():
-            for first in range(0, len(same_k), per_pass):
-                group = same_k[first : first + per_pass]
+            for group in epoch_passes(same_k, s, n):
                 codes = encode_sets(torch.cat([drawn[e] for e in group]), n, self.slots[group[0]])
                 for i, epoch in enumerate(group):  # codes: (len(group) * S, nbytes)
                     queries[:, self.slots[epoch].rows] = codes[i * s : (i + 1) * s]

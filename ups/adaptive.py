@@ -174,7 +174,7 @@ class PointError:
 @dataclass(frozen=True)
 class Refreshed:
     """A refresh's layer, and where this rank's seconds went: waiting for reads, the error, the
-    plan on the main thread, and the writes summed over their threads (LayerWriter.seconds)."""
+    plan on the main thread, and the writes summed over their threads (LayerWriter.clock)."""
 
     layer_id: str
     seconds: dict[str, float]
@@ -212,7 +212,7 @@ def refresh(
     if world > 1:
         dist.broadcast_object_list(layer_id, src=0)
     assert layer_id[0] is not None  # rank 0's, broadcast to every other rank
-    return Refreshed(layer_id[0], dict(writer.seconds))
+    return Refreshed(layer_id[0], dict(writer.clock.seconds))
 
 
 def model_entry(models: nn.Module, stage: str, step: int) -> dict:
