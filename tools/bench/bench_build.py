@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from bench_common import ROOT, environment_lines, markdown_table
 
+from pipeline.storage import write_atomic
+
 BUILD_ONE = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -200,9 +202,7 @@ def save(args: argparse.Namespace, settings: dict, runs: list[dict]) -> None:
         (args.out, "\n".join(report(runs, args)) + "\n"),
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text.encode())
     os.sync()
 
 
