@@ -120,6 +120,14 @@ def _add_layers(graph: BatchGraph, layers: Connection) -> None:
             layer_id = layers.recv()
             with contextlib.suppress(Exception):
                 graph.source.shards.add_layer(layer_id)
+    # The parent is gone (it closed the loader, or was killed mid-refresh): no layer comes any
+    # more, so stop the stream, or a reader waiting for one keeps this process alive for ever,
+    # an orphan. The main thread's iteration then ends, and it finds the parent gone. Stopped
+    # again until the main thread ends: a stream still starting clears the stop (its reset).
+    main = threading.main_thread()
+    while main.is_alive():
+        graph.source.stop()
+        main.join(timeout=1)
 
 
 def serve_batches(

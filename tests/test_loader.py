@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_codec_checkpoint
+from helpers import ENV, ROOT, tiny_codec_checkpoint
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import ConfigError
@@ -316,6 +322,63 @@ def test_loader_process_death_is_reported_and_close_stops_it(latent_shards):
     child = resumed._process._process
     resumed.close()
     assert not child.is_alive() and resumed._process is None
+
+
+# a training process whose loader process waits for the layer of a refresh it never finishes
+KILLED_DURING_REFRESH = """
+import sys, time
+from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
+from pipeline.shards import open_shards
+
+location, awaited = sys.argv[1], int(sys.argv[2])
+shards = open_shards(location)
+shards.await_layers([awaited])  # as a run with adaptive.refresh_every does
+spec = BatchSpec(window=1, sparse_steps=(0, 1), latents=True)
+loader = ShardLoader(shards, LoaderConfig(workers=1), batch_size=8, spec=spec)
+if awaited:
+    for _ in loader:  # epoch 0; the loader process runs on into epoch 1, which waits
+        pass
+else:
+    loader.batches_from(0, 0)  # its first epoch waits
+print(loader._process._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize(
+    ("awaited", "delay"),
+    [(1, 1.0), (0, 5.0), (0, 0.0)],
+    ids=["waiting-mid-run", "waiting-at-start", "starting"],
+)
+def test_loader_process_of_a_run_killed_during_a_refresh_exits_quietly(
+    latent_shards, awaited, delay
+):
+    """The training process SIGKILLed while its loader process waits for a layer (a refresh
+    that is then never finished), or while that process still starts: it exits within seconds,
+    printing nothing, rather than live on for ever as an orphan holding shared memory."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DURING_REFRESH, str(latent_shards), str(awaited)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    child = None
+    try:
+        child = int(run.stdout.readline())
+        time.sleep(delay)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        # the loader process holds the same stdout and stderr: they end when it has exited
+        try:
+            _, stderr = run.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the loader process of a killed training process still runs after 20 s")
+        for noise in ("Traceback", "leaked", "ConnectionResetError", "BrokenPipeError"):
+            assert noise not in stderr, stderr
+    finally:
+        run.kill()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        run.communicate()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
