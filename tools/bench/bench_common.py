@@ -30,6 +30,12 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work, so that a timer read after it measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def repo_relative(text: str) -> str:
     """``text`` with the repository's absolute path left out of every path inside it, so that
     a result says where a file lies in the project, not on the machine that ran it."""

@@ -22,19 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from bench_common import environment_lines, forever, markdown_table, repo_relative
+from bench_common import environment_lines, forever, markdown_table, repo_relative, synchronize
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from pipeline.cli import parse_config
 from ups.cli import CONFIGS
 from ups.training.train import TrainConfig, Trainer
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_steps(trainer: Trainer, batches, steps: int) -> tuple[list[float], list[float]]:
