@@ -94,7 +94,8 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
     grouped = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.uint8)  # (..., ceil(B/8), 8)
-    place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    # 128, 64, ..., 1 made on the device: a tensor copied there would wait for it
+    place = (1 << torch.arange(7, -1, -1, device=bits.device)).to(torch.uint8)
     return (grouped * place).sum(-1, dtype=torch.uint8)
 
 

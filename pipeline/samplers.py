@@ -106,9 +106,10 @@ def _check_q(q: torch.Tensor, k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(n, _MAX_K):
         raise ValueError(f"k: expected an integer in [1, N={n}], got {k!r}")
     sums = q.double().sum(1)  # with no negative entry: finite iff every entry is
-    if bool(q.min() < 0) or not bool(torch.isfinite(sums).all()):
-        raise ValueError("q: expected finite, non-negative probabilities")
-    if ((sums - 1).abs() > 1e-3).any():
+    invalid = (q.min() < 0) | ~torch.isfinite(sums).all()
+    if bool(invalid | ((sums - 1).abs() > 1e-3).any()):  # one wait for a GPU, not one per check
+        if bool(invalid):
+            raise ValueError("q: expected finite, non-negative probabilities")
         raise ValueError(
             f"q: each row must sum to 1, got sums in [{sums.min():.6g}, {sums.max():.6g}]"
         )
@@ -224,10 +225,29 @@ def _smallest_k(keys: torch.Tensor, n: int, k: int, stream: int) -> torch.Tensor
 
 
 def _mask_to_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) bool with k True per row -> their indices (B, k) int64, ascending."""
+    """(B, N) bool with k True per row -> their indices (B, k) int64, ascending.
+
+    On a GPU without waiting for it (:func:`_ranked_indices`): nonzero must sync to learn its
+    output's size, and a build draws a shard's epochs in several passes, each such wait stalling
+    the thread that launches the next pass. On a CPU nonzero is the faster, and waits for
+    nothing."""
+    if mask.device.type != "cpu":
+        return _ranked_indices(mask, k)
     counts = mask.sum(1)
-    assert bool((counts == k).all()), f"a draw selected {counts.tolist()} points instead of {k}"
-    return mask.nonzero()[:, 1].reshape(mask.shape[0], k)  # nonzero is row-major: sorted per row
+    assert bool((counts == k).all()), f"a draw selected {counts.tolist()} points, not {k}"
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], k)  # row-major: sorted per row
+
+
+def _ranked_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`_mask_to_indices` with no host sync: each True goes to its rank in its row (a
+    running count), and the count is checked on the device."""
+    b, n = mask.shape
+    torch._assert_async((mask.sum(1) == k).all(), f"a draw did not select {k} points in a row")
+    rank = mask.cumsum(1) - 1  # (B, N): each True's column in the result
+    column = torch.where(mask, rank.clamp(max=k), k)  # the rest to a spare column k, dropped
+    out = torch.empty((b, k + 1), dtype=torch.int64, device=mask.device)
+    out.scatter_(1, column, torch.arange(n, device=mask.device).expand(b, n))
+    return out[:, :k].contiguous()
 
 
 def _scatter_picks(order: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:

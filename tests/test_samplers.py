@@ -372,6 +372,28 @@ def test_partial_selection_equals_the_full_stable_order_also_on_ties(monkeypatch
         assert torch.equal(fast, full), k
 
 
+@pytest.mark.parametrize("kind", ["stratified", "gradient"])
+def test_sync_free_indices_give_the_same_draws(kind: str, monkeypatch) -> None:
+    """On a GPU a draw's mask becomes indices by ranks (_ranked_indices, no host sync), on a CPU
+    by nonzero: both give the same sets, bit for bit; the ranked path checks the count too."""
+    import pipeline.samplers as samplers_module
+
+    grid = GRIDS[2]
+    sampler = make_sampler(SamplerConfig(kind=kind))
+    q = sampler.probabilities(field("front", grid).expand(5, -1, -1, -1), [False, False])
+    keys = snapshot_keys(3, range(5), 0)
+    for k in (1, 97, q.shape[1] // 2):
+        by_nonzero = sampler.sample(q, k, keys, grid)
+        monkeypatch.setattr(samplers_module, "_mask_to_indices", samplers_module._ranked_indices)
+        by_rank = sampler.sample(q, k, keys, grid)
+        monkeypatch.undo()
+        assert by_rank.is_contiguous() and torch.equal(by_rank, by_nonzero), k
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[1, [0, 2, 9]] = True  # 2 and 3 points where 2 are expected
+    with pytest.raises(RuntimeError, match="did not select 2 points"):
+        samplers_module._ranked_indices(mask, 2)
+
+
 @pytest.mark.parametrize("stratify", [True, False])
 @pytest.mark.parametrize("grid", [(70,), (18, 12)])
 def test_error_sets_include_each_point_with_its_probability(stratify: bool, grid) -> None:
