@@ -830,18 +830,17 @@ class Group:
         return found, len(runs)
 
     def seed_mean_curve(self, config: str) -> list[dict]:
-        """The seeds' mean validation curve: at each step every run validated at (the seeds
-        validate at the same steps), the mean training seconds and the mean nRMSE."""
+        """The seeds' mean validation curve, the one the times are read from and the plot
+        draws: at each step every run validated at (the seeds validate at the same steps), the
+        mean training seconds, and the mean and std of the nRMSE."""
         by_step = [{p["step"]: p for p in r["curve"]} for r in self.runs.get(config, [])]
         steps = sorted(set.intersection(*(set(c) for c in by_step))) if by_step else []
-        return [
-            {
-                "step": step,
-                "train_seconds": statistics.mean(c[step]["train_seconds"] for c in by_step),
-                "model_h1": statistics.mean(c[step]["model_h1"] for c in by_step),
-            }
-            for step in steps
-        ]
+        curve = []
+        for step in steps:
+            mean, std = mean_std([c[step]["model_h1"] for c in by_step])
+            seconds = statistics.mean(c[step]["train_seconds"] for c in by_step)
+            curve.append({"step": step, "train_seconds": seconds, "model_h1": mean, "std": std})
+        return curve
 
     def mean_time(self, config: str, factor: float) -> float | None:
         """Training seconds at which the seeds' mean curve first reaches factor x the dense
@@ -1153,15 +1152,15 @@ def refresh_lines(group: Group) -> list[str]:
     """Where the error-based runs' refresh seconds went, for the runs that logged it."""
     out = []
     for name, runs in group.runs.items():
-        split = [r["refresh_stage_seconds"] for r in runs if r.get("refresh_stage_seconds")]
-        if not split:
+        logged = [r for r in runs if r.get("refresh_stage_seconds")]
+        if not logged:
             continue
-        mean = {stage: statistics.mean(s[stage] for s in split) for stage in split[0]}
-        refresh = statistics.mean(
-            r["refresh_seconds"] for r in runs if r.get("refresh_stage_seconds")
-        )
+        stages = logged[0]["refresh_stage_seconds"]
+        mean = {stage: statistics.mean(r["refresh_stage_seconds"][stage] for r in logged)
+                for stage in stages}  # fmt: skip
+        refresh = statistics.mean(r["refresh_seconds"] for r in logged)
         parts = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in mean.items())
-        out.append(f"- {name}: refreshes {refresh:.1f} s per run ({len(split)} run(s)); {parts}")
+        out.append(f"- {name}: refreshes {refresh:.1f} s per run ({len(logged)} run(s)); {parts}")
     if not out:
         return []
     return [
@@ -1195,16 +1194,17 @@ def time_table(group: Group) -> list[str]:
         "seeds reaching 1.05x",
         f"val one-step at dense's {dense_s:.0f} s",
     ]
+    dense_to = {factor: group.mean_time("dense", factor) for factor in (1.0, 1.05)}
     rows = []
     for name, runs in group.runs.items():
         row = [name]
         for factor in (1.0, 1.05):
-            seconds, dense_to = group.mean_time(name, factor), group.mean_time("dense", factor)
+            seconds = group.mean_time(name, factor)
             found, n = group.times(name, factor)
             if seconds is None:
                 row += ["not reached", "-"]
             else:
-                speed = f"{dense_to / seconds:.2f}x" if dense_to else "-"
+                speed = f"{dense_to[factor] / seconds:.2f}x" if dense_to[factor] else "-"
                 row += [f"{seconds:.1f}", speed]
             row.append(f"{len(found)}/{n}" + (f" ({fmt(found, 1)} s)" if found else ""))
         at = group.val_at(name, dense_s)
@@ -1235,20 +1235,6 @@ def time_table(group: Group) -> list[str]:
     ]
 
 
-def mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Mean and std over seeds of the validation curves, on the seconds every seed covers."""
-    start = max(r["curve"][0]["train_seconds"] for r in runs)
-    stop = min(r["curve"][-1]["train_seconds"] for r in runs)
-    if stop < start:
-        return None
-    grid = np.linspace(start, stop, 200)
-    values = np.stack([
-        np.interp(grid, [p["train_seconds"] for p in r["curve"]], [p["model_h1"] for p in r["curve"]])
-        for r in runs
-    ])  # fmt: skip
-    return grid, values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(grid)
-
-
 def draw(group: Group, title: str, path: Path) -> None:
     """Validation one-step nRMSE against training seconds: one line per configuration (the
     mean over seeds, shaded ± std), log y; the dense target and 1.05x of it dashed."""
@@ -1259,15 +1245,22 @@ def draw(group: Group, title: str, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for name, runs in group.runs.items():
-        curve = mean_curve(runs)
-        if curve is None:
+        curve = group.seed_mean_curve(name)
+        if not curve:
             continue
-        grid, mean, std = curve
+        seconds = [p["train_seconds"] for p in curve]
+        mean, std = np.array([p["model_h1"] for p in curve]), np.array([p["std"] for p in curve])
         config = CONFIGS[name]
         ax.plot(
-            grid, mean, color=config.colour, linestyle=config.style, label=f"{name} ({len(runs)})"
+            seconds,
+            mean,
+            color=config.colour,
+            linestyle=config.style,
+            label=f"{name} ({len(runs)})",
         )
-        ax.fill_between(grid, mean - std, mean + std, color=config.colour, alpha=0.15, linewidth=0)
+        ax.fill_between(
+            seconds, mean - std, mean + std, color=config.colour, alpha=0.15, linewidth=0
+        )
     if group.dense_val is not None:
         for factor in (1.0, 1.05):
             ax.axhline(
