@@ -832,14 +832,23 @@ class Group:
     def seed_mean_curve(self, config: str) -> list[dict]:
         """The seeds' mean validation curve, the one the times are read from and the plot
         draws: at each step every run validated at (the seeds validate at the same steps), the
-        mean training seconds, and the mean and std of the nRMSE."""
+        mean training seconds, and the mean, std and range (min, max) of the nRMSE."""
         by_step = [{p["step"]: p for p in r["curve"]} for r in self.runs.get(config, [])]
         steps = sorted(set.intersection(*(set(c) for c in by_step))) if by_step else []
         curve = []
         for step in steps:
-            mean, std = mean_std([c[step]["model_h1"] for c in by_step])
+            values = [c[step]["model_h1"] for c in by_step]
+            mean, std = mean_std(values)
             seconds = statistics.mean(c[step]["train_seconds"] for c in by_step)
-            curve.append({"step": step, "train_seconds": seconds, "model_h1": mean, "std": std})
+            curve.append(
+                {
+                    "step": step,
+                    "train_seconds": seconds,
+                    "model_h1": mean,
+                    "std": std,
+                    "range": (min(values), max(values)),
+                }
+            )
         return curve
 
     def mean_time(self, config: str, factor: float) -> float | None:
@@ -1237,7 +1246,8 @@ def time_table(group: Group) -> list[str]:
 
 def draw(group: Group, title: str, path: Path) -> None:
     """Validation one-step nRMSE against training seconds: one line per configuration (the
-    mean over seeds, shaded ± std), log y; the dense target and 1.05x of it dashed."""
+    mean over seeds, shaded from the lowest seed to the highest: on a log axis a mean - std
+    below zero would shade down to the axis), log y; the dense target and 1.05x of it dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1249,7 +1259,8 @@ def draw(group: Group, title: str, path: Path) -> None:
         if not curve:
             continue
         seconds = [p["train_seconds"] for p in curve]
-        mean, std = np.array([p["model_h1"] for p in curve]), np.array([p["std"] for p in curve])
+        mean = np.array([p["model_h1"] for p in curve])
+        low, high = np.array([p["range"] for p in curve]).T
         config = CONFIGS[name]
         ax.plot(
             seconds,
@@ -1258,9 +1269,7 @@ def draw(group: Group, title: str, path: Path) -> None:
             linestyle=config.style,
             label=f"{name} ({len(runs)})",
         )
-        ax.fill_between(
-            seconds, mean - std, mean + std, color=config.colour, alpha=0.15, linewidth=0
-        )
+        ax.fill_between(seconds, low, high, color=config.colour, alpha=0.15, linewidth=0)
     if group.dense_val is not None:
         for factor in (1.0, 1.05):
             ax.axhline(
@@ -1274,7 +1283,7 @@ def draw(group: Group, title: str, path: Path) -> None:
         yscale="log",
         xlabel="training seconds (refreshes included; validation and warm-up excluded)",
         ylabel="validation one-step nRMSE",
-        title=f"{title}, operator stage, {group.steps} steps (mean ± std over seeds)",
+        title=f"{title}, operator stage, {group.steps} steps (mean over seeds, shaded: their range)",
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
