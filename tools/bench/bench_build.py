@@ -98,6 +98,8 @@ def build(root: Path, args: argparse.Namespace, data: Path, out: Path, world: in
         f"batch_size={args.batch_size}",
         "progress=false",
     ]
+    if args.write_threads is not None:
+        options.append(f"write_threads={args.write_threads}")
     start = time.perf_counter()
     with GpuSampler(world) as gpu:
         ranks = [
@@ -170,7 +172,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         *environment_lines(),
         f"- data: {args.pde}, {args.trajectories} trajectories x {args.steps} steps, "
         f"N = {n}; {args.epochs} epochs of {args.sampler} sets at k/N = {args.ratio}, "
-        f"format {args.format}, {args.trajectories_per_shard} trajectories per shard",
+        f"format {args.format}, {args.trajectories_per_shard} trajectories per shard, "
+        f"write_threads {args.write_threads or 'default'}",
         "- snapshot-epochs/s = snapshots built x epochs / the wall-clock of the rank processes "
         "(start-up, plan, norm statistics, source hash, every stage, finalize); 'in the build's "
         "stage table': the same over the busiest rank's stage total; stage seconds are the build's own "
@@ -191,7 +194,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
 
 SETTINGS = (  # what a saved run must share to be kept by a rerun
     "pde", "resolution", "trajectories", "steps", "epochs", "ratio", "sampler", "format",
-    "trajectories_per_shard", "batch_size",
+    "trajectories_per_shard", "batch_size", "write_threads",
 )  # fmt: skip
 
 
@@ -218,6 +221,13 @@ def main() -> None:
     parser.add_argument("--format", default="both")
     parser.add_argument("--trajectories-per-shard", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--write-threads",
+        type=int,
+        default=None,
+        help="shards each rank writes at once (default: the build's); the faster the query "
+        "plan, the more it takes to keep the GPU stages from waiting on the writers",
+    )
     parser.add_argument("--work", type=Path, default=Path("bench-build-work"))
     parser.add_argument("--root", type=Path, action="append", default=[], help="other checkouts")
     parser.add_argument("--world-sizes", default="1", help="comma-separated ranks per build")
