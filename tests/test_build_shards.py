@@ -361,6 +361,12 @@ def test_tars_readable_with_webdataset_and_tarfile(built):
     tar_path = built / shard["tar"]
     with tarfile.open(tar_path) as tar:
         names = tar.getnames()
+        # one plain ustar header per member: fixed mtime and owner, no PAX extended headers
+        assert all(
+            m.mtime == 0 and m.uname == "ups" and m.isfile() and not m.pax_headers
+            for m in tar.getmembers()
+        )
+        assert tar_path.stat().st_size < sum(512 + -(-m.size // 512) * 512 for m in tar) + 20480
         keys = [name.split(".", 1)[0] for name in names[:: len(MEMBERS)]]
         assert names == [f"{key}.{member}" for key in keys for member in MEMBERS]
         assert keys == sorted(keys) and len(keys) == shard["count"]

@@ -60,7 +60,7 @@ class WdsWriter:
             post=lambda written: os.replace(written, path),
             verbose=0,
             encoder=False,
-            mtime=0.0,
+            mtime=0,  # an int: a float mtime makes tarfile add a PAX header (1 KiB) to every member
             user="ups",
             group="ups",
         ) as sink:
