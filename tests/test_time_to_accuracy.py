@@ -1,0 +1,91 @@
+"""The time-to-accuracy study's analysis (tools/bench/bench_time_to_accuracy.py): the crossing
+times, warm-up removal and seed mean curves behind the README's headline, and its report rendered
+from the committed results, so the numbers the docs quote are the ones the data give."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "tools" / "bench"
+RESULTS = ROOT / "docs" / "bench" / "bench_time_to_accuracy.json"
+
+
+@pytest.fixture
+def study(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("bench_time_to_accuracy")
+
+
+def curve(*points: tuple[int, float, float]) -> list[dict]:
+    return [{"step": s, "train_seconds": t, "model_h1": v} for s, t, v in points]
+
+
+def test_time_to_is_the_first_crossing_linear_between_validations(study) -> None:
+    c = curve(
+        (200, 10, 0.03), (400, 20, 0.02), (600, 30, 0.008), (800, 40, 0.012), (1000, 50, 0.005)
+    )
+    assert study.time_to(c, 0.01) == pytest.approx(20 + 10 * (0.02 - 0.01) / (0.02 - 0.008))
+    assert study.time_to(c, 0.04) == 10  # reached at the first validation
+    assert study.time_to(c, 0.001) is None  # never reached
+    assert study.time_to(c, 0.008) == 30  # reached exactly, not the later dip
+
+
+def test_warm_up_left_out_and_seeds_averaged_per_validation_step(study) -> None:
+    # seed 0 compiles for 40 s before its first step's pace of 0.01 s/step; seed 1 for 10 s
+    runs = [
+        {
+            "pde": "ns2d",
+            "config": "uniform 0.1",
+            "seed": seed,
+            "steps": 600,
+            "train_seconds": warm + 6.0,
+            "curve": curve((200, warm + 2, v0), (400, warm + 4, v1), (600, warm + 6, v2)),
+        }
+        for seed, (warm, v0, v1, v2) in enumerate([(40, 0.03, 0.02, 0.01), (10, 0.05, 0.02, 0.03)])
+    ]
+    (group,) = study.groups({"runs": runs})
+    steadied = group.runs["uniform 0.1"]
+    assert [r["warmup_seconds"] for r in steadied] == pytest.approx([40, 10])
+    assert [r["train_seconds"] for r in steadied] == pytest.approx([6, 6])
+    mean = group.seed_mean_curve("uniform 0.1")
+    assert [p["train_seconds"] for p in mean] == pytest.approx([2, 4, 6])
+    assert [p["model_h1"] for p in mean] == pytest.approx([0.04, 0.02, 0.02])
+    assert [p["range"] for p in mean] == [(0.03, 0.05), (0.02, 0.02), (0.01, 0.03)]
+
+
+def test_report_renders_the_committed_results(tmp_path) -> None:
+    """Both data sets' sections, the numbers docs/benchmarks.md and the README quote, and the
+    plots, rendered again from docs/bench/bench_time_to_accuracy.json."""
+    results = tmp_path / RESULTS.name
+    shutil.copy(RESULTS, results)
+    script = BENCH / "bench_time_to_accuracy.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--report", str(results)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "bench_time_to_accuracy.md").read_text()
+    assert report.strip() == done.stdout.strip()  # printed as written
+    ns2d = report[report.index("## NS 2D, 6000 steps") :]
+    burgers = report[report.index("## Burgers 1D, 6000 steps") : report.index("## NS 2D")]
+    # NS 2D: gradient 0.1's mean curve reaches dense's final val nRMSE 7.15x sooner (README)
+    assert "| gradient 0.1 | 61.2 | 7.15x |" in ns2d
+    assert "| dense | 437.3 | 1.00x |" in ns2d
+    assert "against dense's 437 s (0.14x)" in ns2d and "| met |" in ns2d
+    # Burgers 1D: no speed-up; the best reaches it in 0.94x of dense's time
+    assert "| stratified 0.3 | 57.7 | 1.07x |" in burgers
+    assert "against dense's 62 s (0.94x)" in burgers
+    assert "| met |" not in burgers
+    for pde in ("ns2d", "burgers1d"):
+        png = tmp_path / f"bench_time_to_accuracy_{pde}_6000.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
