@@ -571,7 +571,9 @@ class Builder:
     def run(self, shards: list[ShardPlan]) -> None:
         """Read ahead one shard, and keep up to ``write_threads`` shards writing, while the current
         one is on the GPU: shards write different files, and compression and file I/O release the
-        interpreter lock, so writes run side by side instead of holding up the GPU stages."""
+        interpreter lock, so writes run side by side instead of holding up the GPU stages. What
+        they do hold up is counted: ``read wait`` and ``write wait``, the seconds the GPU stages'
+        thread waited for a shard's read and for a free writer (the last writes included)."""
         limit = self.plan.cfg.write_threads
         bars = {}
         for split in self.plan.cfg.splits:
@@ -594,13 +596,20 @@ class Builder:
             for i, shard in enumerate(shards):
                 if i + 1 < len(shards):
                     reads[i + 1] = reader.submit(self._timed_read, shards[i + 1])
-                block = self.compute(shard, reads.pop(i).result())
+                waited = time.perf_counter()
+                read = reads.pop(i).result()
+                self.clock.add("read wait", waited)
+                block = self.compute(shard, read)
+                waited = time.perf_counter()
                 while len(writing) >= limit:
                     writing.popleft().result()
+                self.clock.add("write wait", waited)
                 writing.append(writer.submit(self.write, shard, block))
                 bars[shard.split].update(shard.count)
+            waited = time.perf_counter()
             for future in writing:
                 future.result()
+            self.clock.add("write wait", waited)
         for bar in bars.values():
             bar.close()
 
@@ -784,7 +793,8 @@ def _build(
     plan: BuildPlan, rank: int, world: int, device: torch.device, setup: float
 ) -> dict[str, Any]:
     """This rank's shards, then (rank 0) the manifest. The summary's seconds hold the stages
-    (``total`` is their wall-clock) and, apart, what surrounds them: ``setup`` (the plan, with the
+    (``total`` is their wall-clock; ``read wait`` and ``write wait`` the parts of it the GPU
+    stages spent waiting for reads and writers) and, apart, what surrounds them: ``setup`` (the plan, with the
     source's sha256 and norm statistics computed or awaited, and the output prepared), ``start``
     (the builder on its device), and on rank 0 ``wait`` (for the other ranks) and ``finalize``."""
     root = Path(plan.cfg.out)

@@ -389,6 +389,33 @@ def test_tars_readable_with_webdataset_and_tarfile(built):
     )
 
 
+def test_the_stage_table_counts_the_gpu_stages_waiting_for_writers(burgers, tmp_path, monkeypatch):
+    """With one writer and writes slowed by 0.3 s a shard, the GPU stages' thread waits for the
+    writer before every shard after the first and for the last write: the summary's ``write
+    wait`` says so; with the writes at their own pace it stays small."""
+    import pipeline.build as build_module
+
+    def build(out: str) -> dict:
+        args = build_args(burgers, tmp_path / out, "write_threads=1", "format=zarr")
+        return run_build(load_config(BuildConfig, None, args))
+
+    quick = build("quick")["seconds"]
+    write = build_module.Builder.write
+
+    def slow_write(self, shard, block) -> None:
+        time.sleep(0.3)
+        write(self, shard, block)
+
+    monkeypatch.setattr(build_module.Builder, "write", slow_write)
+    slow = build("slow")
+    seconds, shards = slow["seconds"], slow["shards"]
+    assert shards >= 3
+    assert 0.2 * shards <= seconds["write wait"] <= seconds["total"]
+    assert quick["write wait"] < 0.1 * shards
+    for run in (quick, seconds):
+        assert 0 <= run["read wait"] <= run["total"]
+
+
 # ---------------------------------------------------------------- 4. crash safety
 
 

@@ -143,6 +143,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     ]
     # the stages (overlapping; ``total`` is their wall-clock), then what surrounds them
     stages = ["read", "encode", "importance", "query plan", "write", "total"]
+    stages += ["read wait", "write wait"]  # of the total: the GPU stages waiting
     stages += ["setup", "start", "wait", "finalize"]
     rows, stage_rows, byte_rows = [], [], []
     for run in runs:
@@ -178,7 +179,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         "(start-up, plan, norm statistics, source hash, every stage, finalize); 'in the build's "
         "stage table': the same over the busiest rank's stage total; stage seconds are the build's own "
         "table, rank 0's (read and write overlap the GPU stages, so they do not add up to the "
-        "total)",
+        "total; read wait and write wait are the parts of the total the GPU stages' thread waited "
+        "for a shard's read and for a free writer)",
         "",
         *markdown_table(header, rows),
         "",

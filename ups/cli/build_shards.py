@@ -36,6 +36,9 @@ def print_summary(summary: dict) -> None:
             if stage in seconds:
                 rate = snaps / seconds[stage] if seconds[stage] > 0 else float("inf")
                 print(f"{stage:<12}{seconds[stage]:>10.2f}{rate:>14.1f}")
+        waits = [f"{k} {seconds[k]:.2f} s" for k in ("read wait", "write wait") if k in seconds]
+        if waits:
+            print("of the total, the GPU stages waited: " + ", ".join(waits))
         around = [
             f"{k} {seconds[k]:.2f} s"
             for k in ("setup", "start", "wait", "finalize")
