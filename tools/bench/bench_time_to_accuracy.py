@@ -833,20 +833,18 @@ class Group:
     def seed_mean_curve(self, config: str) -> list[dict]:
         """The seeds' mean validation curve, the one the times are read from and the plot
         draws: at each step every run validated at (the seeds validate at the same steps), the
-        mean training seconds, and the mean, std and range (min, max) of the nRMSE."""
+        mean training seconds, and the mean and range (min, max) of the nRMSE."""
         by_step = [{p["step"]: p for p in r["curve"]} for r in self.runs.get(config, [])]
         steps = sorted(set.intersection(*(set(c) for c in by_step))) if by_step else []
         curve = []
         for step in steps:
             values = [c[step]["model_h1"] for c in by_step]
-            mean, std = mean_std(values)
             seconds = statistics.mean(c[step]["train_seconds"] for c in by_step)
             curve.append(
                 {
                     "step": step,
                     "train_seconds": seconds,
-                    "model_h1": mean,
-                    "std": std,
+                    "model_h1": statistics.mean(values),
                     "range": (min(values), max(values)),
                 }
             )
