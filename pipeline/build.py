@@ -794,9 +794,10 @@ def _build(
 ) -> dict[str, Any]:
     """This rank's shards, then (rank 0) the manifest. The summary's seconds hold the stages
     (``total`` is their wall-clock; ``read wait`` and ``write wait`` the parts of it the GPU
-    stages spent waiting for reads and writers) and, apart, what surrounds them: ``setup`` (the plan, with the
-    source's sha256 and norm statistics computed or awaited, and the output prepared), ``start``
-    (the builder on its device), and on rank 0 ``wait`` (for the other ranks) and ``finalize``."""
+    stages spent waiting for reads and writers) and, apart, what surrounds them: ``setup`` (the
+    plan, with the source's sha256 and norm statistics computed or awaited, and the output
+    prepared), ``start`` (the builder on its device), and on rank 0 ``wait`` (for the other
+    ranks) and ``finalize``."""
     root = Path(plan.cfg.out)
     mine = [s for i, s in enumerate(plan.shards) if i % world == rank]
     todo = [s for s in mine if not part_is_done(root, root / s.record, plan.build_id)]
