@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import ROOT, environment_lines, markdown_table
+from bench_common import ROOT, environment_lines, markdown_table, synthetic_data
 
 from pipeline.storage import write_atomic
 
@@ -242,24 +242,7 @@ def main() -> None:
     runs = saved["runs"] if isinstance(saved, dict) and saved["settings"] == settings else []
     if saved is not None and not runs:
         print(f"{args.json}: no runs of these settings in it; it is written afresh", flush=True)
-    data = args.work / f"{args.pde}-{args.resolution}-{args.trajectories}x{args.steps}.h5"
-    if not data.exists():
-        sys.path.insert(0, str(ROOT))
-        from pipeline.sources.generate import generate
-
-        start = time.perf_counter()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        generate(
-            args.pde,
-            data,
-            args.trajectories,
-            args.steps,
-            args.resolution,
-            seed=0,
-            device=device,
-            progress=False,
-        )
-        print(f"generated {data} in {time.perf_counter() - start:.0f} s", flush=True)
+    data = synthetic_data(args.work, args.pde, args.resolution, args.trajectories, args.steps)
     worlds = [int(w) for w in args.world_sizes.split(",")]
     for root in [ROOT, *args.root]:
         for world in worlds if root == ROOT else [1]:

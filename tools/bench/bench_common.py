@@ -1,6 +1,6 @@
 """What every benchmark shares: the lines its tables carry (command, date, machine, GPU,
-versions), the pool that runs a sweep one item per GPU, and the field-only shards and run logs
-the training benchmarks read."""
+versions), the pool that runs a sweep one item per GPU, the synthetic data files the build
+benchmarks share, and the field-only shards and run logs the training benchmarks read."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import platform
 import shlex
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -23,6 +24,7 @@ import torch
 from pipeline.build import BuildConfig, run_build
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
+from pipeline.sources.generate import generate
 from pipeline.sources.splits import DataConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -118,6 +120,19 @@ def run_in_slots(
         thread.join()
     if errors:
         raise errors[0]
+
+
+def synthetic_data(work: Path, pde: str, resolution: int, trajectories: int, steps: int) -> Path:
+    """The generated PDEBench-layout file of these settings under ``work`` (seed 0, made on the
+    GPU when there is one), generated if missing: the build benchmarks of the same settings
+    share it."""
+    data = work / f"{pde}-{resolution}-{trajectories}x{steps}.h5"
+    if not data.exists():
+        start = time.perf_counter()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generate(pde, data, trajectories, steps, resolution, seed=0, device=device, progress=False)
+        print(f"generated {data} in {time.perf_counter() - start:.0f} s", flush=True)
+    return data
 
 
 def build_field_shards(

@@ -39,7 +39,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, markdown_table, synchronize
+from bench_common import environment_lines, markdown_table, synchronize, synthetic_data
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +50,7 @@ from pipeline.build import BuildConfig, Builder, make_plan, run_build
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.sources.splits import DataConfig
+from pipeline.stages import StageClock
 
 REST = "rest (slot copies, to host)"  # the query plan outside the pieces
 ROWS = 20  # ops listed
@@ -167,24 +168,18 @@ def make_config(args: argparse.Namespace, data: Path, out: str) -> BuildConfig:
 
 
 def timed_stages(builder: Builder, shards: list[list[int]], device: torch.device):
-    """Seconds of each stage per shard, synchronised, after a warm-up shard; the plan's inputs."""
-
-    def timed(stage: str, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        synchronize(device)
-        seconds[stage].append(time.perf_counter() - start)
-        return out
-
-    seconds: dict[str, list[float]] = defaultdict(list)
-    inputs = []  # (q, snapshot ids) per shard
+    """Seconds of each stage per shard, synchronised (the build's StageClock, one per shard),
+    after a warm-up shard; the plan's inputs."""
+    clocks, inputs = [], []  # inputs: (q, snapshot ids) per shard
     for trajectories in [shards[0], *shards]:
-        read = timed("read", builder.read, trajectories)
-        fields = timed("to device", torch.Tensor.to, torch.from_numpy(read["fields"]), device)
-        q = timed("importance", builder.importance, fields)
-        timed("query plan", builder.query_plan, q, read["snapshot_id"])
+        clock = StageClock(device)
+        read = clock.timed("read", builder.read, trajectories)
+        fields = clock.timed("to device", torch.Tensor.to, torch.from_numpy(read["fields"]), device)
+        q = clock.timed("importance", builder.importance, fields)
+        clock.timed("query plan", builder.query_plan, q, read["snapshot_id"])
+        clocks.append(clock.seconds)
         inputs.append((q, read["snapshot_id"]))
-    return {stage: values[1:] for stage, values in seconds.items()}, inputs[1:]
+    return {stage: [c[stage] for c in clocks[1:]] for stage in clocks[0]}, inputs[1:]
 
 
 def main() -> None:
@@ -210,13 +205,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = f"{args.pde}-{args.resolution}-{args.trajectories}x{args.steps}.h5"
-    data = args.data or args.work / name
-    if not data.exists():
-        from pipeline.sources.generate import generate
-
-        gpu = "cuda" if torch.cuda.is_available() else "cpu"
-        generate(args.pde, data, args.trajectories, args.steps, args.resolution, 0, device=gpu)
+    data = args.data or synthetic_data(
+        args.work, args.pde, args.resolution, args.trajectories, args.steps
+    )
     with tempfile.TemporaryDirectory() as out:  # the plan only reads its output directory
         builder = Builder(make_plan(make_config(args, data, out)), device)
     count, per = len(builder.read.source), args.per_shard
