@@ -75,6 +75,7 @@ from pipeline.stages import (
     assemble,
 )
 from pipeline.storage import file_sha256, write_atomic
+from pipeline.write_pool import ShardWrite, WritePool
 
 
 @dataclass
@@ -93,7 +94,10 @@ class BuildConfig:
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
     latent_dtype: Literal["float16", "float32"] = "float32"
     batch_size: int = 64  # snapshots per encode / importance batch
-    write_threads: int = 4  # shards written at once, behind the GPU stages
+    write_workers: int = 4  # shards written at once, behind the GPU stages
+    # auto: worker processes on CUDA, where the writes' Python would hold up the GPU's thread;
+    # threads on the CPU, whose cores the compute needs (pipeline/write_pool.py)
+    write_in: Literal["auto", "processes", "threads"] = "auto"
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
     amp: bool = True  # encode in bf16 autocast on CUDA (latents then differ from an fp32 encode by bf16 rounding)
     overwrite: bool = False
@@ -112,7 +116,7 @@ class BuildConfig:
             self.trajectories_per_shard,
         )
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
-        check(self.write_threads >= 1, "write_threads", "an integer >= 1", self.write_threads)
+        check(self.write_workers >= 1, "write_workers", "an integer >= 1", self.write_workers)
         check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check(
             self.finalize_timeout > 0,
@@ -553,28 +557,32 @@ class Builder:
                 "what float32 training can carry; check the data (values this large are not physical)"
             )
 
-    def write(self, shard: ShardPlan, block: ShardBlock) -> None:
-        start = time.perf_counter()
-        files = []
-        for writer in self.writers:
-            files += writer.write(shard.split, shard.index, shard.name, block)
-        record = {
-            "owner": self.plan.build_id,
-            "split": shard.split,
-            "index": shard.index,
-            "count": shard.count,
-            "files": {name: to_dict(file_entry(self.root, name, shard.count)) for name in files},
-        }
-        write_atomic(self.root / shard.record, json.dumps(record, sort_keys=True).encode())
-        self.clock.add("write", start)  # several writes run at once
+    def write_job(self, shard: ShardPlan) -> ShardWrite:
+        """What a write worker needs for ``shard``: its files' places and its part record's."""
+        plan = self.plan
+        return ShardWrite(
+            root=str(self.root),
+            formats=tuple(plan.cfg.formats),
+            schema=plan.schema(),
+            chunk=plan.chunk,
+            split=shard.split,
+            index=shard.index,
+            name=shard.name,
+            record=shard.record,
+            record_fields={
+                "owner": plan.build_id,
+                "split": shard.split,
+                "index": shard.index,
+                "count": shard.count,
+            },
+        )
 
-    def run(self, shards: list[ShardPlan]) -> None:
-        """Read ahead one shard, and keep up to ``write_threads`` shards writing, while the current
-        one is on the GPU: shards write different files, and compression and file I/O release the
-        interpreter lock, so writes run side by side instead of holding up the GPU stages. What
-        they do hold up is counted: ``read wait`` and ``write wait``, the seconds the GPU stages'
-        thread waited for a shard's read and for a free writer (the last writes included)."""
-        limit = self.plan.cfg.write_threads
+    def run(self, shards: list[ShardPlan], pool: WritePool) -> None:
+        """Read ahead one shard, and keep up to ``write_workers`` shards writing (in ``pool``'s
+        processes or threads), while the current one is on the GPU. What the GPU stages still wait for is
+        counted: ``read wait`` and ``write wait``, the seconds their thread waited for a shard's
+        read and for a free writer (the last writes included)."""
+        limit = self.plan.cfg.write_workers
         bars = {}
         for split in self.plan.cfg.splits:
             total = sum(s.count for s in shards if s.split == split)
@@ -585,12 +593,9 @@ class Builder:
                     unit="snap",
                     disable=not self.plan.cfg.progress,
                 )
-        with (
-            ThreadPoolExecutor(max_workers=1) as reader,
-            ThreadPoolExecutor(max_workers=limit) as writer,
-        ):
+        with ThreadPoolExecutor(max_workers=1) as reader:
             reads: dict[int, Future] = {}
-            writing: deque[Future] = deque()
+            writing: deque[Future[float]] = deque()
             if shards:
                 reads[0] = reader.submit(self._timed_read, shards[0])
             for i, shard in enumerate(shards):
@@ -602,13 +607,13 @@ class Builder:
                 block = self.compute(shard, read)
                 waited = time.perf_counter()
                 while len(writing) >= limit:
-                    writing.popleft().result()
-                self.clock.add("write wait", waited)
-                writing.append(writer.submit(self.write, shard, block))
+                    self.clock.count("write", pool.wait(writing.popleft()))
+                writing.append(pool.submit(self.write_job(shard), block))  # waits for workers
+                self.clock.add("write wait", waited)  # to start, the first time
                 bars[shard.split].update(shard.count)
             waited = time.perf_counter()
             for future in writing:
-                future.result()
+                self.clock.count("write", pool.wait(future))  # summed over the workers
             self.clock.add("write wait", waited)
         for bar in bars.values():
             bar.close()
@@ -624,7 +629,8 @@ _FLOAT32_SQRT_MAX = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: its squ
 
 # build options that do not change what is built: left out of the manifest's config
 RUN_OPTIONS = (
-    "write_threads",
+    "write_workers",
+    "write_in",
     "rank",
     "world_size",
     "finalize",
@@ -757,7 +763,9 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
     device = _device(cfg.device)
     created = not root.exists()
     started = time.perf_counter()
-    with rank_lock(root, rank):
+    # worker processes start while the plan is made (the source's hash and norm statistics)
+    processes = cfg.write_in == "processes" or (cfg.write_in == "auto" and device.type == "cuda")
+    with rank_lock(root, rank), WritePool(cfg.write_workers, processes) as pool:
         try:
             plan = make_plan(cfg, load_encoder)
         except BaseException:
@@ -769,7 +777,7 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
         if cfg.finalize:
             return {"manifest": finalize(plan), "seconds": {}}
         prepare_output(plan, world)
-        return _build(plan, rank, world, device, setup=time.perf_counter() - started)
+        return _build(plan, rank, world, device, pool, setup=time.perf_counter() - started)
 
 
 def _device(option: str) -> torch.device:
@@ -790,7 +798,7 @@ def _device(option: str) -> torch.device:
 
 
 def _build(
-    plan: BuildPlan, rank: int, world: int, device: torch.device, setup: float
+    plan: BuildPlan, rank: int, world: int, device: torch.device, pool: WritePool, setup: float
 ) -> dict[str, Any]:
     """This rank's shards, then (rank 0) the manifest. The summary's seconds hold the stages
     (``total`` is their wall-clock; ``read wait`` and ``write wait`` the parts of it the GPU
@@ -806,7 +814,7 @@ def _build(
     for shard in todo:
         remove_leftovers(root, shard, builder.writers)
     start = time.perf_counter()
-    builder.run(todo)
+    builder.run(todo, pool)
     seconds = dict(
         builder.clock.seconds, total=time.perf_counter() - start, setup=setup, start=start - clock
     )

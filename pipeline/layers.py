@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +57,7 @@ from pipeline.storage import (
     read_bytes,
     write_atomic,
 )
+from pipeline.write_pool import ShardWrite, WritePool
 
 LAYER_SCHEMA_VERSION = 1
 LAYERS = "layers"  # the directory of a set's layers
@@ -307,10 +307,10 @@ class LayerWriter:
         self.plan = QueryPlanStage(
             self.sampler, self.k_per_epoch, self.record.seed, self.grid, first
         )
-        chunk = int(manifest.config["trajectories_per_shard"]) * shards.steps
-        schema = layer_schema(self.grid, self.k_per_epoch)
+        self.chunk = int(manifest.config["trajectories_per_shard"]) * shards.steps
+        self.schema = layer_schema(self.grid, self.k_per_epoch)
         self.writers: list[ShardWriter] = [
-            FORMATS[fmt].writer(self.tmp, schema, chunk) for fmt in self.record.formats
+            FORMATS[fmt].writer(self.tmp, self.schema, self.chunk) for fmt in self.record.formats
         ]
         # where write_shards' seconds go: waiting for a read, the error, the plan (q, the sets
         # and the copy to the host) on the main thread; the writes summed over their threads
@@ -332,11 +332,13 @@ class LayerWriter:
         error_of: Callable[[ShardBlock], torch.Tensor],
         indices: list[int],
         progress: Callable[[int], None] | None = None,
-        threads: int = 4,
+        workers: int = 4,
     ) -> None:
         """Compute and write shards ``indices`` (those a rerun finds whole are kept). The next
-        shard is read while one is on the device, and up to ``threads`` shards are written at
-        once behind it: compression, file I/O and hashing release the interpreter lock."""
+        shard is read while one is on the device, and up to ``workers`` shards are written at
+        once behind it, in threads of a :class:`WritePool`: a refresh is short and runs inside
+        training, where starting worker processes (seconds, the first time) would cost more
+        than the interpreter lock they would free."""
         todo = []
         for index in indices:
             if part_is_done(self.tmp, self._part(index), self.request_id):
@@ -346,39 +348,43 @@ class LayerWriter:
                 todo.append(index)
         if not todo:
             return
-        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(threads) as writers:
+        with ThreadPoolExecutor(1) as reader, WritePool(workers, processes=False) as writers:
             read = lambda i: self.shards.read_shard(i, cache=False)  # noqa: E731
             ahead = reader.submit(read, todo[0])
-            pending: deque[Future[None]] = deque()
+            pending: deque[Future[float]] = deque()
             for position, index in enumerate(todo):
                 block = self.clock.timed("read", ahead.result)
                 if position + 1 < len(todo):
                     ahead = reader.submit(read, todo[position + 1])
                 error = self.clock.timed("error", error_of, block)
                 layer = self.clock.timed("plan", self.plan_block, block, error)
-                pending.append(writers.submit(self._write, index, layer))
-                while len(pending) > threads or (pending and pending[0].done()):
-                    pending.popleft().result()  # raises a failed write here
+                pending.append(writers.submit(self._write_job(index), layer))
+                while len(pending) > workers or (pending and pending[0].done()):
+                    # a failed write raises here
+                    self.clock.count("write", writers.wait(pending.popleft()))
                     if progress is not None:
                         progress(1)
             while pending:
-                pending.popleft().result()
+                self.clock.count("write", writers.wait(pending.popleft()))
                 if progress is not None:
                     progress(1)
 
     def _part(self, index: int) -> Path:
         return self.tmp / _PARTS / f"{shard_name('train', index)}.json"
 
-    def _write(self, index: int, layer: LayerBlock) -> None:
+    def _write_job(self, index: int) -> ShardWrite:
         """One shard's files in every format, then its part record (what a rerun keeps)."""
-        start = time.perf_counter()
-        files = []
-        for writer in self.writers:
-            files += writer.write("train", index, shard_name("train", index), layer)
-        entries = {f: to_dict(file_entry(self.tmp, f, len(layer))) for f in files}
-        record = {"owner": self.request_id, "files": entries}
-        write_atomic(self._part(index), json.dumps(record, sort_keys=True).encode())
-        self.clock.add("write", start)
+        return ShardWrite(
+            root=str(self.tmp),
+            formats=tuple(self.record.formats),
+            schema=self.schema,
+            chunk=self.chunk,
+            split="train",
+            index=index,
+            name=shard_name("train", index),
+            record=str(self._part(index).relative_to(self.tmp)),
+            record_fields={"owner": self.request_id},
+        )
 
     @torch.no_grad()
     def plan_block(self, block: ShardBlock, error: torch.Tensor) -> LayerBlock:

@@ -37,9 +37,12 @@ class StageClock:
 
     def add(self, stage: str, since: float) -> None:
         """The time since ``since`` (a perf_counter()), to ``stage``."""
-        elapsed = time.perf_counter() - since
+        self.count(stage, time.perf_counter() - since)
+
+    def count(self, stage: str, seconds: float) -> None:
+        """``seconds`` to ``stage`` (a duration measured elsewhere: a write worker's)."""
         with self._lock:
-            self.seconds[stage] += elapsed
+            self.seconds[stage] += seconds
 
     def timed(self, stage: str, fn: Callable, *args):
         """``fn(*args)``, its seconds (the device synchronised after it) added to ``stage``."""

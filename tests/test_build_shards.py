@@ -285,9 +285,10 @@ def test_both_formats_hold_the_same_records(kind, built, built_gradient, burgers
 
 
 def test_rebuild_is_byte_identical(built, burgers, codec, work):
-    """The same config built twice: identical sample_set_id, tars, zarr chunk bytes and values."""
-    again = build_here(build_args(burgers, work / "uniform-again", encoder=codec))
-    assert_same_files(built, again)
+    """The same config built twice: identical sample_set_id, tars, zarr chunk bytes and values;
+    the second time with the writes in worker processes (as on CUDA) instead of threads."""
+    args = build_args(burgers, work / "uniform-again", "write_in=processes", encoder=codec)
+    assert_same_files(built, build_here(args))
 
 
 def test_two_ranks_match_one_rank(built, burgers, codec, tmp_path):
@@ -390,23 +391,25 @@ def test_tars_readable_with_webdataset_and_tarfile(built):
 
 
 def test_the_stage_table_counts_the_gpu_stages_waiting_for_writers(burgers, tmp_path, monkeypatch):
-    """With one writer and writes slowed by 0.3 s a shard, the GPU stages' thread waits for the
-    writer before every shard after the first and for the last write: the summary's ``write
-    wait`` says so; with the writes at their own pace it stays small."""
-    import pipeline.build as build_module
+    """With the writes in one thread of the build (where a patch reaches them), slowed by 0.3 s a shard, the GPU stages' thread waits for the writer before every shard after
+    the first and for the last write: the summary's ``write wait`` says so; with the writes at
+    their own pace it stays small."""
+    import pipeline.write_pool as write_pool
 
     def build(out: str) -> dict:
-        args = build_args(burgers, tmp_path / out, "write_threads=1", "format=zarr")
+        args = build_args(
+            burgers, tmp_path / out, "write_workers=1", "write_in=threads", "format=zarr"
+        )
         return run_build(load_config(BuildConfig, None, args))
 
     quick = build("quick")["seconds"]
-    write = build_module.Builder.write
+    write = write_pool.write_shard
 
-    def slow_write(self, shard, block) -> None:
+    def slow_write(job, block) -> float:
         time.sleep(0.3)
-        write(self, shard, block)
+        return write(job, block) + 0.3
 
-    monkeypatch.setattr(build_module.Builder, "write", slow_write)
+    monkeypatch.setattr(write_pool, "write_shard", slow_write)
     slow = build("slow")
     seconds, shards = slow["seconds"], slow["shards"]
     assert shards >= 3
@@ -543,6 +546,31 @@ def test_bad_input_exits_2_and_writes_nothing(
     for word in named:
         assert word in lines[0]
     assert not out.exists()
+
+
+def test_unguarded_script_gets_a_clear_error_from_write_processes(burgers, tmp_path):
+    """Write workers import the script that started the build (as any spawned pool does): a
+    script that builds at import time gets one error saying so and what to do, not a hang or a
+    bare BrokenProcessPool; under the guard the same build works."""
+    call = (
+        "run_build(load_config(BuildConfig, None, "
+        f"{build_args(burgers, tmp_path / 'out', 'write_in=processes', 'format=zarr')!r}))"
+    )
+    head = "from pipeline.build import BuildConfig, run_build\n"
+    head += "from pipeline.config import load_config\n"
+    unguarded, guarded = tmp_path / "unguarded.py", tmp_path / "guarded.py"
+    unguarded.write_text(head + call + "\n")
+    guarded.write_text(head + "if __name__ == '__main__':\n    " + call + "\n")
+    result = subprocess.run(
+        [sys.executable, str(unguarded)], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "if __name__ == '__main__':" in result.stderr and "write_in=threads" in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(guarded)], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_other_sample_set_refused_unless_overwrite(built, burgers, codec, tmp_path):

@@ -262,7 +262,7 @@ def test_generate_build_inspect_through_the_installed_scripts(installed):
         f"out={out}",
         "epochs=2",
         "device=cpu",
-        "write_threads=1",
+        "write_workers=1",
         "progress=false",
         cwd=cwd,
         env=env,
