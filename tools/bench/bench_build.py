@@ -28,18 +28,22 @@ from bench_common import ROOT, environment_lines, markdown_table, synthetic_data
 
 from pipeline.storage import write_atomic
 
+# one rank's process; its clock readings (time.time(), comparable across the processes) let the
+# report split the wall-clock into the interpreter's start, the imports, run_build and the exit
 BUILD_ONE = """
-import json, sys, time
+import time
+began = time.time()
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
 cfg = load_config(BuildConfig, None, json.loads(sys.argv[2]))
-start = time.perf_counter()
+imported = time.time()
 summary = run_build(cfg)
-wall = time.perf_counter() - start
+ended = time.time()
 manifest = summary.pop("manifest", None)
-out = {"wall": wall, "seconds": summary["seconds"], "snapshots": summary["snapshots"],
-       "device": summary["device"]}
+out = {"seconds": summary["seconds"], "snapshots": summary["snapshots"],
+       "device": summary["device"], "clock": {"began": began, "imported": imported, "ended": ended}}
 if manifest is not None:
     out.update(query_bytes=manifest.query_bytes, k_per_epoch=manifest.k_per_epoch)
 print(json.dumps(out))
@@ -82,6 +86,11 @@ class GpuSampler:
             self.mean = sum(values) / len(values) if values else None
 
 
+def checkout(root: Path) -> str:
+    """A checkout's path as results record it: relative to this one ("." itself)."""
+    return os.path.relpath(root.resolve(), ROOT)
+
+
 def build(root: Path, args: argparse.Namespace, data: Path, out: Path, world: int) -> dict:
     """One whole build into ``out`` (this benchmark's own directory, emptied first) by ``world``
     rank processes, rank r on GPU r; the wall-clock runs until the last rank has finished."""
@@ -98,9 +107,9 @@ def build(root: Path, args: argparse.Namespace, data: Path, out: Path, world: in
         f"batch_size={args.batch_size}",
         "progress=false",
     ]
-    if args.write_threads is not None:
-        options.append(f"write_threads={args.write_threads}")
-    start = time.perf_counter()
+    if args.write_workers is not None and root == ROOT:  # another checkout: its own default
+        options.append(f"write_workers={args.write_workers}")
+    start, spawned = time.perf_counter(), time.time()
     with GpuSampler(world) as gpu:
         ranks = [
             subprocess.Popen(
@@ -119,14 +128,29 @@ def build(root: Path, args: argparse.Namespace, data: Path, out: Path, world: in
             for r in range(world)
         ]
         results = [(proc, *proc.communicate()) for proc in ranks]
+        reaped = time.time()
     wall = time.perf_counter() - start
     for proc, _, err in results:
         if proc.returncode != 0:
             raise SystemExit(f"build with {root} on {world} ranks failed:\n{err[-3000:]}")
     outs = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in results]
-    run = {**outs[0], "wall": wall, "world_size": world, "gpu_util": gpu.mean, "root": str(root)}
+    run = {
+        **outs[0],
+        "wall": wall,
+        "world_size": world,
+        "gpu_util": gpu.mean,
+        "root": checkout(root),
+    }
     run["snapshots"] = sum(o["snapshots"] for o in outs)
     run["rank_seconds"] = [o["seconds"] for o in outs]
+    # where the wall-clock went outside the stages, over the ranks: the latest to reach each point
+    clocks = [o["clock"] for o in outs]
+    run["outside"] = {
+        "interpreter start": max(c["began"] for c in clocks) - spawned,
+        "imports": max(c["imported"] - c["began"] for c in clocks),
+        "run_build": max(c["ended"] - c["imported"] for c in clocks),
+        "exit": reaped - max(c["ended"] for c in clocks),
+    }
     return run
 
 
@@ -145,9 +169,10 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
     stages = ["read", "encode", "importance", "query plan", "write", "total"]
     stages += ["read wait", "write wait"]  # of the total: the GPU stages waiting
     stages += ["setup", "start", "wait", "finalize"]
-    rows, stage_rows, byte_rows = [], [], []
+    outside = ["interpreter start", "imports", "run_build", "exit"]
+    rows, stage_rows, byte_rows, outside_rows = [], [], [], []
     for run in runs:
-        name = Path(run["root"]).name if run["root"] != str(ROOT) else "this checkout"
+        name = Path(run["root"]).name if run["root"] != "." else "this checkout"
         rate = run["snapshots"] * epochs / run["wall"]
         util = "-" if run["gpu_util"] is None else f"{run['gpu_util']:.0f}"
         world = run["world_size"]
@@ -156,6 +181,10 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         wall = f"{run['wall']:.1f}"
         rows.append([name, world, run["snapshots"], wall, f"{rate:,.0f}", f"{own:,.0f}", util])
         stage_rows.append([name, world, *[f"{run['seconds'].get(s, 0):.1f}" for s in stages]])
+        parts = run.get("outside", {})  # runs saved before it was measured have none
+        outside_rows.append(
+            [name, world, wall, *[f"{parts[p]:.1f}" if p in parts else "-" for p in outside]]
+        )
         q = run["query_bytes"]
         bound = q["entropy_bound"]
         byte_rows.append(
@@ -174,7 +203,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         f"- data: {args.pde}, {args.trajectories} trajectories x {args.steps} steps, "
         f"N = {n}; {args.epochs} epochs of {args.sampler} sets at k/N = {args.ratio}, "
         f"format {args.format}, {args.trajectories_per_shard} trajectories per shard, "
-        f"write_threads {args.write_threads or 'default'}",
+        f"write_workers {args.write_workers or 'default'} (this checkout's)",
         "- snapshot-epochs/s = snapshots built x epochs / the wall-clock of the rank processes "
         "(start-up, plan, norm statistics, source hash, every stage, finalize); 'in the build's "
         "stage table': the same over the busiest rank's stage total; stage seconds are the build's own "
@@ -188,6 +217,11 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         "",
         *markdown_table(["pipeline", "ranks", *stages], stage_rows),
         "",
+        "Where the wall-clock goes, the latest rank at each point (run_build holds setup, start, "
+        "the stages' total, and rank 0's wait and finalize):",
+        "",
+        *markdown_table(["pipeline", "ranks", "wall s", *outside], outside_rows),
+        "",
         "Query-set bytes per sampled snapshot-epoch:",
         "",
         *markdown_table(["pipeline", "entropy bound", "tars", "zarr"], byte_rows),
@@ -196,7 +230,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
 
 SETTINGS = (  # what a saved run must share to be kept by a rerun
     "pde", "resolution", "trajectories", "steps", "epochs", "ratio", "sampler", "format",
-    "trajectories_per_shard", "batch_size", "write_threads",
+    "trajectories_per_shard", "batch_size", "write_workers",
 )  # fmt: skip
 
 
@@ -208,7 +242,6 @@ def save(args: argparse.Namespace, settings: dict, runs: list[dict]) -> None:
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text.encode())
-    os.sync()
 
 
 def main() -> None:
@@ -224,10 +257,10 @@ def main() -> None:
     parser.add_argument("--trajectories-per-shard", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
-        "--write-threads",
+        "--write-workers",
         type=int,
         default=None,
-        help="shards each rank writes at once (default: the build's); the faster the query "
+        help="processes writing shards per rank (default: the build's); the faster the query "
         "plan, the more it takes to keep the GPU stages from waiting on the writers",
     )
     parser.add_argument("--work", type=Path, default=Path("bench-build-work"))
@@ -246,7 +279,7 @@ def main() -> None:
     worlds = [int(w) for w in args.world_sizes.split(",")]
     for root in [ROOT, *args.root]:
         for world in worlds if root == ROOT else [1]:
-            if any(r["root"] == str(root.resolve()) and r["world_size"] == world for r in runs):
+            if any(r["root"] == checkout(root) and r["world_size"] == world for r in runs):
                 print(f"kept from {args.json}: {root} on {world} rank(s)", flush=True)
                 continue
             runs.append(build(root.resolve(), args, data, args.work / f"set-{len(runs)}", world))
