@@ -66,6 +66,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed (and profiled) steps")
     parser.add_argument("--rows", type=int, default=20, help="operations listed")
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument(
+        "--sort",
+        choices=["device", "cpu"],
+        default="device",
+        help="order the operations by their device time, or by the host's (a launch-bound step)",
+    )
     args, train_argv = parser.parse_known_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps: expected integers >= 1")
@@ -84,7 +90,7 @@ def main() -> None:
     finally:
         trainer.loader.close()
     averages = prof.key_averages()
-    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    key = "self_device_time_total" if on_gpu and args.sort == "device" else "self_cpu_time_total"
     # device busy time per step: the device's own events (kernels, copies), summed
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy = sum(e.device_time_total for e in kernels) / 1e6 / args.steps if on_gpu else None
