@@ -529,13 +529,16 @@ class Builder:
         self.clock = StageClock(device)
 
     def compute(self, shard: ShardPlan, read: dict[str, np.ndarray]) -> ShardBlock:
-        fields = torch.from_numpy(read["fields"]).to(self.device)
-        self._check_range(shard, fields, read)
-        latent = self.clock.timed("encode", self.encode, fields) if self.encode else None
-        q = self.clock.timed("importance", self.importance, fields)
-        self._check_range(shard, q, read, "the importance q")
-        queries, pi_scale = self.clock.timed("query plan", self.query_plan, q, read["snapshot_id"])
-        return assemble(read, q, queries, pi_scale, latent)
+        """A shard's records from its read, every step timed: ``to device`` (the fields),
+        ``checks`` (their range, and q's), the GPU stages, and ``to host`` (q to the record)."""
+        timed = self.clock.timed
+        fields = timed("to device", torch.from_numpy(read["fields"]).to, self.device)
+        timed("checks", self._check_range, shard, fields, read)
+        latent = timed("encode", self.encode, fields) if self.encode else None
+        q = timed("importance", self.importance, fields)
+        timed("checks", self._check_range, shard, q, read, "the importance q")
+        queries, pi_scale = timed("query plan", self.query_plan, q, read["snapshot_id"])
+        return timed("to host", assemble, read, q, queries, pi_scale, latent)
 
     def _check_range(
         self, shard: ShardPlan, values: torch.Tensor, read: dict, what: str = ""
@@ -624,6 +627,12 @@ class Builder:
         self.clock.add("read", start)
         return out
 
+
+# the stage table's rows, in the order a shard passes them (read and write overlap the rest;
+# ``total`` is their wall-clock)
+STAGES = (
+    "read", "to device", "checks", "encode", "importance", "query plan", "to host", "write", "total",
+)  # fmt: skip
 
 _FLOAT32_SQRT_MAX = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: its square still fits
 
@@ -872,4 +881,4 @@ def wait_for_ranks(plan: BuildPlan, world: int) -> None:
         bar.close()
 
 
-__all__ = ["MANIFEST", "BuildConfig", "make_plan", "run_build"]
+__all__ = ["MANIFEST", "STAGES", "BuildConfig", "make_plan", "run_build"]

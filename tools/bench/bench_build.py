@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from bench_common import ROOT, environment_lines, markdown_table, synthetic_data
 
+from pipeline.build import STAGES
 from pipeline.storage import write_atomic
 
 # one rank's process; its clock readings (time.time(), comparable across the processes) let the
@@ -166,7 +167,7 @@ def report(runs: list[dict], args: argparse.Namespace) -> list[str]:
         "GPU util %",
     ]
     # the stages (overlapping; ``total`` is their wall-clock), then what surrounds them
-    stages = ["read", "encode", "importance", "query plan", "write", "total"]
+    stages = list(STAGES)
     stages += ["read wait", "write wait"]  # of the total: the GPU stages waiting
     stages += ["setup", "start", "wait", "finalize"]
     outside = ["interpreter start", "imports", "run_build", "exit"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.build import BuildConfig, run_build
+from pipeline.build import STAGES, BuildConfig, run_build
 from pipeline.cli import fail, parse_config
 from pipeline.config import ConfigError
 from pipeline.records import ShardError
@@ -32,7 +32,7 @@ def print_summary(summary: dict) -> None:
     )
     if seconds:
         print(f"{'stage':<12}{'seconds':>10}{'snapshots/s':>14}")
-        for stage in ("read", "encode", "importance", "query plan", "write", "total"):
+        for stage in STAGES:
             if stage in seconds:
                 rate = snaps / seconds[stage] if seconds[stage] > 0 else float("inf")
                 print(f"{stage:<12}{seconds[stage]:>10.2f}{rate:>14.1f}")
