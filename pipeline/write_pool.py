@@ -17,11 +17,10 @@ script that started them: a script that builds must do so under ``if __name__ ==
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import multiprocessing
-import signal
-import sys
+import os
+import select
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -67,12 +66,33 @@ def write_shard(job: ShardWrite, block: _Record) -> float:
     return time.perf_counter() - start
 
 
-def _die_with_parent() -> None:
-    """A worker's first act: on Linux, ask to be killed when its parent (the forkserver, which
-    exits with the build) dies, so that a killed build leaves no writer behind to race its rerun."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+def _exit_with(build: int) -> None:
+    """A worker's first act: a thread that ends the worker as soon as the build process is gone.
+
+    Nothing else would: a worker's parent is the forkserver, not the build, and every worker holds
+    both ends of the pool's queues, so a killed build leaves its workers waiting forever (and one
+    in the middle of a write racing the rerun). Linux tells a pidfd's reader when the process
+    ends; elsewhere the build is polled every second."""
+
+    def watch() -> None:
+        try:
+            select.select([os.pidfd_open(build)], [], [])
+        except (AttributeError, OSError):  # no pidfd here, or the build is already gone
+            while _alive(build):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's
+    return True
 
 
 class WritePool:
@@ -88,7 +108,9 @@ class WritePool:
             return
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-        self.executor = ProcessPoolExecutor(workers, context, initializer=_die_with_parent)
+        self.executor = ProcessPoolExecutor(
+            workers, context, initializer=_exit_with, initargs=(os.getpid(),)
+        )
         # starting the server and the workers takes seconds of imports: done while the build plans
         self._started = threading.Thread(target=self._start, daemon=True)
         self._started.start()

@@ -422,9 +422,36 @@ def test_the_stage_table_counts_the_gpu_stages_waiting_for_writers(burgers, tmp_
 # ---------------------------------------------------------------- 4. crash safety
 
 
-def test_killed_build_resumes_to_identical_files(tmp_path):
+def descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (its children, theirs, ...), read from /proc."""
+    children: dict[int, set[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended while being read
+        children.setdefault(ppid, set()).add(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        below = children.get(todo.pop(), set()) - found
+        found |= below
+        todo.extend(below)
+    return found
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an ended process nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("write_in", ["threads", "processes"])
+def test_killed_build_resumes_to_identical_files(write_in, tmp_path):
     """SIGKILL a build after some shards finished; the rerun skips them and ends byte-identical to
-    an uninterrupted build, with a manifest that verifies."""
+    an uninterrupted build, with a manifest that verifies. With worker processes writing, none
+    of them outlives the build: a writer left running would race the rerun."""
     data = generate(
         "burgers1d",
         tmp_path / "big.h5",
@@ -437,7 +464,9 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
     codec = tiny_codec_checkpoint(data, tmp_path / "codec.pt")
 
     def args(out: Path) -> list[str]:
-        return build_args(data, out, "trajectories_per_shard=1", encoder=codec)
+        return build_args(
+            data, out, "trajectories_per_shard=1", f"write_in={write_in}", encoder=codec
+        )
 
     reference = build_here(args(tmp_path / "uninterrupted"))
     out = tmp_path / "killed"
@@ -447,9 +476,15 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
         assert proc.poll() is None, "the build ended before any shard finished"
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    workers = descendants(proc.pid)
+    assert workers if write_in == "processes" else True  # the forkserver and the writers
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"outlived the build: {sorted(workers)}"
+        time.sleep(0.05)
     assert not (out / "manifest.json").exists()
     finished = len(list((out / "parts").glob("*-*.json")))
     last = len(manifest_of(reference)["splits"]["train"]["shards"]) - 1
