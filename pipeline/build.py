@@ -63,7 +63,13 @@ from pipeline.records import RecordSchema, ShardBlock, ShardError, record_schema
 from pipeline.samplers import SamplerConfig, make_sampler
 from pipeline.schedules import ScheduleConfig, k_per_epoch
 from pipeline.sources.pdebench import DataInfo, PDEBenchFile
-from pipeline.sources.splits import SPLITS, DataConfig, NormStats
+from pipeline.sources.splits import (
+    SPLITS,
+    DataConfig,
+    NormStats,
+    TrajectorySums,
+    trajectory_sums,
+)
 from pipeline.stages import (
     EncoderLoader,
     EncodeStage,
@@ -371,17 +377,19 @@ def source_facts(
 ) -> dict[str, Any]:
     """What a build needs from the whole data file: its sha256 and, for field-only sets, the
     train split's normalisation. Both read every byte (minutes for a 50 GB file), so they are
-    computed once per output directory, not once per rank and rerun: rank 0 computes them and
-    its ``prepare_output`` records them with the file's resolved path, size and modification time
-    (``parts/source.json``); the other ranks wait for that record while rank 0 is building, and
-    later runs reuse it while the file is unchanged."""
+    computed once per output directory, not once per rank and rerun: rank 0 hashes the file
+    while every rank sums its share of the train trajectories (``parts/norm-R-of-W.json``, see
+    :func:`_norm_sums`), and rank 0's ``prepare_output`` records the result with the file's
+    resolved path, size and modification time (``parts/source.json``); the other ranks wait for
+    that record while rank 0 is building, and later runs reuse it while the file is unchanged."""
     path = Path(cfg.data.path)
     stat = path.stat()
     key = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     root, record = Path(cfg.out), Path(cfg.out) / SOURCE_RECORD
-    rank, _ = resolve_rank(cfg)
+    rank, world = resolve_rank(cfg)
     start, rank_zero = time.monotonic(), RankWatch(root)
     facts: dict[str, Any] = {}
+    shared = False  # this rank's share written (a rerun writes it again: an old one may be stale)
     while True:
         try:
             saved = json.loads(record.read_text())
@@ -393,16 +401,81 @@ def source_facts(
                 return saved
         if rank == 0 or rank_zero.gone([0]) or time.monotonic() - start > cfg.finalize_timeout:
             break  # rank 0 computes; another rank computes itself when rank 0 is not there to
+        if need_norm and not shared and _share_norm(root, world):
+            mine = train[rank::world]
+            sums = trajectory_sums(source, mine, cfg.progress)
+            share = {**key, "trajectories": mine, "sums": sums}
+            write_atomic(_share_path(root, rank, world), json.dumps(share).encode())
+            shared = True
         time.sleep(0.2)
-    # both read the whole file: the hash (hashlib releases the interpreter lock) runs beside
-    # the norm statistics, so the other ranks wait for the longer of the two, not their sum
+    # the hash (hashlib releases the interpreter lock) runs beside the norm statistics, so the
+    # other ranks wait for the longer of the two, not their sum
     with ThreadPoolExecutor(max_workers=1) as hasher:
         digest = None if facts else hasher.submit(file_sha256, path)
-        norm = NormStats.from_trajectories(source, train, cfg.progress) if need_norm else None
+        norm = None
+        if need_norm:
+            ranks = world if _share_norm(root, world) else 1
+            norm = NormStats.from_sums(_norm_sums(cfg, source, train, key, rank, ranks))
         facts = dict(facts) if digest is None else {**key, "sha256": digest.result()}
     if norm is not None:
         facts["norm"] = {"train": list(train), **to_dict(norm)}
     return facts
+
+
+NORM_SHARES = ("norm-*-of-*.json", ".norm-*-of-*.json.tmp-*")  # under parts/, and their temps
+
+
+def _share_norm(root: Path, world: int) -> bool:
+    """Whether the ranks share out the norm's sums: with several, in a directory holding a
+    build's files alone (in another, rank 0 refuses to build and must not wait for shares)."""
+    return world > 1 and not foreign_files(root)
+
+
+def _share_path(root: Path, rank: int, world: int) -> Path:
+    return root / "parts" / f"norm-{rank}-of-{world}.json"
+
+
+def _norm_sums(
+    cfg: BuildConfig,
+    source: PDEBenchFile,
+    train: list[int],
+    key: dict[str, Any],
+    rank: int,
+    world: int,
+) -> list[TrajectorySums]:
+    """The train trajectories' sums in train order, from ``world`` shares (rank r sums
+    ``train[r::world]``): this rank's computed here, the others' read from their records as they
+    come, and computed here for a rank that is gone, or whose share is still missing well after
+    this one's was done (twice its time, plus the grace a dead rank gets: a rank building another
+    file or split never writes a matching one). Added in train order they give the same bits as
+    one process summing them all, so the statistics (and the sample set's id) do not depend on
+    the number of ranks."""
+    root, watch, start = Path(cfg.out), RankWatch(Path(cfg.out)), time.monotonic()
+    shares = {rank % world: trajectory_sums(source, train[rank % world :: world], cfg.progress)}
+    patience = DEAD_RANK_GRACE_S + 2 * (time.monotonic() - start)
+    waiting = [r for r in range(world) if r not in shares]
+    while waiting:
+        for r in waiting:
+            try:
+                saved = json.loads(_share_path(root, r, world).read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            same_file = {name: saved.get(name) for name in key} == key
+            if same_file and saved.get("trajectories") == train[r::world]:  # not a stale share
+                shares[r] = [(s, sq, n) for s, sq, n in saved["sums"]]
+        missing = [r for r in waiting if r not in shares]
+        late = time.monotonic() - start > patience
+        for r in missing if late else watch.gone(missing):
+            shares[r] = trajectory_sums(source, train[r::world], cfg.progress)
+        waiting = [r for r in waiting if r not in shares]
+        if waiting:
+            time.sleep(0.2)
+    return [shares[i % world][i // world] for i in range(len(train))]
+
+
+def _only_shares(parts: Path) -> bool:
+    """True when ``parts/`` holds nothing but the ranks' norm shares (a build starting)."""
+    return all(any(fnmatch.fnmatch(p.name, s) for s in NORM_SHARES) for p in parts.iterdir())
 
 
 def prepare_output(plan: BuildPlan, world: int) -> None:
@@ -411,7 +484,11 @@ def prepare_output(plan: BuildPlan, world: int) -> None:
     with _locked(root):
         state = root / BUILD_STATE
         previous = json.loads(state.read_text()) if state.exists() else None
-        others = [p for p in root.iterdir() if not p.name.startswith(".lock")]
+        others = [
+            p
+            for p in root.iterdir()
+            if not p.name.startswith(".lock") and not (p.name == "parts" and _only_shares(p))
+        ]
         if (previous is None and others) or (
             previous is not None and previous["build_id"] != plan.build_id
         ):

@@ -316,6 +316,35 @@ def test_two_ranks_match_one_rank(built, burgers, codec, tmp_path):
     assert_same_files(built, out)
 
 
+def test_two_ranks_share_the_norm_statistics_bit_for_bit(burgers, tmp_path):
+    """A field-only set's normalisation comes from the train split's sums, which two ranks split
+    between them (each sums half the trajectories, rank 0 adds them in order): the same norm,
+    bit for bit, and so the same sample set and files as one process."""
+    one = build_here(build_args(burgers, tmp_path / "one-rank", "format=zarr"))
+    out = tmp_path / "two-ranks"
+    args = build_args(burgers, out, "format=zarr")
+    procs = [
+        start_tool(
+            BUILD,
+            *args,
+            "--rank",
+            str(r),
+            "--world-size",
+            "2",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
+    for p in procs:
+        _, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+    share = json.loads((out / "parts" / "norm-1-of-2.json").read_text())
+    assert share["trajectories"] == manifest_of(one)["splits"]["train"]["trajectories"][1::2]
+    assert manifest_of(out)["data"]["norm"] == manifest_of(one)["data"]["norm"]
+    assert_same_files(one, out)
+
+
 # ---------------------------------------------------------------- 3. readable without our code
 
 

@@ -73,34 +73,22 @@ class NormStats:
     def from_trajectories(
         cls, source: PDEBenchFile, train_ids: list[int], progress: bool = True
     ) -> NormStats:
-        """Streamed float64 sums over the training trajectories only.
+        """Streamed float64 sums over the training trajectories only."""
+        return cls.from_sums(trajectory_sums(source, train_ids, progress))
 
-        A whole PDEBench file takes seconds of arithmetic, which a multi-GPU build's other ranks
-        wait for: the file is read here in order while a thread pool (numpy releases the
-        interpreter lock) sums each trajectory, and the sums are added in trajectory order, so
-        the statistics do not depend on the number of threads."""
-        n_ch = len(source.info.channels)
-        total, total_sq, count = np.zeros(n_ch), np.zeros(n_ch), 0
-        threads = min(NORM_THREADS, os.cpu_count() or 1)
-
-        def add(sums: Future) -> None:
-            nonlocal total, total_sq
-            s, sq = sums.result()
-            total += s
-            total_sq += sq
-
-        with ThreadPoolExecutor(threads) as pool:
-            pending: deque[Future] = deque()
-            for i in tqdm(train_ids, desc="norm stats", disable=not progress, leave=False):
-                traj = source.trajectory(i)  # (T, C, *grid)
-                count += traj.size // n_ch
-                pending.append(pool.submit(_channel_sums, traj))
-                if len(pending) > 2 * threads:  # a bounded number of trajectories in memory
-                    add(pending.popleft())
-            while pending:
-                add(pending.popleft())
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    @classmethod
+    def from_sums(cls, sums: list[TrajectorySums]) -> NormStats:
+        """The statistics of trajectories' sums, added in the list's order: the same order gives
+        the same bits however the sums were computed (threads, or shares of a build's ranks)."""
+        total: np.ndarray | float = 0.0
+        total_sq: np.ndarray | float = 0.0
+        count = 0
+        for s, sq, n in sums:
+            total = total + np.asarray(s, dtype=np.float64)
+            total_sq = total_sq + np.asarray(sq, dtype=np.float64)
+            count += n
+        mean = np.asarray(total) / count
+        std = np.sqrt(np.maximum(np.asarray(total_sq) / count - mean**2, 0.0))
         std = np.where(std > 1e-12, std, 1.0)  # a constant channel stays unscaled
         return cls(tuple(mean.tolist()), tuple(std.tolist()))
 
@@ -118,6 +106,38 @@ class NormStats:
     def denormalize(self, x: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
         mean, std = self._shape(x, channel_axis)
         return x * std + mean
+
+
+# one trajectory's per-channel float64 sum and sum of squares, and its values per channel
+TrajectorySums = tuple[list[float], list[float], int]
+
+
+def trajectory_sums(
+    source: PDEBenchFile, ids: list[int], progress: bool = True
+) -> list[TrajectorySums]:
+    """The sums of trajectories ``ids``, in that order.
+
+    A whole PDEBench file takes seconds of arithmetic, which a multi-GPU build's other ranks
+    wait for: the file is read here in order while a thread pool (numpy releases the
+    interpreter lock) sums each trajectory."""
+    threads = min(NORM_THREADS, os.cpu_count() or 1)
+    n_ch = len(source.info.channels)
+    out: list[TrajectorySums] = []
+
+    def add(sums: Future) -> None:
+        s, sq, n = sums.result()
+        out.append((s.tolist(), sq.tolist(), n))
+
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future] = deque()
+        for i in tqdm(ids, desc="norm stats", disable=not progress, leave=False):
+            traj = source.trajectory(i)  # (T, C, *grid)
+            pending.append(pool.submit(lambda t: (*_channel_sums(t), t.size // n_ch), traj))
+            if len(pending) > 2 * threads:  # a bounded number of trajectories in memory
+                add(pending.popleft())
+        while pending:
+            add(pending.popleft())
+    return out
 
 
 def _channel_sums(traj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
