@@ -373,7 +373,8 @@ class LayerWriter:
         return self.tmp / _PARTS / f"{shard_name('train', index)}.json"
 
     def _write_job(self, index: int) -> ShardWrite:
-        """One shard's files in every format, then its part record (what a rerun keeps)."""
+        """Where shard ``index``'s files go in every format, and its part record (what a rerun
+        keeps), for :func:`pipeline.write_pool.write_shard`."""
         return ShardWrite(
             root=str(self.tmp),
             formats=tuple(self.record.formats),
