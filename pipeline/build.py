@@ -414,8 +414,12 @@ def source_facts(
         digest = None if facts else hasher.submit(file_sha256, path)
         norm = None
         if need_norm:
-            ranks = world if _share_norm(root, world) else 1
-            norm = NormStats.from_sums(_norm_sums(cfg, source, train, key, rank, ranks))
+            sums = (
+                _norm_sums(cfg, source, train, key, rank, world)
+                if _share_norm(root, world)
+                else trajectory_sums(source, train, cfg.progress)
+            )
+            norm = NormStats.from_sums(sums)
         facts = dict(facts) if digest is None else {**key, "sha256": digest.result()}
     if norm is not None:
         facts["norm"] = {"train": list(train), **to_dict(norm)}
@@ -451,7 +455,7 @@ def _norm_sums(
     one process summing them all, so the statistics (and the sample set's id) do not depend on
     the number of ranks."""
     root, watch, start = Path(cfg.out), RankWatch(Path(cfg.out)), time.monotonic()
-    shares = {rank % world: trajectory_sums(source, train[rank % world :: world], cfg.progress)}
+    shares = {rank: trajectory_sums(source, train[rank::world], cfg.progress)}
     patience = DEAD_RANK_GRACE_S + 2 * (time.monotonic() - start)
     waiting = [r for r in range(world) if r not in shares]
     while waiting:
@@ -659,9 +663,9 @@ class Builder:
 
     def run(self, shards: list[ShardPlan], pool: WritePool) -> None:
         """Read ahead one shard, and keep up to ``write_workers`` shards writing (in ``pool``'s
-        processes or threads), while the current one is on the GPU. What the GPU stages still wait for is
-        counted: ``read wait`` and ``write wait``, the seconds their thread waited for a shard's
-        read and for a free writer (the last writes included)."""
+        processes or threads), while the current one is on the GPU. What the GPU stages still
+        wait for is counted: ``read wait`` and ``write wait``, the seconds their thread waited for
+        a shard's read and for a free writer (the last writes included)."""
         limit = self.plan.cfg.write_workers
         bars = {}
         for split in self.plan.cfg.splits:
@@ -849,8 +853,11 @@ def run_build(cfg: BuildConfig, load_encoder: EncoderLoader | None = None) -> di
     device = _device(cfg.device)
     created = not root.exists()
     started = time.perf_counter()
-    # worker processes start while the plan is made (the source's hash and norm statistics)
-    processes = cfg.write_in == "processes" or (cfg.write_in == "auto" and device.type == "cuda")
+    # worker processes start while the plan is made (the source's hash and norm statistics);
+    # a finalize writes no shard, so it starts none
+    processes = not cfg.finalize and (
+        cfg.write_in == "processes" or (cfg.write_in == "auto" and device.type == "cuda")
+    )
     with rank_lock(root, rank), WritePool(cfg.write_workers, processes) as pool:
         try:
             plan = make_plan(cfg, load_encoder)

@@ -291,10 +291,8 @@ def test_rebuild_is_byte_identical(built, burgers, codec, work):
     assert_same_files(built, build_here(args))
 
 
-def test_two_ranks_match_one_rank(built, burgers, codec, tmp_path):
-    """Two concurrent rank processes write the same files and manifest entries as one process."""
-    out = tmp_path / "two-ranks"
-    args = build_args(burgers, out, encoder=codec)
+def build_two_ranks(args: list[str]) -> list[str]:
+    """Build with two concurrent rank processes of the CLI; their standard outputs."""
     procs = [
         start_tool(
             BUILD,
@@ -312,7 +310,14 @@ def test_two_ranks_match_one_rank(built, burgers, codec, tmp_path):
     outputs = [p.communicate(timeout=120) for p in procs]
     for p, (_, stderr) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, stderr
-    assert "rank 1/2" in outputs[1][0] and "sample_set_id" in outputs[0][0]
+    return [stdout for stdout, _ in outputs]
+
+
+def test_two_ranks_match_one_rank(built, burgers, codec, tmp_path):
+    """Two concurrent rank processes write the same files and manifest entries as one process."""
+    out = tmp_path / "two-ranks"
+    stdout = build_two_ranks(build_args(burgers, out, encoder=codec))
+    assert "rank 1/2" in stdout[1] and "sample_set_id" in stdout[0]
     assert_same_files(built, out)
 
 
@@ -322,23 +327,7 @@ def test_two_ranks_share_the_norm_statistics_bit_for_bit(burgers, tmp_path):
     bit for bit, and so the same sample set and files as one process."""
     one = build_here(build_args(burgers, tmp_path / "one-rank", "format=zarr"))
     out = tmp_path / "two-ranks"
-    args = build_args(burgers, out, "format=zarr")
-    procs = [
-        start_tool(
-            BUILD,
-            *args,
-            "--rank",
-            str(r),
-            "--world-size",
-            "2",
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for r in (0, 1)
-    ]
-    for p in procs:
-        _, stderr = p.communicate(timeout=120)
-        assert p.returncode == 0, stderr
+    build_two_ranks(build_args(burgers, out, "format=zarr"))
     share = json.loads((out / "parts" / "norm-1-of-2.json").read_text())
     assert share["trajectories"] == manifest_of(one)["splits"]["train"]["trajectories"][1::2]
     assert manifest_of(out)["data"]["norm"] == manifest_of(one)["data"]["norm"]

@@ -17,8 +17,8 @@ missing, or ``--data``); nothing is written. After a warm-up shard, ``--shards``
 4. profiled (``torch.profiler``, CPU + CUDA): top ops by self device time (CPU time on a CPU), the
    pieces' kernel time, CUDA runtime calls, and the share of the plan the device was busy (kernel
    and copy time / the timed median); ``--trace`` saves the chrome trace;
-5. ``--build``: a whole build of the file (``run_build``: reads and writes in threads beside the
-   GPU stages), its stage seconds per shard beside the isolated ones: a plan slower there than
+5. ``--build``: a whole build of the file (``run_build``: a reader thread and the write workers
+   beside the GPU stages), its stage seconds per shard beside the isolated ones: a plan slower there than
    alone competes for the CPU or the interpreter lock. A plan far above its kernels' time alone is
    launch- or sync-bound.
 
