@@ -281,6 +281,24 @@ def test_both_formats_hold_the_same_records(kind, built, built_gradient, burgers
         assert not np.all(open_shards(root).query_set(0, 0)[1] == 1.0)
 
 
+def test_a_set_whose_every_epoch_is_dense_builds_and_reads(burgers, tmp_path):
+    """start_ratio 1.0 and no decay: every query set is the whole grid, so the stored query
+    sets are empty (zarr keeps no chunk file for them); both formats build, verify and read."""
+    root = build_here(build_args(burgers, tmp_path / "dense", "schedule.start_ratio=1.0"))
+    manifest = manifest_of(root)
+    n = 64  # the grid
+    assert manifest["k_per_epoch"] == [n] * EPOCHS
+    assert not any("/queries/c/" in name for name in manifest["files"])  # no empty chunk listed
+    zs, ws = open_shards(root, "train", "zarr"), open_shards(root, "train", "wds")
+    assert zs.verify() == [] and ws.verify() == []
+    for i in (0, len(zs) - 1):
+        for epoch in range(EPOCHS):
+            (iz, wz), (iw, ww) = zs.query_set(i, epoch), ws.query_set(i, epoch)
+            np.testing.assert_array_equal(iz, np.arange(n))
+            np.testing.assert_array_equal(iw, np.arange(n))
+            assert np.all(wz == 1.0) and np.all(ww == 1.0)
+
+
 # ---------------------------------------------------------------- 2. determinism
 
 

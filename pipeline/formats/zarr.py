@@ -101,6 +101,8 @@ class ZarrWriter:
         start = index * self.chunk
         written = []
         for array_name, values in block.arrays().items():
+            if values.size == 0:  # e.g. the query sets of a set whose every epoch is dense
+                continue  # zarr keeps no chunk file for an empty chunk, and reads it as empty
             array = zarr.open_array(store, path=f"{split}/{array_name}", mode="r+", zarr_format=3)
             # write_empty_chunks: a block equal to the fill value (e.g. the ids of trajectory 0)
             # must still leave its chunk file, which the shard record and the manifest list.
