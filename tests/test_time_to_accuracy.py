@@ -4,6 +4,7 @@ from the committed results, so the numbers the docs quote are the ones the data 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import shutil
 import subprocess
@@ -89,3 +90,61 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
     for pde in ("ns2d", "burgers1d"):
         png = tmp_path / f"bench_time_to_accuracy_{pde}_6000.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_ladder_runs_the_longest_first_and_refuses_other_codecs(study, tmp_path) -> None:
+    """--steps A B: every configuration at every length, each seed's longest runs first (so the
+    GPUs finish together); finished runs are skipped; a file of another codec's runs refuses."""
+    args = argparse.Namespace(
+        pde="ns2d", seeds=2, steps=[12000, 48000], configs=["dense", "uniform 0.1"]
+    )
+    done = {"pde": "ns2d", "config": "dense", "seed": 0, "steps": 48000}
+    jobs = study.todo(args, {"runs": [done]})
+    assert [(j.config, j.seed, j.steps) for j in jobs] == [
+        ("uniform 0.1", 0, 48000),
+        ("dense", 0, 12000),
+        ("uniform 0.1", 0, 12000),
+        ("dense", 1, 48000),
+        ("uniform 0.1", 1, 48000),
+        ("dense", 1, 12000),
+        ("uniform 0.1", 1, 12000),
+    ]
+    shared = study.Setup(
+        data=tmp_path, data_sha256="d" * 64, codec=tmp_path, codec_sha256="c" * 64,
+        epochs={}, sets={}, info={},
+    )  # fmt: skip
+    mine = {**done, "data_sha256": "d" * 64, "codec_sha256": "c" * 64}
+    study.check_inputs({"runs": [mine, {**done, "error": "failed"}]}, args, shared, tmp_path)
+    other = {**mine, "codec_sha256": "e" * 64}
+    with pytest.raises(
+        SystemExit, match=r"another codec \(sha256 eeeeeeeeeeee, this setup's is cccc"
+    ):
+        study.check_inputs({"runs": [mine, other]}, args, shared, tmp_path)
+
+
+def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(study) -> None:
+    """The budget ladder's rows: each length's final validation nRMSE, its gain over the next
+    shorter length, and the time to the final validation nRMSE of the longest dense runs."""
+
+    def run(config: str, steps: int, points: list[tuple[int, float, float]]) -> dict:
+        test = {"model_h1": points[-1][2]}
+        return {"pde": "ns2d", "config": config, "seed": 0, "steps": steps, "test": test,
+                "train_seconds": points[-1][1], "curve": curve(*points)}  # fmt: skip
+
+    runs = [  # no warm-up: the first interval's pace is the second's
+        run("dense", 200, [(100, 10, 0.02), (200, 20, 0.010)]),
+        run("uniform 0.1", 200, [(100, 2, 0.03), (200, 4, 0.012)]),
+        run("uniform 0.1", 400, [(200, 4, 0.02), (400, 8, 0.009)]),
+    ]
+    rungs = study.groups({"runs": runs})
+    lines = study.ladder({"setup": {"ns2d": {"title": "NS 2D"}}}, rungs)
+    assert lines[0] == "## NS 2D: the budget ladder"
+    rows = [line for line in lines if line.startswith("| uniform") or line.startswith("| dense")]
+    assert rows[0].startswith("| dense | 200 | 1 | 20.0 ± 0.0 | 0.0100 ± 0.0000 | - |")
+    assert rows[0].endswith("| 20.0 |")  # dense reaches its own final value at its end
+    assert rows[1].startswith("| uniform 0.1 | 200 | 1 | 4.0 ± 0.0 | 0.0120 ± 0.0000 | - |")
+    assert rows[1].endswith("| not reached |")
+    # 0.012 -> 0.009: 25 % lower; reaches 0.010 between 4 s (0.02) and 8 s (0.009)
+    assert "| 0.0090 ± 0.0000 | 25.0% (vs 200) |" in rows[2]
+    assert rows[2].endswith(f"| {4 + 4 * (0.02 - 0.01) / (0.02 - 0.009):.1f} |")
+    assert study.ladder({}, rungs[:1]) == []  # one length: no ladder

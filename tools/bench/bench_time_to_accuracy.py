@@ -12,16 +12,21 @@ steps; the study reads each run's validation nRMSE against its training wall-clo
   last 20 % of steps. When the dense runs did not, a converged dense model would set a lower
   target, and the times to reach it are lower bounds.
 
+``--steps A B ...`` (a budget ladder) trains every configuration at each length; the report then
+adds, per PDE, what each doubling of the steps gains and how soon each run reaches the longest
+dense runs' final validation nRMSE: convergence across budgets, which the last-20 % rule cannot
+show under a schedule that anneals over any run's last 20 %.
+
 Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 or Burgers 1D at
 PDEBench's 1024 points, generated), field-only shards, one codec (or ``--codec PATH``), and one
-latent shard set per sampler configuration from it, each holding exactly the epochs the runs need
-(``loader.wrap_epochs=false``: the error-based refreshes replace stored epochs' sets, and the
+latent shard set per sampler configuration and run length from it, each holding exactly the
+epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored epochs' sets, and the
 cosine schedule's dense tail falls on the runs' last epochs).
 
 Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. Each finished run
 is added to OUT/bench_time_to_accuracy.json at once; a rerun of the same command skips finished
 runs and resumes interrupted ones exactly from their last checkpoint (``resume=``), so the study
-can run over several sittings: ``--time-limit`` stops it cleanly before a sitting ends (a run's
+can run over several sittings of one machine (a run's checkpoint stays in ``--work``): ``--time-limit`` stops it cleanly before a sitting ends (a run's
 checkpoint is written at every validation). ``--report`` renders without training.
 
     python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --time-limit 500  # 4 GPUs, rerun until done
@@ -206,7 +211,7 @@ SMOKE = {
     "field_epochs": 2,
     "codec_steps": 20,
     "codec_eval_every": 10,
-    "steps": 20,
+    "steps": [20],
     "eval_every": 4,
     "batch": 8,
     "seeds": 1,
@@ -292,8 +297,8 @@ class Setup:
     data_sha256: str
     codec: Path
     codec_sha256: str
-    epochs: int  # of query sets in every latent shard set: the runs' epochs
-    sets: dict[str, Path]
+    epochs: dict[int, int]  # a run's steps -> the epochs of query sets its latent shard sets hold
+    sets: dict[tuple[str, int], Path]  # (shard set name, epochs) -> the set
     info: dict  # what the report says about it
 
 
@@ -332,10 +337,17 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
         open_shards(str(fields)), LoaderConfig(process=False), batch_size=args.batch,
         spec=BatchSpec(window=1),  # the operator stage's examples: (u_t, u_{t+1}) pairs
     ).batches_per_epoch  # fmt: skip
-    epochs = math.ceil(args.steps / batches)
+    # each run length (--steps) its own sets, holding exactly its epochs: a run resumes on the
+    # set it began with whatever other lengths a later sitting asks for, and the cosine set's
+    # dense tail falls on that length's last epochs
+    epochs = {steps: math.ceil(steps / batches) for steps in args.steps}
     needed = sorted({CONFIGS[name].shards for name in args.configs}, key=list(SHARD_SETS).index)
-    sets = build_latents(args, root / "latents" / f"{codec_sha[:12]}_e{epochs}", data, codec,
-                         needed, epochs, children, slots)  # fmt: skip
+    sets = {}
+    for count in sorted(set(epochs.values()), reverse=True):
+        where = root / "latents" / f"{codec_sha[:12]}_e{count}"
+        built = build_latents(args, where, data, codec, needed, count, children, slots)
+        sets |= {(name, count): path for name, path in built.items()}
+    longest = epochs[max(args.steps)]
     info = {
         "title": pde.title,
         "resolution": args.resolution,
@@ -343,13 +355,13 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
         "snapshots": args.snapshots,
         "codec": {"path": repo_relative(str(codec)), "sha256": codec_sha, **codec_info},
         "batches_per_epoch": batches,
-        "epochs": epochs,
-        "dense_tail_epochs": dense_tail_epochs(epochs),
+        "epochs": longest,
+        "epochs_by_steps": {str(steps): count for steps, count in epochs.items()},
         "wrap_epochs": False,
         "sets": {},
     }
-    for name, path in sets.items():  # the base sets: error-based runs add layers of their own
-        shards = open_shards(str(path), layer=None)
+    for name in needed:  # the longest run's base sets: error-based runs add layers of their own
+        shards = open_shards(str(sets[name, longest]), layer=None)
         info["sets"][name] = {
             "k_per_epoch": list(shards.k_per_epoch),
             "num_points": shards.manifest.num_points,
@@ -462,6 +474,10 @@ def build_latents(
 class Job:
     config: str
     seed: int
+    steps: int
+
+    def __str__(self) -> str:
+        return f"{self.config} seed {self.seed} ({self.steps} steps)"
 
 
 class Study:
@@ -487,18 +503,19 @@ class Study:
         self.runs_root = setup.data.parent / "runs" / f"{setup.codec_sha256[:12]}_{digest[:8]}"
 
     def run_dir(self, job: Job) -> Path:
-        return self.runs_root / f"{slug(job.config)}_seed{job.seed}_steps{self.args.steps}"
+        return self.runs_root / f"{slug(job.config)}_seed{job.seed}_steps{job.steps}"
 
     def options(self, job: Job, run_dir: Path) -> list[str]:
         """train.py's options for a run: the shipped operator config, the study's sizes, the
         configuration's own options, and resume= when an earlier sitting left a checkpoint."""
         a, config = self.args, CONFIGS[job.config]
         checkpoint = run_dir / "checkpoint.pt"
+        epochs = self.setup.epochs[job.steps]
         return [
             "--config", f"{a.pde}_operator",
-            f"shards={self.setup.sets[config.shards]}", f"codec_checkpoint={self.setup.codec}",
+            f"shards={self.setup.sets[config.shards, epochs]}", f"codec_checkpoint={self.setup.codec}",
             f"out={run_dir}", f"seed={job.seed}", f"loader.seed={job.seed}",
-            f"max_steps={a.steps}", f"epochs={self.setup.epochs}", "loader.wrap_epochs=false",
+            f"max_steps={job.steps}", f"epochs={epochs}", "loader.wrap_epochs=false",
             f"batch_size={a.batch}", f"optim.lr={a.lr}", f"eval_every={a.eval_every}",
             f"checkpoint_every={a.eval_every}", f"eval_trajectories={a.eval_trajectories}",
             # the curves follow the one-step error; the test does h4, h16 and the reconstruction
@@ -520,7 +537,7 @@ class Study:
             needed, left = self.seconds_to_go(job, run_dir), self.deadline - time.monotonic()
             if needed is not None and needed > left:
                 print(
-                    f"not starting {job.config} seed {job.seed}: it needs about {needed:.0f} s, "
+                    f"not starting {job}: it needs about {needed:.0f} s, "
                     f"{left:.0f} s are left (--finish-in-time)",
                     flush=True,
                 )
@@ -531,7 +548,7 @@ class Study:
         options = self.options(job, run_dir)
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         where = f"resuming after step {last[-1]}" if resumed and last else "from the start"
-        print(f"start {job.config} seed {job.seed} on GPU {slot} ({where})", flush=True)
+        print(f"start {job} on GPU {slot} ({where})", flush=True)
         # each start of the run (a sitting), kept beside it: the record sums them at the end.
         # Written before the start, its wall-clock after: a sitting killed before it could log
         # that leaves a segment without one, and the run's wall-clock is then unknown
@@ -551,13 +568,13 @@ class Study:
         done[-1].update(wall_seconds=time.perf_counter() - started, code=code)
         write_atomic(segments, json.dumps(done).encode())
         if code is None:
-            print(f"stopped {job.config} seed {job.seed}: it resumes on the next run", flush=True)
+            print(f"stopped {job}: it resumes on the next run", flush=True)
             return None
         record = {
             "pde": self.args.pde,
             "config": job.config,
             "seed": job.seed,
-            "steps": self.args.steps,
+            "steps": job.steps,
         }
         if code != 0:
             return {**record, "error": tail(run_dir)}
@@ -571,14 +588,12 @@ class Study:
             for r in self.results["runs"]
             if "error" not in r
             and r["wall_seconds"] is not None
-            and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, self.args.steps)
+            and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, job.steps)
         ]
         if not done:
             return None
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
-        share = (
-            1 - last[-1] / self.args.steps if last and (run_dir / "checkpoint.pt").exists() else 1
-        )
+        share = 1 - last[-1] / job.steps if last and (run_dir / "checkpoint.pt").exists() else 1
         return statistics.mean(done) * share
 
     def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
@@ -647,7 +662,7 @@ class Study:
         key = job_key(self.args, job)
         self.results["runs"] = [r for r in self.results["runs"] if run_key(r) != key] + [record]
         save(self.out / RESULTS, self.results)
-        print(f"done {job.config} seed {job.seed}: {summary(record)}", flush=True)
+        print(f"done {job}: {summary(record)}", flush=True)
 
     def report_progress(self, stop: threading.Event) -> None:
         """Every PROGRESS_SECONDS, one line per running run: its step and latest validation."""
@@ -659,18 +674,18 @@ class Study:
                 steps = [m for m in metrics if "train_seconds" in m and "step" in m]
                 val = [m for m in metrics if "val/model_h1" in m]
                 if not steps:
-                    print(f"  GPU {slot} {job.config} seed {job.seed}: starting", flush=True)
+                    print(f"  GPU {slot} {job}: starting", flush=True)
                     continue
-                text = f"step {steps[-1]['step']}/{self.args.steps}, "
+                text = f"step {steps[-1]['step']}/{job.steps}, "
                 text += f"{steps[-1]['train_seconds']:.0f} s training"
                 if val:
                     text += f", val h1 {val[-1]['val/model_h1']:.4f} at step {val[-1]['step']}"
-                print(f"  GPU {slot} {job.config} seed {job.seed}: {text}", flush=True)
+                print(f"  GPU {slot} {job}: {text}", flush=True)
 
     def run(self) -> None:
         """Every run left, one per GPU slot, with progress lines, until done or stopped."""
         jobs = todo(self.args, self.results)
-        wanted = self.args.seeds * len(self.args.configs)
+        wanted = self.args.seeds * len(self.args.configs) * len(self.args.steps)
         print(f"{len(jobs)} of {wanted} run(s) to do, on {self.slots} GPU slot(s)", flush=True)
         stop = threading.Event()
         monitor = threading.Thread(target=self.report_progress, args=(stop,), daemon=True)
@@ -688,13 +703,19 @@ class Study:
 
 
 def job_key(args: argparse.Namespace, job: Job) -> tuple:
-    return (args.pde, job.config, job.seed, args.steps)
+    return (args.pde, job.config, job.seed, job.steps)
 
 
 def todo(args: argparse.Namespace, results: dict) -> list[Job]:
-    """Runs not finished yet, seed-major (every configuration's first seed comes first)."""
+    """Runs not finished yet, seed-major (every configuration's first seed comes first), and
+    within a seed the longest runs first, so the GPUs finish together."""
     finished = {run_key(r) for r in results["runs"] if "error" not in r}
-    jobs = [Job(c, s) for s in range(args.seeds) for c in args.configs]
+    jobs = [
+        Job(c, s, steps)
+        for s in range(args.seeds)
+        for steps in sorted(args.steps, reverse=True)
+        for c in args.configs
+    ]
     return [job for job in jobs if job_key(args, job) not in finished]
 
 
@@ -730,6 +751,24 @@ def settings(args: argparse.Namespace) -> dict:
              "eval_trajectories", "refresh_every", "compile", "compile_mode", "smoke",
              "codec_steps")  # fmt: skip
     return {name: getattr(args, name) for name in names}
+
+
+def check_inputs(results: dict, args: argparse.Namespace, shared: Setup, path: Path) -> None:
+    """Refuse to add runs of this setup's codec or data to a file holding runs of others: their
+    accuracies do not compare, and a finished run of another codec would count as this one's."""
+    for record in results["runs"]:
+        if record["pde"] != args.pde or "error" in record:
+            continue
+        for key, mine, what in (
+            ("codec_sha256", shared.codec_sha256, "codec"),
+            ("data_sha256", shared.data_sha256, "data file"),
+        ):
+            if record[key] != mine:
+                raise SystemExit(
+                    f"{path} holds {args.pde} runs of another {what} (sha256 {record[key][:12]}, "
+                    f"this setup's is {mine[:12]}); use another --out-dir, or --codec with the "
+                    "codec those runs used"
+                )
 
 
 def check_settings(results: dict, args: argparse.Namespace, path: Path) -> None:
@@ -935,8 +974,11 @@ def render(results: dict, out: Path) -> str:
     if failed:
         names = ", ".join(f"{r['pde']} {r['config']} seed {r['seed']}" for r in failed)
         lines += [f"**Failed runs** (rerun to retry): {names}.", ""]
-    for group in groups(results):
+    every = groups(results)
+    for group in every:
         lines += render_group(group, results, out)
+    for pde in dict.fromkeys(g.pde for g in every):
+        lines += ladder(results, [g for g in every if g.pde == pde])
     return "\n".join(lines) + "\n"
 
 
@@ -955,7 +997,7 @@ def render_group(group: Group, results: dict, out: Path) -> list[str]:
     setup = results.get("setup", {}).get(group.pde, {})
     title = setup.get("title", group.pde)
     lines = [f"## {title}, {group.steps} steps", ""]
-    lines += setup_lines(setup, results.get("settings", {}).get(group.pde, {}))
+    lines += setup_lines(setup, results.get("settings", {}).get(group.pde, {}), group.steps)
     lines += warnings(group)
     if group.dense:
         lines += goals(group)
@@ -969,10 +1011,14 @@ def render_group(group: Group, results: dict, out: Path) -> list[str]:
     return lines
 
 
-def setup_lines(setup: dict, settings: dict) -> list[str]:
-    """What the runs shared: data, codec, shard sets, and the options of every run."""
+def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
+    """What the runs of ``steps`` shared: data, codec, shard sets, and the options of every run."""
     if not setup:
         return []
+    # results made before the budget ladder held one run length's epochs
+    epochs = setup.get("epochs_by_steps", {}).get(str(steps), setup["epochs"])
+    # the sets' k_e are recorded for the longest runs' sets (a cosine schedule's differ)
+    longest = f" (of the {setup['epochs']}-epoch sets)" if epochs != setup["epochs"] else ""
     codec = setup["codec"]
     trained = (
         f"trained here ({codec['steps']} steps, {codec['train_seconds']:.0f} s, test "
@@ -989,10 +1035,10 @@ def setup_lines(setup: dict, settings: dict) -> list[str]:
         f"- data: generated, {setup['trajectories']} trajectories x {setup['snapshots']} snapshots "
         f"at resolution {setup['resolution']}, trajectory-disjoint train/val/test splits",
         f"- codec: {trained}; sha256 {codec['sha256'][:12]}",
-        f"- latent shard sets: {setup['epochs']} epochs of query sets each "
+        f"- latent shard sets: {epochs} epochs of query sets each "
         f"({setup['batches_per_epoch']} batches per epoch, no wrapping)"
-        + (f", the cosine set's last {setup['dense_tail_epochs']} dense" if tail else "")
-        + f"; mean k/N per set: {ratios}",
+        + (f", the cosine set's last {dense_tail_epochs(epochs)} dense" if tail else "")
+        + f"; mean k/N per set{longest}: {ratios}",
         f"- every run: batch {settings['batch']}, lr {settings['lr']} (cosine decay over the "
         f"run), validation (one-step) every {settings['eval_every']} "
         f"steps on up to {settings['eval_trajectories']} val trajectories, error-based refreshes every "
@@ -1156,6 +1202,50 @@ def accuracy_table(group: Group) -> list[str]:
     return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
 
 
+def ladder(results: dict, rungs: list[Group]) -> list[str]:
+    """One PDE's runs at several step counts (``--steps A B ...``): what each doubling of the
+    steps gains (convergence across budgets, which a cosine schedule's last 20 % alone cannot
+    show: its learning rate anneals there at any length), and how soon each run reaches the
+    final validation nRMSE of the longest dense runs."""
+    if len(rungs) < 2:
+        return []
+    title = results.get("setup", {}).get(rungs[0].pde, {}).get("title", rungs[0].pde)
+    reference = max((g for g in rungs if g.dense), key=lambda g: g.steps, default=None)
+    target = reference.dense_val if reference else None
+    aim = f"s to dense {reference.steps}-step val ({target:.4f})" if reference else "-"
+    head = ["configuration", "steps", "seeds", "train s", "final val one-step",
+            "gain over the run before", "test one-step", aim]  # fmt: skip
+    rows = []
+    for name in CONFIGS:
+        runs_of = [(g.steps, g.runs[name]) for g in rungs if name in g.runs]  # ascending steps
+        for i, (steps, runs) in enumerate(runs_of):
+            final = statistics.mean(r["curve"][-1]["model_h1"] for r in runs)
+            gain = "-"
+            if i:
+                before, earlier = runs_of[i - 1]
+                was = statistics.mean(r["curve"][-1]["model_h1"] for r in earlier)
+                gain = f"{(was - final) / was:.1%} (vs {before})"
+            group = next(g for g in rungs if g.steps == steps)
+            reached = time_to(group.seed_mean_curve(name), target) if target else None
+            rows.append([
+                name, steps, len(runs), fmt([r["train_seconds"] for r in runs], 1),
+                fmt([r["curve"][-1]["model_h1"] for r in runs]), gain,
+                fmt([r["test"]["model_h1"] for r in runs]),
+                "-" if target is None else "not reached" if reached is None else f"{reached:.1f}",
+            ])  # fmt: skip
+    return [
+        f"## {title}: the budget ladder",
+        "",
+        "Each configuration at each step count (every run's learning rate decays over its own "
+        "steps). 'gain over the run before': how much lower the final validation nRMSE ends "
+        "than at the next smaller step count (seed means); the last column reads the seeds' "
+        "mean curve, as the time table does.",
+        "",
+        *markdown_table(head, rows),
+        "",
+    ]
+
+
 def refresh_lines(group: Group) -> list[str]:
     """Where the error-based runs' refresh seconds went, for the runs that logged it."""
     out = []
@@ -1317,7 +1407,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--codec", default=None, help="a trained codec.pt to reuse")
     parser.add_argument("--codec-steps", type=int, default=None, help="default: the PDE's")
     parser.add_argument("--codec-eval-every", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=6000, help="operator steps of every run")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[6000],
+        help="operator steps of every run; several (a budget ladder) train each configuration at "
+        "each, and the report reads how much each doubling of the steps gains",
+    )
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-trajectories", type=int, default=32, help="validation trajectories")
     parser.add_argument("--batch", type=int, default=32)
@@ -1358,6 +1455,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.finish_in_time and not args.time_limit:
         parser.error("--finish-in-time needs --time-limit")
+    if min(args.steps) < 1 or len(set(args.steps)) != len(args.steps):
+        parser.error(f"--steps: distinct positive integers expected, got {args.steps}")
     if args.smoke:  # the smoke sizes, where an option does not say otherwise
         parser.set_defaults(**SMOKE)
         args = parser.parse_args()
@@ -1401,10 +1500,13 @@ def main() -> None:
         print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
         if args.setup_only:  # the results file stays as it was
             print(f"codec: {shared.codec}", flush=True)
-            for name, where in shared.sets.items():
-                print(f"shard set {name}: {where}", flush=True)
+            for (name, epochs), where in shared.sets.items():
+                print(f"shard set {name} ({epochs} epochs): {where}", flush=True)
             return
-        results.setdefault("setup", {})[args.pde] = shared.info
+        check_inputs(results, args, shared, path)
+        saved = results.setdefault("setup", {}).get(args.pde, {})
+        lengths = {**saved.get("epochs_by_steps", {}), **shared.info["epochs_by_steps"]}
+        results["setup"][args.pde] = {**shared.info, "epochs_by_steps": lengths}  # every length's
         save(path, results)
         Study(args, shared, results, out, children, slots, deadline).run()
     except Stopped as stopped:
