@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench"
@@ -148,3 +151,33 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(study) -> N
     assert "| 0.0090 ± 0.0000 | 25.0% (vs 200) |" in rows[2]
     assert rows[2].endswith(f"| {4 + 4 * (0.02 - 0.01) / (0.02 - 0.009):.1f} |")
     assert study.ladder({}, rungs[:1]) == []  # one length: no ladder
+
+
+@pytest.mark.slow
+def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
+    """--dense-gpus 2 (torchrun, two gloo ranks on the CPU): a probe measures the one-process
+    dense pace first, the dense run then trains on both ranks, and its curve is put on the
+    one-process time axis (step x pace) with its own seconds kept beside it."""
+    script = BENCH / "bench_time_to_accuracy.py"
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out-dir", str(out), "--work", str(work),
+         "--steps", "20", "--seeds", "1", "--configs", "dense", "--dense-gpus", "2"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "bench_time_to_accuracy.json").read_text())
+    pace = results["dense_pace"]["ns2d"]["seconds_per_step"]
+    assert pace > 0
+    (dense,) = results["runs"]
+    assert dense["gpus_per_run"] == 2 and dense["one_gpu_seconds_per_step"] == pace
+    assert dense["train_seconds"] == pytest.approx(20 * pace)
+    assert [p["train_seconds"] for p in dense["curve"]] == pytest.approx(
+        [p["step"] * pace for p in dense["curve"]]
+    )
+    assert dense["measured_train_seconds"] > 0 and len(dense["curve"]) == 5  # every 4 steps
+    (checkpoint,) = work.glob("*/runs/*/dense_seed0_steps20/checkpoint.pt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert len(saved["generator"]) == 2  # one sampling stream per rank: two ranks trained it
+    report = (out / "bench_time_to_accuracy.md").read_text()
+    assert "1 dense run(s) trained data-parallel on 2 GPUs" in report

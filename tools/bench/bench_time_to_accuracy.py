@@ -23,7 +23,10 @@ latent shard set per sampler configuration and run length from it, each holding 
 epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored epochs' sets, and the
 cosine schedule's dense tail falls on the runs' last epochs).
 
-Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. Each finished run
+Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process; with
+``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, timed at the one-GPU
+dense pace a short probe run measures (torchrun ranks take the same global batches, so the
+same steps, as one process). Each finished run
 is added to OUT/bench_time_to_accuracy.json at once; a rerun of the same command skips finished
 runs and resumes interrupted ones exactly from their last checkpoint (``resume=``), so the study
 can run over several sittings of one machine (a run's checkpoint stays in ``--work``): ``--time-limit`` stops it cleanly before a sitting ends (a run's
@@ -73,6 +76,7 @@ RESULTS = "bench_time_to_accuracy.json"
 PROGRESS_SECONDS = 30  # between the progress lines of the running runs
 CONVERGED_TAIL = 0.2  # convergence: over the last 20 % of a run's steps ...
 CONVERGED_GAIN = 0.01  # ... its validation nRMSE improved by less than 1 %
+PACE_STEPS = 300  # the one-GPU dense pace probe of --dense-gpus (at most the runs' steps)
 DENSE_TAIL_SHARE = 0.1  # the cosine schedule's dense tail: about the last 10 % of epochs
 # return codes of a run ended by Ctrl-C or a kill (SIGINT, SIGTERM): it resumes next time
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
@@ -284,6 +288,14 @@ def slot_env(slot: int, slots: int) -> dict[str, str]:
     gpu = visible[slot] if slot < len(visible) and visible[slot].strip() else str(slot)
     threads = max(1, (os.cpu_count() or 1) // slots)
     return {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": str(threads)}
+
+
+def wide_env(gpus: int, slots: int) -> dict[str, str]:
+    """A data-parallel run on the first ``gpus`` GPU slots, with their share of the CPU cores."""
+    envs = [slot_env(slot, slots) for slot in range(gpus)]
+    visible = ",".join(env["CUDA_VISIBLE_DEVICES"] for env in envs)
+    threads = max(1, (os.cpu_count() or 1) // slots)
+    return {**envs[0], "CUDA_VISIBLE_DEVICES": visible, "OMP_NUM_THREADS": str(threads)}
 
 
 # ---------------------------------------------------------------- setup
@@ -505,6 +517,21 @@ class Study:
     def run_dir(self, job: Job) -> Path:
         return self.runs_root / f"{slug(job.config)}_seed{job.seed}_steps{job.steps}"
 
+    def wide(self, job: Job) -> bool:
+        """Whether the run trains data-parallel over --dense-gpus GPUs: the dense runs, whose
+        step is the expensive one (a 24,000-step dense run outlasts one machine's sitting)."""
+        return job.config == "dense" and self.args.dense_gpus > 1
+
+    def command(self, job: Job, options: list[str]) -> tuple[list[str], dict[str, str]]:
+        """train.py on one GPU slot's environment (set by the caller), or under torchrun."""
+        if not self.wide(job):
+            return tool("train.py", *options), {}
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc-per-node={self.args.dense_gpus}"]  # fmt: skip
+        return [*launch, str(ROOT / "tools" / "train.py"), *options], wide_env(
+            self.args.dense_gpus, self.slots
+        )
+
     def options(self, job: Job, run_dir: Path) -> list[str]:
         """train.py's options for a run: the shipped operator config, the study's sizes, the
         configuration's own options, and resume= when an earlier sitting left a checkpoint."""
@@ -558,9 +585,10 @@ class Study:
         with self.lock:
             self.running[job] = (slot, run_dir)
         started = time.perf_counter()
+        command, env = self.command(job, options)
         try:
             code = self.children.call(
-                tool("train.py", *options), slot_env(slot, self.slots), run_dir / "train.log"
+                command, env or slot_env(slot, self.slots), run_dir / "train.log"
             )
         finally:
             with self.lock:
@@ -578,7 +606,60 @@ class Study:
         }
         if code != 0:
             return {**record, "error": tail(run_dir)}
-        return {**record, **self.collect(job, run_dir, done)}
+        record |= self.collect(job, run_dir, done)
+        return self.on_one_gpu(record) if self.wide(job) else record
+
+    def on_one_gpu(self, record: dict) -> dict:
+        """A data-parallel dense run on the one-GPU time axis the other runs use: torchrun ranks
+        train on the same global batches as one process (train.py), so its steps are the
+        one-GPU run's, and each step is given the one-GPU dense pace the probe measured. Its
+        own seconds on several GPUs stay beside them."""
+        pace = self.results["dense_pace"][self.args.pde]["seconds_per_step"]
+        return {
+            **record,
+            "curve": [{**p, "train_seconds": p["step"] * pace} for p in record["curve"]],
+            "train_seconds": record["steps"] * pace,
+            "gpus_per_run": self.args.dense_gpus,
+            "measured_train_seconds": record["train_seconds"],
+            "measured_warmup_seconds": warmup(record),  # mostly compilation, on every rank
+            "one_gpu_seconds_per_step": pace,
+        }
+
+    def measure_dense_pace(self) -> bool:
+        """The one-GPU dense pace (seconds per step) that data-parallel dense runs are timed
+        at, measured once per PDE and results file by a short dense run on GPU 0 of this host:
+        the steps after its first third (compilation). False when it was stopped."""
+        if self.args.pde in self.results.get("dense_pace", {}):
+            return True
+        run_dir = self.runs_root / "dense_pace"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        longest = max(self.args.steps)
+        steps = min(PACE_STEPS, longest)
+        options = self.options(Job("dense", 0, longest), run_dir)[:-1]  # no resume=: fresh
+        # the runs' own log_every: a log line costs a host sync, which the pace should include
+        options += ["overwrite=true", f"max_steps={steps}", f"eval_every={steps}",
+                    f"checkpoint_every={steps}"]  # fmt: skip
+        print(f"measuring the one-GPU dense pace on GPU 0 ({steps} steps)", flush=True)
+        code = self.children.call(tool("train.py", *options), slot_env(0, self.slots),
+                                  run_dir / "train.log")  # fmt: skip
+        if code is None:
+            return False
+        if code != 0:
+            raise SystemExit(
+                f"the dense pace probe failed ({run_dir / 'train.log'}):\n{tail(run_dir)}"
+            )
+        logged = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "samples_per_s" in m]
+        first = next(m for m in logged if m["step"] >= steps // 3)
+        last = logged[-1]
+        pace = (last["train_seconds"] - first["train_seconds"]) / (last["step"] - first["step"])
+        self.results.setdefault("dense_pace", {})[self.args.pde] = {
+            "seconds_per_step": pace,
+            "steps": [first["step"], last["step"]],
+            "gpu": gpu_name(0),
+        }
+        save(self.out / RESULTS, self.results)
+        print(f"one-GPU dense pace: {pace * 1000:.1f} ms a step", flush=True)
+        return True
 
     def seconds_to_go(self, job: Job, run_dir: Path) -> float | None:
         """The wall-clock a run still needs: the mean of the finished runs of its configuration,
@@ -691,8 +772,15 @@ class Study:
         monitor = threading.Thread(target=self.report_progress, args=(stop,), daemon=True)
         monitor.start()
         try:
+            # the data-parallel runs first, one at a time on --dense-gpus GPUs, then the rest
+            wide = [job for job in jobs if self.wide(job)]
+            if wide and self.measure_dense_pace():
+                for job in wide:
+                    if self.children.stopping.is_set():
+                        break
+                    self.finished(job, self.train(job, 0))
             run_in_slots(
-                jobs,
+                [job for job in jobs if not self.wide(job)],
                 self.slots,
                 self.train,
                 self.finished,
@@ -1073,6 +1161,23 @@ def warnings(group: Group) -> list[str]:
             "before the second pass logged no wait, and theirs stays in) are left out of the "
             "training seconds and counted outside them."
         )
+    wide = [r for r in group.dense if r.get("gpus_per_run", 1) > 1]
+    if wide:
+        pace = statistics.mean(r["one_gpu_seconds_per_step"] for r in wide)
+        measured = statistics.mean(
+            r["measured_train_seconds"] - r["measured_warmup_seconds"] for r in wide
+        )
+        ideal = statistics.mean(r["steps"] * r["one_gpu_seconds_per_step"] for r in wide)
+        gpus = wide[0]["gpus_per_run"]
+        out.append(
+            f"- {len(wide)} dense run(s) trained data-parallel on {gpus} GPUs (torchrun, the same "
+            "global batches as one GPU, so the same steps). Their seconds here are their steps at "
+            f"the one-GPU dense pace, {pace * 1000:.1f} ms a step, measured by a short dense run "
+            f"on one GPU of the host first. On {gpus} GPUs they trained {measured:.0f} s after "
+            "their warm-up, "
+            f"{ideal / measured:.2f}x faster than one GPU would ({ideal / measured / gpus:.0%} "
+            "of linear scaling)."
+        )
     if not group.dense:
         out.append("- No dense runs yet: no time-to-accuracy numbers.")
     elif not all(converged(r) for r in group.dense):
@@ -1438,6 +1543,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--gpus", type=int, default=0, help="GPU slots (0: every visible GPU)")
     parser.add_argument(
+        "--dense-gpus",
+        type=int,
+        default=1,
+        help="train the dense runs data-parallel (torchrun) on this many GPUs, before the other "
+        "runs; they are timed at the one-GPU dense pace, measured first by a short run",
+    )
+    parser.add_argument(
         "--setup-only",
         action="store_true",
         help="prepare the data, codec and shard sets, print where they are, train no run",
@@ -1455,6 +1567,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.finish_in_time and not args.time_limit:
         parser.error("--finish-in-time needs --time-limit")
+    if args.dense_gpus < 1:
+        parser.error(f"--dense-gpus: an integer >= 1 expected, got {args.dense_gpus}")
     if min(args.steps) < 1 or len(set(args.steps)) != len(args.steps):
         parser.error(f"--steps: distinct positive integers expected, got {args.steps}")
     if args.smoke:  # the smoke sizes, where an option does not say otherwise
@@ -1488,6 +1602,8 @@ def main() -> None:
     results.setdefault("sittings", []).append(results["environment"])
     signal.signal(signal.SIGTERM, interrupt)
     slots = args.gpus or gpu_slots()
+    if torch.cuda.is_available() and args.dense_gpus > slots:
+        raise SystemExit(f"--dense-gpus {args.dense_gpus}: this study has {slots} GPU slot(s)")
     children = Children()
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     if args.time_limit:
