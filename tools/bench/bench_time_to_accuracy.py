@@ -20,17 +20,17 @@ show under a schedule that anneals over any run's last 20 %.
 Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 or Burgers 1D at
 PDEBench's 1024 points, generated), field-only shards, one codec (or ``--codec PATH``), and one
 latent shard set per sampler configuration and run length from it, each holding exactly the
-epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored epochs' sets, and the
-cosine schedule's dense tail falls on the runs' last epochs).
+epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored
+epochs' sets, and the cosine schedule's dense tail falls on the runs' last epochs).
 
-Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process; with
-``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, timed at the one-GPU
-dense pace a short probe run measures (torchrun ranks take the same global batches, so the
-same steps, as one process). Each finished run
-is added to OUT/bench_time_to_accuracy.json at once; a rerun of the same command skips finished
-runs and resumes interrupted ones exactly from their last checkpoint (``resume=``), so the study
-can run over several sittings of one machine (a run's checkpoint stays in ``--work``): ``--time-limit`` stops it cleanly before a sitting ends (a run's
-checkpoint is written at every validation). ``--report`` renders without training.
+Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. With
+``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, and are timed at the
+one-GPU dense pace a short probe run measures (torchrun ranks take the same global batches, so
+the same steps, as one process). Each finished run is added to OUT/bench_time_to_accuracy.json
+at once; a rerun of the same command skips finished runs and resumes interrupted ones exactly
+from their last checkpoint (``resume=``), so the study can run over several sittings of one
+machine (the checkpoints stay in ``--work``): ``--time-limit`` stops it cleanly before a sitting
+ends (a run's checkpoint is written at every validation). ``--report`` renders without training.
 
     python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --time-limit 500  # 4 GPUs, rerun until done
     python tools/bench/bench_time_to_accuracy.py --smoke --out-dir /tmp/tta --work /tmp/tta_work  # tiny, CPU
@@ -575,7 +575,8 @@ class Study:
         options = self.options(job, run_dir)
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         where = f"resuming after step {last[-1]}" if resumed and last else "from the start"
-        print(f"start {job} on GPU {slot} ({where})", flush=True)
+        gpus = f"GPUs 0-{self.args.dense_gpus - 1}" if self.wide(job) else f"GPU {slot}"
+        print(f"start {job} on {gpus} ({where})", flush=True)
         # each start of the run (a sitting), kept beside it: the record sums them at the end.
         # Written before the start, its wall-clock after: a sitting killed before it could log
         # that leaves a segment without one, and the run's wall-clock is then unknown
