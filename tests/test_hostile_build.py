@@ -375,13 +375,13 @@ def test_the_data_file_is_read_once_per_output_directory(data, tmp_path, monkeyp
     def no_norm(*args, **kwargs):
         raise AssertionError("norm statistics computed again")
 
-    compute_norm = build_module.NormStats.from_trajectories
+    compute_norm = build_module.trajectory_sums  # what the build sums the norm with
     monkeypatch.setattr(build_module, "file_sha256", no_hashing)
-    monkeypatch.setattr(build_module.NormStats, "from_trajectories", no_norm)
+    monkeypatch.setattr(build_module, "trajectory_sums", no_norm)
     build(data, out)  # the rerun reuses the record
     copy = tmp_path / "copy.h5"
     shutil.copy(data, copy)
     # the hash runs beside the norm statistics: let those run, to see the hash refused
-    monkeypatch.setattr(build_module.NormStats, "from_trajectories", compute_norm)
+    monkeypatch.setattr(build_module, "trajectory_sums", compute_norm)
     with pytest.raises(AssertionError, match="hashed again"):
         build(copy, out)  # another file (path, mtime): hashed, not trusted from the record

@@ -16,7 +16,7 @@ from pipeline.config import check
 from pipeline.sources.pdebench import DataError, PDEBenchFile
 
 SPLITS = ("train", "val", "test")
-NORM_THREADS = 8  # trajectories summed at once by NormStats.from_trajectories
+NORM_THREADS = 8  # trajectories summed at once by trajectory_sums
 
 
 @dataclass
