@@ -427,9 +427,10 @@ def test_tars_readable_with_webdataset_and_tarfile(built):
 
 
 def test_the_stage_table_counts_the_gpu_stages_waiting_for_writers(burgers, tmp_path, monkeypatch):
-    """With the writes in one thread of the build (where a patch reaches them), slowed by 0.3 s a shard, the GPU stages' thread waits for the writer before every shard after
-    the first and for the last write: the summary's ``write wait`` says so; with the writes at
-    their own pace it stays small."""
+    """With the writes in one thread of the build (where a patch reaches them), slowed by 0.3 s
+    a shard, the GPU stages' thread waits for the writer before every shard after the first and
+    for the last write: the summary's ``write wait`` says so; with the writes at their own pace
+    it stays small."""
     import pipeline.write_pool as write_pool
 
     def build(out: str) -> dict:
@@ -512,8 +513,9 @@ def test_killed_build_resumes_to_identical_files(write_in, tmp_path):
         assert proc.poll() is None, "the build ended before any shard finished"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    workers = descendants(proc.pid)
-    assert workers if write_in == "processes" else True  # the forkserver and the writers
+    workers = descendants(proc.pid)  # the forkserver and the writers, with processes
+    if write_in == "processes":
+        assert workers
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

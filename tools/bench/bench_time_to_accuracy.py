@@ -291,11 +291,11 @@ def slot_env(slot: int, slots: int) -> dict[str, str]:
 
 
 def wide_env(gpus: int, slots: int) -> dict[str, str]:
-    """A data-parallel run on the first ``gpus`` GPU slots, with their share of the CPU cores."""
+    """A data-parallel run on the first ``gpus`` GPU slots, each rank with a slot's share of
+    the CPU cores."""
     envs = [slot_env(slot, slots) for slot in range(gpus)]
     visible = ",".join(env["CUDA_VISIBLE_DEVICES"] for env in envs)
-    threads = max(1, (os.cpu_count() or 1) // slots)
-    return {**envs[0], "CUDA_VISIBLE_DEVICES": visible, "OMP_NUM_THREADS": str(threads)}
+    return {**envs[0], "CUDA_VISIBLE_DEVICES": visible}
 
 
 # ---------------------------------------------------------------- setup
