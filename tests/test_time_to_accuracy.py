@@ -170,6 +170,7 @@ def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
     pace = results["dense_pace"]["ns2d"]["seconds_per_step"]
     assert pace > 0
     (dense,) = results["runs"]
+    assert "error" not in dense, dense["error"]
     assert dense["gpus_per_run"] == 2 and dense["one_gpu_seconds_per_step"] == pace
     assert dense["train_seconds"] == pytest.approx(20 * pace)
     assert [p["train_seconds"] for p in dense["curve"]] == pytest.approx(

@@ -526,8 +526,10 @@ class Study:
         """train.py on one GPU slot's environment (set by the caller), or under torchrun."""
         if not self.wide(job):
             return tool("train.py", *options), {}
+        # --local-addr: the ranks meet at the loopback address, not at the host's name, which
+        # need not resolve (a container's often does not; the ranks then wait until timeout)
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  f"--nproc-per-node={self.args.dense_gpus}"]  # fmt: skip
+                  "--local-addr=127.0.0.1", f"--nproc-per-node={self.args.dense_gpus}"]  # fmt: skip
         return [*launch, str(ROOT / "tools" / "train.py"), *options], wide_env(
             self.args.dense_gpus, self.slots
         )
