@@ -153,6 +153,25 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(study) -> N
     assert study.ladder({}, rungs[:1]) == []  # one length: no ladder
 
 
+def test_time_left_is_estimated_from_runs_on_as_many_gpus(study, tmp_path) -> None:
+    """--finish-in-time's estimate for a dense run under --dense-gpus 4 comes from the dense
+    runs that took 4 GPUs, not from one-GPU dense runs an earlier sitting left in the file."""
+
+    def run(config: str, wall: float, gpus: int | None) -> dict:
+        extra = {} if gpus is None else {"gpus_per_run": gpus}
+        return {"pde": "ns2d", "config": config, "steps": 400, "wall_seconds": wall, **extra}
+
+    runs = [run("dense", 1000, None), run("dense", 300, 4), run("dense", 340, 4),
+            run("uniform 0.1", 90, None)]  # fmt: skip
+    bench = study.Study.__new__(study.Study)  # its estimate needs no setup
+    bench.results = {"runs": runs}
+    bench.args = argparse.Namespace(pde="ns2d", dense_gpus=4)
+    assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) == pytest.approx(320)
+    assert bench.seconds_to_go(study.Job("uniform 0.1", 1, 400), tmp_path) == pytest.approx(90)
+    bench.args.dense_gpus = 1
+    assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) == pytest.approx(1000)
+
+
 @pytest.mark.slow
 def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
     """--dense-gpus 2 (torchrun, two gloo ranks on the CPU): a probe measures the one-process

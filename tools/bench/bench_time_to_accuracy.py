@@ -665,13 +665,16 @@ class Study:
         return True
 
     def seconds_to_go(self, job: Job, run_dir: Path) -> float | None:
-        """The wall-clock a run still needs: the mean of the finished runs of its configuration,
-        less the share of steps an earlier sitting did; None when none has finished."""
+        """The wall-clock a run still needs: the mean of the finished runs of its configuration
+        on as many GPUs, less the share of steps an earlier sitting did; None when none has
+        finished."""
+        gpus = self.args.dense_gpus if self.wide(job) else 1
         done = [
             r["wall_seconds"]
             for r in self.results["runs"]
             if "error" not in r
             and r["wall_seconds"] is not None
+            and r.get("gpus_per_run", 1) == gpus
             and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, job.steps)
         ]
         if not done:
