@@ -453,7 +453,7 @@ def read_listed(
         if data is not None:
             return data
     try:
-        data = read_bytes(path, remote)
+        data = read_bytes(path, remote, limit=entry.bytes)
     except (FileNotFoundError, OSError) as err:
         raise ShardError(f"{path}: missing shard file ({err})") from None
     data = check_listed(path, data, entry)

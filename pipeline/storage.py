@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import fsspec
+import fsspec.asyn
 
 from pipeline.config import check
 from pipeline.records import ShardError
@@ -38,9 +39,11 @@ class RemoteConfig:
     """How reads from a remote set (http(s)://, s3://, ...) wait and retry.
 
     A request with no answer for ``timeout_s`` (connecting, or between two reads of the answer)
-    is abandoned; a failed read is tried again ``retries`` times, ``backoff_s`` apart, doubling;
-    then a ShardError names the URL, the attempts and the cause. A missing file (404) and other
-    refusals (403, ...) are not retried. Local paths and file:// read directly.
+    is abandoned, and so is an http(s) answer that comes slower than ``min_rate_mb_s`` once its
+    first ``timeout_s`` are spent (a server that trickles a byte at a time); a failed read is
+    tried again ``retries`` times, ``backoff_s`` apart, doubling; then a ShardError names the
+    URL, the attempts and the cause. A missing file (404) and other refusals (403, ...) are not
+    retried. Local paths and file:// read directly.
     """
 
     timeout_s: float = 30.0  # per request: seconds without an answer
@@ -50,6 +53,7 @@ class RemoteConfig:
     # shared by the runs (and processes) of a machine; null: no disk cache
     cache_dir: str | None = None
     cache_mb: int = 20480  # the cache's size bound: least recently used files go first
+    min_rate_mb_s: float = 0.1  # the slowest http(s) answer waited for, in 10^6 bytes a second
 
     def __post_init__(self) -> None:
         check(
@@ -72,6 +76,12 @@ class RemoteConfig:
             self.cache_dir,
         )
         check(self.cache_mb >= 1, "loader.remote.cache_mb", "an integer >= 1", self.cache_mb)
+        check(
+            math.isfinite(self.min_rate_mb_s) and self.min_rate_mb_s > 0,
+            "loader.remote.min_rate_mb_s",
+            "a rate in MB/s > 0",
+            self.min_rate_mb_s,
+        )
 
     @property
     def attempts(self) -> int:
@@ -113,7 +123,10 @@ _TRANSIENT_STATUS = (408, 425, 429)
 
 def _transient(err: BaseException) -> bool | None:
     """True for an error worth retrying, False for a refusal (403, permission), None for an
-    error that is no remote failure at all (a bug: re-raised as it is)."""
+    error that is no remote failure at all (a bug, or a ShardError already naming the file:
+    re-raised as it is)."""
+    if isinstance(err, ShardError):
+        return None
     if isinstance(err, aiohttp.ClientResponseError):
         return err.status >= 500 or err.status in _TRANSIENT_STATUS
     if isinstance(err, _NOT_TRANSIENT):
@@ -134,9 +147,16 @@ def _refused(url: str, err: BaseException) -> ShardError:
     return ShardError(f"{url}: refused ({_cause(err)})")
 
 
+class _TooSlow(ConnectionError):
+    """An answer that kept coming, but slower than ``RemoteConfig.min_rate_mb_s``: retried.
+    (Not a TimeoutError: fsspec's sync() turns those into its own FSTimeoutError.)"""
+
+
 def _gave_up(url: str, remote: RemoteConfig, err: BaseException) -> ShardError:
     timed_out = isinstance(err, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError)
     what = f"no answer within {remote.timeout_s:g} s" if timed_out else "read failed"
+    if isinstance(err, _TooSlow):
+        what = f"answer slower than {remote.min_rate_mb_s:g} MB/s"
     attempts = f"{remote.attempts} attempt{'s' if remote.attempts > 1 else ''}"
     return ShardError(f"{url}: {what} after {attempts} ({_cause(err)})")
 
@@ -176,17 +196,67 @@ async def retrying_async(url: str, remote: RemoteConfig, call: Callable[[], Awai
     raise AssertionError("unreachable")
 
 
-def read_bytes(location: str, remote: RemoteConfig | None = None) -> bytes:
-    """The whole file at a local path or URL; remote reads time out and retry as ``remote``
-    says (None: the defaults) and end in a ShardError naming the URL. A missing file raises
+MAX_RECORD_BYTES = 256 << 20  # a manifest, layer record or zarr metadata file: larger is refused
+
+
+def _too_large(location: str, limit: int) -> ShardError:
+    return ShardError(f"{location}: more than the {limit:,} bytes expected; refused")
+
+
+def read_bytes(
+    location: str, remote: RemoteConfig | None = None, limit: int = MAX_RECORD_BYTES
+) -> bytes:
+    """The whole file at a local path or URL, refused when larger than ``limit`` bytes (a
+    manifest's size for a listed file); remote reads time out and retry as ``remote`` says
+    (None: the defaults) and end in a ShardError naming the URL. A missing file raises
     FileNotFoundError."""
     if not is_url(location):
+        if Path(location).stat().st_size > limit:
+            raise _too_large(location, limit)
         return Path(location).read_bytes()
     remote = remote or RemoteConfig()
     fs, path = fsspec.core.url_to_fs(location, **storage_options(location, remote))
-    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+    if "file" in _protocols(fs):
         return fs.cat_file(path)
+    if streams(fs):
+        return retrying(
+            location,
+            remote,
+            lambda: fsspec.asyn.sync(fs.loop, read_capped, fs, path, location, remote, limit),
+        )
     return retrying(location, remote, lambda: fs.cat_file(path))
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def streams(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether reads from ``fs`` go through :func:`read_capped`: http(s), where a server we
+    do not control answers. Object stores (s3, gs) and chained caches read as fsspec does."""
+    return bool({"http", "https"} & set(_protocols(fs)))
+
+
+async def read_capped(
+    fs: fsspec.AbstractFileSystem, path: str, location: str, remote: RemoteConfig, limit: int
+) -> bytes:
+    """One attempt at the file at ``path`` on the http filesystem ``fs``, streamed: an answer
+    longer than ``limit`` bytes is refused as it passes the limit (not first held whole), and
+    one slower than ``min_rate_mb_s`` once its first ``timeout_s`` are spent is abandoned
+    (``_TooSlow``, retried). A pause longer than ``timeout_s`` is the session's timeout."""
+    started, data = time.monotonic(), bytearray()
+    file = await fs.open_async(path, "rb", size=limit)  # a size given: no HEAD request first
+    try:
+        while chunk := await file.read(1 << 20):
+            data += chunk
+            if len(data) > limit:
+                raise _too_large(location, limit)
+            allowed = remote.timeout_s + len(data) / (remote.min_rate_mb_s * 1e6)
+            if time.monotonic() - started > allowed:
+                raise _TooSlow(f"{len(data):,} bytes in {time.monotonic() - started:.1f} s")
+    finally:
+        await file.close()
+    return bytes(data)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -91,11 +91,15 @@ class HostileServer:
     """A real HTTP server on 127.0.0.1 serving a directory, with the misbehaviours of real ones:
     no directory listings (``refuse_dirs``: 404 or 403 to every directory URL), requests that
     are accepted and then never answered (``stall(path)``), errors (``fail(path)``: an HTTP
-    status to answer with, or None) and a death mid-run (:meth:`stop`). ``requests`` records
-    every path asked for."""
+    status to answer with, or None), answers of its own making (``body(path)``: the chunks to
+    send, with no length given, or None) and a death mid-run (:meth:`stop`). ``requests``
+    records every path asked for, ``sent`` the bytes of the answers ``body`` made."""
 
-    def __init__(self, directory: Path, refuse_dirs: int | None = 404, stall=None, fail=None):
+    def __init__(
+        self, directory: Path, refuse_dirs: int | None = 404, stall=None, fail=None, body=None
+    ):
         self.requests: list[str] = []
+        self.sent = 0
         self.release = threading.Event()  # set on stop: stalled handlers return
         server = self
 
@@ -117,8 +121,22 @@ class HostileServer:
                 return False
 
             def do_GET(self) -> None:
-                if not self._hostile():
-                    super().do_GET()
+                chunks = None if body is None else body(self.path.split("?", 1)[0])
+                if chunks is None:
+                    if not self._hostile():
+                        super().do_GET()
+                    return
+                server.requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()  # no Content-Length: the answer ends when the server closes
+                self.close_connection = True
+                try:
+                    for chunk in chunks:
+                        self.wfile.write(chunk)
+                        server.sent += len(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the reader hung up
 
             def do_HEAD(self) -> None:
                 if not self._hostile():
@@ -141,9 +159,9 @@ class HostileServer:
 
 
 @contextlib.contextmanager
-def serve_hostile(directory: Path, refuse_dirs: int | None = 404, stall=None, fail=None):
+def serve_hostile(directory: Path, refuse_dirs: int | None = 404, stall=None, fail=None, body=None):
     """A :class:`HostileServer` for the block; stopped at its end."""
-    server = HostileServer(directory, refuse_dirs, stall, fail)
+    server = HostileServer(directory, refuse_dirs, stall, fail, body)
     try:
         yield server
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import shutil
@@ -101,6 +102,11 @@ def assert_same_records(a, b) -> None:
                 np.testing.assert_array_equal(u, v)
 
 
+def is_shard_file(path: str) -> bool:
+    """A zarr chunk or a tar: a shard file, not the manifest or metadata."""
+    return "/c/" in path or path.endswith(".tar")
+
+
 def run_inspect(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(INSPECT), *map(str, args)],
@@ -124,6 +130,8 @@ def test_remote_config_is_range_checked():
         ({"timeout_s": float("inf")}, "loader.remote.timeout_s"),
         ({"retries": -1}, "loader.remote.retries"),
         ({"backoff_s": -0.5}, "loader.remote.backoff_s"),
+        ({"min_rate_mb_s": 0}, "loader.remote.min_rate_mb_s"),
+        ({"min_rate_mb_s": float("nan")}, "loader.remote.min_rate_mb_s"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(f"option '{option}'")):
             RemoteConfig(**kwargs)
@@ -367,11 +375,7 @@ def test_silent_server_fails_open_within_the_timeout():
 def test_server_stalling_on_shards_gives_a_named_error(built, fmt):
     """Manifest and metadata answer, shard files never do: reading a shard fails within
     timeout_s x attempts, naming a shard file."""
-
-    def stall(path: str) -> bool:
-        return "/c/" in path or path.endswith(".tar")
-
-    with serve_hostile(built, stall=stall) as server:
+    with serve_hostile(built, stall=is_shard_file) as server:
         shards = open_shards(server.url, "train", fmt, FAST)
         start = time.monotonic()
         with pytest.raises(
@@ -380,6 +384,59 @@ def test_server_stalling_on_shards_gives_a_named_error(built, fmt):
         ):
             shards.read_shard(0)
         assert time.monotonic() - start < BOUND + SLACK
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_an_answer_longer_than_listed_is_refused_as_it_comes(built, fmt):
+    """A server answers each shard file with its bytes and then 200 MiB more: the read stops as
+    the answer passes the manifest's size, with one error naming the file, not retried, and the
+    rest is never fetched (before, all of it was held in memory, then found too long)."""
+
+    def longer(path: str):
+        if not is_shard_file(path):
+            return None
+        real = (built / path.lstrip("/")).read_bytes()
+        return itertools.chain([real], itertools.repeat(bytes(1 << 20), 200))
+
+    with serve_hostile(built, body=longer) as server:
+        shards = open_shards(server.url, "train", fmt, FAST)
+        with pytest.raises(
+            ShardError,
+            match=rf"^{re.escape(server.url)}/(zarr|wds)/train\S*: more than the [\d,]+ bytes expected; refused$",
+        ):
+            shards.read_shard(0)
+    asked = [path for path in server.requests if is_shard_file(path)]
+    assert asked and len(asked) == len(set(asked))  # each file asked for once: no retry
+    assert server.sent < len(asked) * (16 << 20)  # its size, a MiB read ahead, socket buffers
+
+
+def test_a_trickling_server_is_abandoned_by_its_rate(built):
+    """A server that sends the manifest a byte every 20 ms never pauses long enough for a
+    timeout: the read is abandoned once it falls behind loader.remote.min_rate_mb_s after its
+    first timeout_s, and after the retries one error names the URL and the rate."""
+
+    def trickle(path: str):
+        if path != "/manifest.json":
+            return None
+        data = (built / "manifest.json").read_bytes()
+
+        def slowly():
+            for byte in data:
+                time.sleep(0.02)
+                yield bytes([byte])
+
+        return slowly()
+
+    with serve_hostile(built, body=trickle) as server:
+        start = time.monotonic()
+        with pytest.raises(
+            ShardError,
+            match=rf"^{re.escape(server.url)}/manifest\.json: answer slower than 0\.1 MB/s after 3 attempts",
+        ):
+            open_shards(server.url, "train", "zarr", FAST)
+        elapsed = time.monotonic() - start
+    assert len(server.requests) == FAST.attempts
+    assert elapsed < BOUND + FAST.attempts * 0.1 + SLACK  # each attempt: timeout_s and a byte
 
 
 def test_inspect_shards_gives_up_on_a_silent_server():

@@ -20,11 +20,20 @@ import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import WrapperStore
+from zarr.storage import FsspecStore, WrapperStore
 
 from pipeline.manifest import FileEntry, ShardEntry, check_listed
 from pipeline.records import RecordSchema, ShardError, StoredRecords, _Record
-from pipeline.storage import RemoteConfig, disk_cache, join, retrying_async, zarr_store
+from pipeline.storage import (
+    MAX_RECORD_BYTES,
+    RemoteConfig,
+    disk_cache,
+    join,
+    read_capped,
+    retrying_async,
+    streams,
+    zarr_store,
+)
 
 ZSTD_LEVEL = 3  # fast; the query sets' codes are near their entropy bound already
 
@@ -170,9 +179,8 @@ class _VerifyingStore(WrapperStore):
                 return prototype.buffer.from_bytes(
                     data if byte_range is None else _byte_slice(data, byte_range)
                 )
-        buf = await retrying_async(
-            url, self._remote, lambda: super(_VerifyingStore, self).get(key, prototype)
-        )
+        limit = entry.bytes if entry is not None else MAX_RECORD_BYTES
+        buf = await retrying_async(url, self._remote, lambda: self._fetch(key, prototype, limit))
         if buf is None:
             if entry is not None:  # zarr would silently read the fill value
                 raise ShardError(f"{url}: missing shard file (listed in the manifest)")
@@ -186,6 +194,19 @@ class _VerifyingStore(WrapperStore):
         if byte_range is None:
             return buf
         return prototype.buffer.from_bytes(_byte_slice(data, byte_range))
+
+    async def _fetch(self, key, prototype, limit: int):
+        """One attempt at file ``key``, whole; over http(s) streamed and refused past ``limit``
+        bytes (its manifest size), so a hostile server cannot fill memory. None: absent."""
+        store = self._store
+        if not (isinstance(store, FsspecStore) and streams(store.fs)):
+            return await super().get(key, prototype)
+        url = join(self._location, key)
+        try:
+            data = await read_capped(store.fs, join(store.path, key), url, self._remote, limit)
+        except FileNotFoundError:
+            return None
+        return prototype.buffer.from_bytes(data)
 
     async def get_partial_values(self, prototype, key_ranges):
         return list(
