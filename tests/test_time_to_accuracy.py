@@ -23,25 +23,33 @@ RESULTS = ROOT / "docs" / "bench" / "bench_time_to_accuracy.json"
 
 @pytest.fixture
 def study(monkeypatch):
+    """The runner: which runs are left, on what inputs, and how long they take."""
     monkeypatch.syspath_prepend(str(BENCH))
     return importlib.import_module("bench_time_to_accuracy")
+
+
+@pytest.fixture
+def report(monkeypatch):
+    """The analysis and report, from a results file alone."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("time_to_accuracy_report")
 
 
 def curve(*points: tuple[int, float, float]) -> list[dict]:
     return [{"step": s, "train_seconds": t, "model_h1": v} for s, t, v in points]
 
 
-def test_time_to_is_the_first_crossing_linear_between_validations(study) -> None:
+def test_time_to_is_the_first_crossing_linear_between_validations(report) -> None:
     c = curve(
         (200, 10, 0.03), (400, 20, 0.02), (600, 30, 0.008), (800, 40, 0.012), (1000, 50, 0.005)
     )
-    assert study.time_to(c, 0.01) == pytest.approx(20 + 10 * (0.02 - 0.01) / (0.02 - 0.008))
-    assert study.time_to(c, 0.04) == 10  # reached at the first validation
-    assert study.time_to(c, 0.001) is None  # never reached
-    assert study.time_to(c, 0.008) == 30  # reached exactly, not the later dip
+    assert report.time_to(c, 0.01) == pytest.approx(20 + 10 * (0.02 - 0.01) / (0.02 - 0.008))
+    assert report.time_to(c, 0.04) == 10  # reached at the first validation
+    assert report.time_to(c, 0.001) is None  # never reached
+    assert report.time_to(c, 0.008) == 30  # reached exactly, not the later dip
 
 
-def test_warm_up_left_out_and_seeds_averaged_per_validation_step(study) -> None:
+def test_warm_up_left_out_and_seeds_averaged_per_validation_step(report) -> None:
     # seed 0 compiles for 40 s before its first step's pace of 0.01 s/step; seed 1 for 10 s
     runs = [
         {
@@ -54,7 +62,7 @@ def test_warm_up_left_out_and_seeds_averaged_per_validation_step(study) -> None:
         }
         for seed, (warm, v0, v1, v2) in enumerate([(40, 0.03, 0.02, 0.01), (10, 0.05, 0.02, 0.03)])
     ]
-    (group,) = study.groups({"runs": runs})
+    (group,) = report.groups({"runs": runs})
     steadied = group.runs["uniform 0.1"]
     assert [r["warmup_seconds"] for r in steadied] == pytest.approx([40, 10])
     assert [r["train_seconds"] for r in steadied] == pytest.approx([6, 6])
@@ -125,7 +133,7 @@ def test_a_ladder_runs_the_longest_first_and_refuses_other_codecs(study, tmp_pat
         study.check_inputs({"runs": [mine, other]}, args, shared, tmp_path)
 
 
-def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(study) -> None:
+def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(report) -> None:
     """The budget ladder's rows: each length's final validation nRMSE, its gain over the next
     shorter length, and the time to the final validation nRMSE of the longest dense runs."""
 
@@ -139,8 +147,8 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(study) -> N
         run("uniform 0.1", 200, [(100, 2, 0.03), (200, 4, 0.012)]),
         run("uniform 0.1", 400, [(200, 4, 0.02), (400, 8, 0.009)]),
     ]
-    rungs = study.groups({"runs": runs})
-    lines = study.ladder({"setup": {"ns2d": {"title": "NS 2D"}}}, rungs)
+    rungs = report.groups({"runs": runs})
+    lines = report.ladder({"setup": {"ns2d": {"title": "NS 2D"}}}, rungs)
     assert lines[0] == "## NS 2D: the budget ladder"
     rows = [line for line in lines if line.startswith("| uniform") or line.startswith("| dense")]
     assert rows[0].startswith("| dense | 200 | 1 | 20.0 ± 0.0 | 0.0100 ± 0.0000 | - |")
@@ -150,7 +158,7 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(study) -> N
     # 0.012 -> 0.009: 25 % lower; reaches 0.010 between 4 s (0.02) and 8 s (0.009)
     assert "| 0.0090 ± 0.0000 | 25.0% (vs 200) |" in rows[2]
     assert rows[2].endswith(f"| {4 + 4 * (0.02 - 0.01) / (0.02 - 0.009):.1f} |")
-    assert study.ladder({}, rungs[:1]) == []  # one length: no ladder
+    assert report.ladder({}, rungs[:1]) == []  # one length: no ladder
 
 
 def test_time_left_is_estimated_from_runs_on_as_many_gpus(study, tmp_path) -> None:

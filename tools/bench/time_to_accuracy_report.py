@@ -1,0 +1,627 @@
+"""The time-to-accuracy study's analysis and report: from the results file that
+bench_time_to_accuracy.py writes, the times each configuration takes to reach the dense runs'
+accuracy, the accuracy tables, the goals, the budget ladder and the plots, as markdown. Only
+reads results, so a report can be rendered again without training (``--report``)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from bench_common import markdown_table
+from time_to_accuracy_configs import CONFIGS, SHARD_SETS, dense_tail_epochs
+
+CONVERGED_TAIL = 0.2  # convergence: over the last 20 % of a run's steps ...
+CONVERGED_GAIN = 0.01  # ... its validation nRMSE improved by less than 1 %
+
+
+def values_at(curve: list[dict], x_key: str, x: float, key: str = "model_h1") -> float | None:
+    """The curve's ``key`` at ``x`` (linear between evaluations); None outside the curve."""
+    xs = [p[x_key] for p in curve]
+    if not xs or x < xs[0] or x > xs[-1]:
+        return None
+    return float(np.interp(x, xs, [p[key] for p in curve]))
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """Training seconds at which the validation nRMSE first reaches ``target`` (linear between
+    the evaluation before and the one that reaches it); None if it never does."""
+    previous = None
+    for point in curve:
+        value, seconds = point["model_h1"], point["train_seconds"]
+        if value <= target:
+            if previous is None:
+                return seconds
+            v0, s0 = previous["model_h1"], previous["train_seconds"]
+            return s0 + (seconds - s0) * (v0 - target) / (v0 - value)
+        previous = point
+    return None
+
+
+def improvement(curve: list[dict], steps: int) -> float | None:
+    """Relative gain of the validation nRMSE over the last CONVERGED_TAIL of the steps."""
+    before = values_at(curve, "step", (1 - CONVERGED_TAIL) * steps)
+    if before is None or not curve:
+        return None
+    return (before - curve[-1]["model_h1"]) / before
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def converged(record: dict) -> bool | None:
+    gain = improvement(record["curve"], record["steps"])
+    return None if gain is None else gain < CONVERGED_GAIN
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+@dataclass
+class Group:
+    """The finished runs of one PDE at one step count, and the dense runs' reference numbers."""
+
+    pde: str
+    steps: int
+    runs: dict[str, list[dict]]  # configuration -> its runs
+
+    @property
+    def dense(self) -> list[dict]:
+        return self.runs.get("dense", [])
+
+    @property
+    def dense_val(self) -> float | None:
+        """The dense runs' final validation nRMSE: the accuracy to reach."""
+        return (
+            statistics.mean(r["curve"][-1]["model_h1"] for r in self.dense) if self.dense else None
+        )
+
+    @property
+    def dense_seconds(self) -> float | None:
+        return statistics.mean(r["train_seconds"] for r in self.dense) if self.dense else None
+
+    def times(self, config: str, factor: float) -> tuple[list[float], int]:
+        """Each run's time to factor x the dense final validation nRMSE (those that reach it),
+        and how many runs there are."""
+        target = (self.dense_val or 0.0) * factor
+        runs = self.runs.get(config, [])
+        found = [t for r in runs if (t := time_to(r["curve"], target)) is not None]
+        return found, len(runs)
+
+    def seed_mean_curve(self, config: str) -> list[dict]:
+        """The seeds' mean validation curve, the one the times are read from and the plot
+        draws: at each step every run validated at (the seeds validate at the same steps), the
+        mean training seconds, and the mean and range (min, max) of the nRMSE."""
+        by_step = [{p["step"]: p for p in r["curve"]} for r in self.runs.get(config, [])]
+        steps = sorted(set.intersection(*(set(c) for c in by_step))) if by_step else []
+        curve = []
+        for step in steps:
+            values = [c[step]["model_h1"] for c in by_step]
+            seconds = statistics.mean(c[step]["train_seconds"] for c in by_step)
+            curve.append(
+                {
+                    "step": step,
+                    "train_seconds": seconds,
+                    "model_h1": statistics.mean(values),
+                    "range": (min(values), max(values)),
+                }
+            )
+        return curve
+
+    def mean_time(self, config: str, factor: float) -> float | None:
+        """Training seconds at which the seeds' mean curve first reaches factor x the dense
+        final validation nRMSE (the mean of the dense runs' last points, which the dense mean
+        curve ends at): one seed's noise can leave it short of a mean it is level with, the
+        mean curve cannot."""
+        return time_to(self.seed_mean_curve(config), (self.dense_val or 0.0) * factor)
+
+    def val_at(self, config: str, seconds: float) -> list[float | None]:
+        return [values_at(r["curve"], "train_seconds", seconds) for r in self.runs.get(config, [])]
+
+
+def warmup(record: dict) -> float:
+    """A run's warm-up: its training seconds at the first validation less the time its steps
+    take at the pace of the next validation interval. It is mostly the first step's
+    compilation, which takes ~10 s on a warm compiler cache and ~45 s on a cold one (the same
+    configuration, another sitting), so it says where a run fell, not what its sampler costs."""
+    curve = record["curve"]
+    if len(curve) < 2:
+        return 0.0
+    (s0, t0), (s1, t1) = ((p["step"], p["train_seconds"]) for p in curve[:2])
+    return max(0.0, t0 - s0 * (t1 - t0) / (s1 - s0))
+
+
+def steady(record: dict) -> dict:
+    """The record with its warm-up left out of every time (kept as ``warmup_seconds``)."""
+    w = warmup(record)
+    curve = [{**p, "train_seconds": p["train_seconds"] - w} for p in record["curve"]]
+    return {
+        **record,
+        "curve": curve,
+        "train_seconds": record["train_seconds"] - w,
+        "warmup_seconds": w,
+    }
+
+
+def groups(results: dict) -> list[Group]:
+    """The finished runs by PDE and step count, their times without the warm-up (``steady``)."""
+    finished = [steady(r) for r in results["runs"] if "error" not in r]
+    keys = sorted({(r["pde"], r["steps"]) for r in finished})
+    out = []
+    for pde, steps in keys:
+        runs: dict[str, list[dict]] = {}
+        for name in CONFIGS:
+            mine = [
+                r for r in finished if (r["pde"], r["steps"], r["config"]) == (pde, steps, name)
+            ]
+            if mine:
+                runs[name] = sorted(mine, key=lambda r: r["seed"])
+        out.append(Group(pde, steps, runs))
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def render(results: dict, out: Path) -> str:
+    """The markdown report (and one plot per PDE and step count, written into ``out``)."""
+    lines = [
+        "# Time to accuracy: sparse vs dense training of the operator stage",
+        "",
+        *results["environment"],
+        *sittings_lines(results.get("sittings", [])),
+        "",
+        "Every configuration trains the operator stage (latent operator + decoder fine-tuning) of "
+        "one shared codec for the same number of steps, validated on the val split on the way "
+        "and tested at the end on the test split (dense grid, physical space, nRMSE; one-step "
+        "and latent rollouts of 4 and 16 steps). Training seconds (`train_seconds` of "
+        "train.py) count the training loop, loader waits included, and the error-based "
+        "refreshes; validation, checkpoints, start-up and the test are outside them (the "
+        "'outside s' column: the processes' wall-clock minus training seconds, and of it the "
+        "validations' own seconds, logged by train.py since the second pass; '-' where a "
+        "sitting was killed before it logged a run's wall-clock). Every time "
+        "below leaves out each run's warm-up (the 'warm-up s' column: its training seconds at "
+        "the first validation less its steps at the pace of the next interval; mostly the "
+        "first step's compilation, ~10 s on a warm compiler cache and ~45 s on a cold one, so "
+        "it depends on the sitting, not on the configuration). ± is the "
+        "standard deviation over seeds. Convergence: a run converged when its one-step "
+        f"validation nRMSE improved by less than {CONVERGED_GAIN:.0%} over its last "
+        f"{CONVERGED_TAIL:.0%} of steps.",
+        "",
+    ]
+    failed = [r for r in results["runs"] if "error" in r]
+    if failed:
+        names = ", ".join(f"{r['pde']} {r['config']} seed {r['seed']}" for r in failed)
+        lines += [f"**Failed runs** (rerun to retry): {names}.", ""]
+    every = groups(results)
+    for group in every:
+        lines += render_group(group, results, out)
+    for pde in dict.fromkeys(g.pde for g in every):
+        lines += ladder(results, [g for g in every if g.pde == pde])
+    return "\n".join(lines) + "\n"
+
+
+def sittings_lines(sittings: list[list[str]]) -> list[str]:
+    """Each invocation that added to the results (the lines above are the latest one's)."""
+    if len(sittings) < 2:
+        return []
+    lines = [f"- the results come from {len(sittings)} sittings:"]
+    for lines_of_one in sittings:
+        fields = dict(line[2:].split(": ", 1) for line in lines_of_one if ": " in line)
+        lines.append(f"  - {fields.get('date', '?')}: {fields.get('command', '?')}")
+    return lines
+
+
+def render_group(group: Group, results: dict, out: Path) -> list[str]:
+    setup = results.get("setup", {}).get(group.pde, {})
+    title = setup.get("title", group.pde)
+    lines = [f"## {title}, {group.steps} steps", ""]
+    lines += setup_lines(setup, results.get("settings", {}).get(group.pde, {}), group.steps)
+    lines += warnings(group)
+    if group.dense:
+        lines += goals(group)
+    lines += accuracy_table(group)
+    lines += refresh_lines(group)
+    if group.dense:
+        lines += time_table(group)
+    plot = out / f"bench_time_to_accuracy_{group.pde}_{group.steps}.png"
+    draw(group, title, plot)
+    lines += [f"![validation nRMSE against training seconds]({plot.name})", ""]
+    return lines
+
+
+def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
+    """What the runs of ``steps`` shared: data, codec, shard sets, and the options of every run."""
+    if not setup:
+        return []
+    # results made before the budget ladder held one run length's epochs
+    epochs = setup.get("epochs_by_steps", {}).get(str(steps), setup["epochs"])
+    # the sets' k_e are recorded for the longest runs' sets (a cosine schedule's differ)
+    longest = f" (of the {setup['epochs']}-epoch sets)" if epochs != setup["epochs"] else ""
+    codec = setup["codec"]
+    trained = (
+        f"trained here ({codec['steps']} steps, {codec['train_seconds']:.0f} s, test "
+        f"reconstruction nRMSE {codec['test_recon_nrmse']:.4f})"
+        if "steps" in codec
+        else "given with --codec"
+    )
+    ratios = ", ".join(
+        f"{name} {statistics.mean(s['k_per_epoch']) / s['num_points']:.3f}"
+        for name, s in setup["sets"].items()
+    )
+    tail = any(SHARD_SETS[name].dense_tail for name in setup["sets"])
+    return [
+        f"- data: generated, {setup['trajectories']} trajectories x {setup['snapshots']} snapshots "
+        f"at resolution {setup['resolution']}, trajectory-disjoint train/val/test splits",
+        f"- codec: {trained}; sha256 {codec['sha256'][:12]}",
+        f"- latent shard sets: {epochs} epochs of query sets each "
+        f"({setup['batches_per_epoch']} batches per epoch, no wrapping)"
+        + (f", the cosine set's last {dense_tail_epochs(epochs)} dense" if tail else "")
+        + f"; mean k/N per set{longest}: {ratios}",
+        f"- every run: batch {settings['batch']}, lr {settings['lr']} (cosine decay over the "
+        f"run), validation (one-step) every {settings['eval_every']} "
+        f"steps on up to {settings['eval_trajectories']} val trajectories, error-based refreshes every "
+        f"{settings['refresh_every']} epochs, compile {str(settings['compile']).lower()}"
+        # results made before --compile-mode compiled in torch.compile's default mode
+        + (f" (mode {settings.get('compile_mode', 'default')})" if settings["compile"] else ""),
+        "",
+    ]
+
+
+def warnings(group: Group) -> list[str]:
+    out = []
+    every = [r for rs in group.runs.values() for r in rs]
+    gpus = sorted({gpu for r in every for gpu in r["gpus"]})
+    if len(gpus) > 1:
+        out.append(
+            f"- **Warning**: runs on different devices ({', '.join(gpus)}); their wall-clocks do not compare."
+        )
+    for key, what in (("codec_sha256", "codecs"), ("data_sha256", "data files")):
+        if len({r[key] for r in every}) > 1:
+            out.append(
+                f"- **Warning**: runs from different {what}; their accuracies do not compare."
+            )
+    resumed = sum(r["starts"] > 1 for r in every)
+    if resumed:
+        out.append(
+            f"- {resumed} run(s) resumed from a checkpoint (the 'starts' column). A resumed "
+            "start's first step pays the warm-up (with --compile the compilation) an "
+            "uninterrupted run pays once, and waits for the loader to start again; the step's "
+            "excess over a steady step and that wait "
+            f"({sum(r.get('resume_warmup_seconds', 0.0) for r in every):.0f} s in all; runs "
+            "before the second pass logged no wait, and theirs stays in) are left out of the "
+            "training seconds and counted outside them."
+        )
+    wide = [r for r in group.dense if r.get("gpus_per_run", 1) > 1]
+    if wide:
+        pace = statistics.mean(r["one_gpu_seconds_per_step"] for r in wide)
+        measured = statistics.mean(
+            r["measured_train_seconds"] - r["measured_warmup_seconds"] for r in wide
+        )
+        ideal = statistics.mean(r["steps"] * r["one_gpu_seconds_per_step"] for r in wide)
+        gpus = wide[0]["gpus_per_run"]
+        out.append(
+            f"- {len(wide)} dense run(s) trained data-parallel on {gpus} GPUs (torchrun, the same "
+            "global batches as one GPU, so the same steps). Their seconds here are their steps at "
+            f"the one-GPU dense pace, {pace * 1000:.1f} ms a step, measured by a short dense run "
+            f"on one GPU of the host first. On {gpus} GPUs they trained {measured:.0f} s after "
+            "their warm-up, "
+            f"{ideal / measured:.2f}x the pace of one GPU ({ideal / measured / gpus:.0%} of "
+            "linear scaling)."
+        )
+    if not group.dense:
+        out.append("- No dense runs yet: no time-to-accuracy numbers.")
+    elif not all(converged(r) for r in group.dense):
+        gains = ", ".join(percent(improvement(r["curve"], r["steps"])) for r in group.dense)
+        out.append(
+            f"- **Warning: the dense runs did not converge** (validation gain over the last "
+            f"{CONVERGED_TAIL:.0%} of steps: {gains}): a converged dense model sets a lower "
+            "target, so the times to reach the dense accuracy below are lower bounds."
+        )
+    return [*out, ""] if out else []
+
+
+def goals(group: Group) -> list[str]:
+    """The issue's goals, met or missed from the data."""
+    rows = [goal_fast(group)]
+    rows += [goal_error(group, ratio) for ratio in ("0.1", "0.3")]
+    rows.append(goal_cosine(group))
+    rows = [row for row in rows if row is not None]
+    if not rows:
+        return []
+    return ["### Goals", "", *markdown_table(["goal", "measured", ""], rows), ""]
+
+
+def goal_fast(group: Group) -> list[str] | None:
+    """(a) The best sparse configuration reaches the dense accuracy in <= 1/3 of dense's time
+    (on the validation curve: the test metrics exist only at the end of a run)."""
+    dense_s = group.dense_seconds
+    best = None
+    for name in group.runs:
+        if name == "dense":
+            continue
+        seconds = group.mean_time(name, 1.0)
+        if seconds is not None and (best is None or seconds < best[1]):
+            best = (name, seconds)
+    goal = (
+        "(a) the best sparse configuration reaches the dense final accuracy (validation curve) "
+        "in <= 1/3 of dense wall-clock"
+    )
+    if best is None:
+        return [
+            goal,
+            "no sparse configuration's mean curve over seeds reached the dense runs' final "
+            "validation nRMSE",
+            "missed",
+        ]
+    name, seconds = best
+    test = {
+        n: statistics.mean(r["test"]["model_h1"] for r in group.runs[n]) for n in (name, "dense")
+    }
+    measured = (
+        f"{name}: {seconds:.0f} s (mean curve over seeds) to the dense final val nRMSE "
+        f"{group.dense_val:.4f}, against "
+        f"dense's {dense_s:.0f} s ({seconds / dense_s:.2f}x); its final test one-step "
+        f"{test[name]:.4f} vs dense {test['dense']:.4f}"
+    )
+    return [goal, measured, "met" if seconds <= dense_s / 3 else "missed"]
+
+
+def goal_error(group: Group, ratio: str) -> list[str] | None:
+    """(b) At equal wall-clock, error-based sets beat uniform ones at the same ratio by >= 5 %,
+    with a seed spread smaller than the gap. Equal wall-clock: the latest time every run of
+    both configurations reached, where every curve has a value."""
+    error, uniform = f"error {ratio}", f"uniform {ratio}"
+    if error not in group.runs or uniform not in group.runs:
+        return None
+    goal = f"(b) at equal wall-clock error {ratio} beats uniform {ratio} by >= 5 %, spread < gap"
+    both = group.runs[error] + group.runs[uniform]
+    seconds = min(r["curve"][-1]["train_seconds"] for r in both)
+    e, u = group.val_at(error, seconds), group.val_at(uniform, seconds)
+    if None in e or None in u:  # a curve starts (its first validation) after another ends
+        return [goal, f"no wall-clock every run's validation curve covers ({seconds:.0f} s)", "-"]
+    (me, se), (mu, su) = mean_std(e), mean_std(u)
+    gap = mu - me
+    met = gap >= 0.05 * mu and max(se, su) < gap
+    measured = (
+        f"val one-step at {seconds:.0f} s: error {me:.4f} ± {se:.4f}, uniform {mu:.4f} ± {su:.4f} "
+        f"({gap / mu:+.1%} for error)"
+    )
+    return [goal, measured, "met" if met else "missed"]
+
+
+def goal_cosine(group: Group) -> list[str] | None:
+    """(c) The cosine schedule with a dense tail ends within 1.0x of dense's test accuracy in
+    less wall-clock."""
+    name = "cosine 1.0->0.2 + dense tail"
+    if name not in group.runs:
+        return None
+    cos, dense = group.runs[name], group.dense
+    test_c = statistics.mean(r["test"]["model_h1"] for r in cos)
+    test_d = statistics.mean(r["test"]["model_h1"] for r in dense)
+    secs_c = statistics.mean(r["train_seconds"] for r in cos)
+    secs_d = group.dense_seconds or 0.0
+    measured = (
+        f"test one-step {test_c:.4f} vs dense {test_d:.4f} ({test_c / test_d:.3f}x) in "
+        f"{secs_c:.0f} s vs {secs_d:.0f} s"
+    )
+    met = test_c <= test_d and secs_c < secs_d
+    return [
+        f"(c) {name} ends within 1.0x of dense test accuracy at less wall-clock",
+        measured,
+        "met" if met else "missed",
+    ]
+
+
+def accuracy_table(group: Group) -> list[str]:
+    head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "outside s",
+            "of it validation s", "starts", "samples/s", "test one-step", "test h4", "test h16",
+            "converged"]  # fmt: skip
+    rows = []
+    for name, runs in group.runs.items():
+        test = {
+            k: [r["test"][k] for r in runs if k in r["test"]]
+            for k in ("model_h1", "model_h4", "model_h16")
+        }
+        conv = [converged(r) for r in runs]
+        rows.append([
+            name, len(runs), fmt([r["train_seconds"] for r in runs], 1),
+            f"{statistics.mean(r['warmup_seconds'] for r in runs):.0f}",
+            f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
+            mean_of_known([r["outside_seconds"] for r in runs]),
+            mean_of_known([r.get("validation_seconds") for r in runs]),
+            sum(r["starts"] for r in runs),
+            f"{statistics.mean(r['samples_per_s'] for r in runs):.0f}",
+            fmt(test["model_h1"]), fmt(test["model_h4"]), fmt(test["model_h16"]),
+            f"{sum(c is True for c in conv)}/{len(conv)}",
+        ])  # fmt: skip
+    return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
+
+
+def ladder(results: dict, rungs: list[Group]) -> list[str]:
+    """One PDE's runs at several step counts (``--steps A B ...``): what each doubling of the
+    steps gains (convergence across budgets, which a cosine schedule's last 20 % alone cannot
+    show: its learning rate anneals there at any length), and how soon each run reaches the
+    final validation nRMSE of the longest dense runs."""
+    if len(rungs) < 2:
+        return []
+    title = results.get("setup", {}).get(rungs[0].pde, {}).get("title", rungs[0].pde)
+    reference = max((g for g in rungs if g.dense), key=lambda g: g.steps, default=None)
+    target = reference.dense_val if reference else None
+    aim = f"s to dense {reference.steps}-step val ({target:.4f})" if reference else "-"
+    head = ["configuration", "steps", "seeds", "train s", "final val one-step",
+            "gain over the run before", "test one-step", aim]  # fmt: skip
+    rows = []
+    for name in CONFIGS:
+        runs_of = [(g.steps, g.runs[name]) for g in rungs if name in g.runs]  # ascending steps
+        for i, (steps, runs) in enumerate(runs_of):
+            final = statistics.mean(r["curve"][-1]["model_h1"] for r in runs)
+            gain = "-"
+            if i:
+                before, earlier = runs_of[i - 1]
+                was = statistics.mean(r["curve"][-1]["model_h1"] for r in earlier)
+                gain = f"{(was - final) / was:.1%} (vs {before})"
+            group = next(g for g in rungs if g.steps == steps)
+            reached = time_to(group.seed_mean_curve(name), target) if target else None
+            rows.append([
+                name, steps, len(runs), fmt([r["train_seconds"] for r in runs], 1),
+                fmt([r["curve"][-1]["model_h1"] for r in runs]), gain,
+                fmt([r["test"]["model_h1"] for r in runs]),
+                "-" if target is None else "not reached" if reached is None else f"{reached:.1f}",
+            ])  # fmt: skip
+    return [
+        f"## {title}: the budget ladder",
+        "",
+        "Each configuration at each step count (every run's learning rate decays over its own "
+        "steps). 'gain over the run before': how much lower the final validation nRMSE ends "
+        "than at the next smaller step count (seed means); the last column reads the seeds' "
+        "mean curve, as the time table does.",
+        "",
+        *markdown_table(head, rows),
+        "",
+    ]
+
+
+def refresh_lines(group: Group) -> list[str]:
+    """Where the error-based runs' refresh seconds went, for the runs that logged it."""
+    out = []
+    for name, runs in group.runs.items():
+        logged = [r for r in runs if r.get("refresh_stage_seconds")]
+        if not logged:
+            continue
+        stages = logged[0]["refresh_stage_seconds"]
+        mean = {stage: statistics.mean(r["refresh_stage_seconds"][stage] for r in logged)
+                for stage in stages}  # fmt: skip
+        refresh = statistics.mean(r["refresh_seconds"] for r in logged)
+        parts = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in mean.items())
+        out.append(f"- {name}: refreshes {refresh:.1f} s per run ({len(logged)} run(s)); {parts}")
+    if not out:
+        return []
+    return [
+        "Where the refreshes' seconds go (summed over a run's refreshes; read: waiting for a "
+        "shard, error and plan on the main thread, write: summed over the writer threads, "
+        "behind the rest):",
+        "",
+        *out,
+        "",
+    ]
+
+
+def mean_of_known(values: list[float | None]) -> str:
+    """The mean of the runs' seconds; '-' where one has none (validation seconds: it predates
+    their logging; outside seconds: a sitting of it was killed before it logged its wall-clock)."""
+    if any(v is None for v in values):
+        return "-"
+    return f"{statistics.mean(values):.0f}"
+
+
+def time_table(group: Group) -> list[str]:
+    dense_s = group.dense_seconds or 0.0
+    target = group.dense_val or 0.0
+    head = [
+        "configuration",
+        f"s to dense val ({target:.4f})",
+        "speed-up",
+        "seeds reaching it",
+        f"s to 1.05x dense val ({1.05 * target:.4f})",
+        "speed-up (1.05x)",
+        "seeds reaching 1.05x",
+        f"val one-step at dense's {dense_s:.0f} s",
+    ]
+    dense_to = {factor: group.mean_time("dense", factor) for factor in (1.0, 1.05)}
+    rows = []
+    for name, runs in group.runs.items():
+        row = [name]
+        for factor in (1.0, 1.05):
+            seconds = group.mean_time(name, factor)
+            found, n = group.times(name, factor)
+            if seconds is None:
+                row += ["not reached", "-"]
+            else:
+                speed = f"{dense_to[factor] / seconds:.2f}x" if dense_to[factor] else "-"
+                row += [f"{seconds:.1f}", speed]
+            row.append(f"{len(found)}/{n}" + (f" ({fmt(found, 1)} s)" if found else ""))
+        at = group.val_at(name, dense_s)
+        if all(v is not None for v in at):
+            row.append(fmt(at))
+        else:
+            ends = statistics.mean(r["curve"][-1]["train_seconds"] for r in runs)
+            final = fmt([r["curve"][-1]["model_h1"] for r in runs])
+            row.append(f"- (ends at {ends:.0f} s, at {final})")
+        rows.append(row)
+    return [
+        "### Time to the dense runs' final validation nRMSE",
+        "",
+        "The target: the mean of the dense runs' final validation nRMSE (and 1.05x of it). Time "
+        "to it: the first crossing of the configuration's mean curve over seeds (at each "
+        "validation step, the seeds' mean seconds and mean nRMSE; linear between validations). "
+        "A single seed's curve, as noisy as the seeds' spread, misses a mean it is level with "
+        "about half the time; the 'seeds reaching it' columns count those that cross on their "
+        "own, with their mean ± std seconds. Speed-up: the dense mean curve's time to the same "
+        "target over the configuration's (for the 1.0x target that is where dense's mean curve "
+        "first reaches its own final value: at its end, or before it where the curve was flat). "
+        "The validation nRMSE at dense's wall-clock is interpolated; a run that ended sooner "
+        "has none, and its own final value is given instead (it reached that in less time; a "
+        "longer run, with its learning rate decayed over more steps, is what would say more).",
+        "",
+        *markdown_table(head, rows),
+        "",
+    ]
+
+
+def draw(group: Group, title: str, path: Path) -> None:
+    """Validation one-step nRMSE against training seconds: one line per configuration (the
+    mean over seeds, shaded from the lowest seed to the highest: on a log axis a mean - std
+    below zero would shade down to the axis), log y; the dense target and 1.05x of it dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, runs in group.runs.items():
+        curve = group.seed_mean_curve(name)
+        if not curve:
+            continue
+        seconds = [p["train_seconds"] for p in curve]
+        mean = np.array([p["model_h1"] for p in curve])
+        low, high = np.array([p["range"] for p in curve]).T
+        config = CONFIGS[name]
+        ax.plot(
+            seconds,
+            mean,
+            color=config.colour,
+            linestyle=config.style,
+            label=f"{name} ({len(runs)})",
+        )
+        ax.fill_between(seconds, low, high, color=config.colour, alpha=0.15, linewidth=0)
+    if group.dense_val is not None:
+        for factor in (1.0, 1.05):
+            ax.axhline(
+                group.dense_val * factor,
+                color="black",
+                linewidth=0.7,
+                linestyle=(0, (4, 4)),
+                label="dense final val, 1.05x" if factor == 1.0 else None,
+            )
+    ax.set(
+        yscale="log",
+        xlabel="training seconds (refreshes included; validation and warm-up excluded)",
+        ylabel="validation one-step nRMSE",
+        title=f"{title}, operator stage, {group.steps} steps (mean over seeds, shaded: their range)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
