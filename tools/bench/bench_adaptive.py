@@ -47,9 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import environment_lines, markdown_table
+from bench_common import (
+    build_field_shards,
+    environment_lines,
+    markdown_table,
+    synthetic_data,
+)
 
-from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
 from pipeline.keys import snapshot_keys
 from pipeline.layers import LayerRequest, LayerWriter
@@ -59,7 +63,6 @@ from pipeline.samplers import (
     ErrorImportance,
     ErrorSampler,
     GradientSampler,
-    SamplerConfig,
     StratifiedSampler,
     UniformSampler,
     effective_sample_size,
@@ -67,8 +70,6 @@ from pipeline.samplers import (
 )
 from pipeline.schedules import ScheduleConfig, k_per_epoch
 from pipeline.shards import open_shards
-from pipeline.sources.generate import generate
-from pipeline.sources.splits import DataConfig
 from ups.adaptive import PointError, error_definition, model_entry, refresh
 from ups.training.losses import weighted_point_loss
 from ups.training.train import TrainConfig, Trainer
@@ -151,31 +152,17 @@ class Bench:
     def setup(self) -> dict:
         a = self.args
         started = time.perf_counter()
-        data = generate(
-            "ns2d",
-            self.tmp / "ns.h5",
-            a.trajectories,
-            a.steps_per_traj,
-            a.resolution,
-            seed=0,
-            device=str(self.device),
-            progress=False,
+        data = synthetic_data(
+            self.tmp, "ns2d", a.resolution, a.trajectories, a.steps_per_traj, str(self.device)
         )
         generated = time.perf_counter() - started
         self.shards_path = self.tmp / "shards"
-        summary = run_build(
-            BuildConfig(
-                data=DataConfig(path=str(data)),
-                out=str(self.shards_path),
-                format="zarr",
-                encoder=None,  # field-only shards: the codec stage
-                epochs=a.set_epochs,
-                sampler=SamplerConfig(kind="uniform"),
-                schedule=ScheduleConfig(start_ratio=a.train_ratio),
-                trajectories_per_shard=4,
-                device=str(self.device),
-                progress=False,
-            )
+        summary = build_field_shards(
+            data,
+            self.shards_path,
+            a.set_epochs,
+            ScheduleConfig(start_ratio=a.train_ratio),
+            str(self.device),
         )
         cfg = load_config(
             TrainConfig,

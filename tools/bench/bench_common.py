@@ -122,14 +122,16 @@ def run_in_slots(
         raise errors[0]
 
 
-def synthetic_data(work: Path, pde: str, resolution: int, trajectories: int, steps: int) -> Path:
-    """The generated PDEBench-layout file of these settings under ``work`` (seed 0, made on the
-    GPU when there is one), generated if missing: the build benchmarks of the same settings
-    share it."""
+def synthetic_data(
+    work: Path, pde: str, resolution: int, trajectories: int, steps: int, device: str | None = None
+) -> Path:
+    """The generated PDEBench-layout file of these settings under ``work`` (seed 0, made on
+    ``device``, by default the GPU when there is one), generated if missing: the benchmarks of
+    the same settings share it."""
     data = work / f"{pde}-{resolution}-{trajectories}x{steps}.h5"
     if not data.exists():
         start = time.perf_counter()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         generate(pde, data, trajectories, steps, resolution, seed=0, device=device, progress=False)
         print(f"generated {data} in {time.perf_counter() - start:.0f} s", flush=True)
     return data
@@ -137,9 +139,10 @@ def synthetic_data(work: Path, pde: str, resolution: int, trajectories: int, ste
 
 def build_field_shards(
     data: Path, out: Path, epochs: int, schedule: ScheduleConfig, device: str
-) -> None:
-    """Field-only zarr shards (no encoder) of uniform query sets: what a codec trains on."""
-    run_build(
+) -> dict:
+    """Field-only zarr shards (no encoder) of uniform query sets, what a codec trains on: the
+    build's summary."""
+    return run_build(
         BuildConfig(
             data=DataConfig(path=str(data)),
             out=str(out),

@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, forever, markdown_table
+from bench_common import environment_lines, forever, markdown_table, synthetic_data
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
@@ -43,7 +43,6 @@ from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
-from pipeline.sources.generate import generate
 from pipeline.sources.splits import DataConfig, NormStats
 from ups.models.codec import Codec, CodecConfig, load_encoder, save_codec
 from ups.models.decoder import AnyPointDecoder, DecoderConfig
@@ -147,15 +146,8 @@ class Bench:
     def setup(self) -> dict:
         a = self.args
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-        data = generate(
-            "ns2d",
-            self.tmp / "ns.h5",
-            a.trajectories,
-            a.steps_per_traj,
-            a.resolution,
-            seed=0,
-            device=str(self.device),
-            progress=False,
+        data = synthetic_data(
+            self.tmp, "ns2d", a.resolution, a.trajectories, a.steps_per_traj, str(self.device)
         )
         source, splits = DataConfig(path=str(data)).open()
         norm = NormStats.from_trajectories(source, splits["train"], progress=False)
