@@ -42,7 +42,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +50,7 @@ from bench_common import (
     build_field_shards,
     environment_lines,
     markdown_table,
+    run_section,
     synthetic_data,
 )
 
@@ -119,17 +119,7 @@ class Bench:
 
     def section(self, name: str, fn) -> None:
         """Run one section; a failure is recorded, not fatal, so the others still run."""
-        print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        try:
-            self.results["sections"][name] = fn()
-        except Exception as err:  # keep going: one broken section must not lose the others
-            self.results["sections"][name] = {
-                "error": f"{type(err).__name__}: {err}",
-                "trace": traceback.format_exc()[-3000:],
-            }
-            print(traceback.format_exc(), flush=True)
-        self.results["sections"][name]["section_seconds"] = time.perf_counter() - start
+        run_section(self.results["sections"], name, fn)
         self.save()
 
     def overrides(self) -> list[str]:

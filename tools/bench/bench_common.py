@@ -12,6 +12,7 @@ import shlex
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -120,6 +121,23 @@ def run_in_slots(
         thread.join()
     if errors:
         raise errors[0]
+
+
+def run_section(sections: dict, name: str, fn: Callable[[], dict]) -> None:
+    """One section of a benchmark: ``sections[name]`` is its result or, when it raised, the
+    error and traceback (so one broken section does not lose the others), with its seconds."""
+    print(f"== {name}", flush=True)
+    start = time.perf_counter()
+    try:
+        sections[name] = fn()
+    except Exception as err:  # keep going: one broken section must not lose the others
+        sections[name] = {
+            "error": f"{type(err).__name__}: {err}",
+            "trace": traceback.format_exc()[-3000:],
+        }
+        print(traceback.format_exc(), flush=True)
+    if isinstance(sections.setdefault(name, {}), dict):
+        sections[name]["section_seconds"] = time.perf_counter() - start
 
 
 def synthetic_data(

@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, forever, markdown_table, synthetic_data
+from bench_common import environment_lines, forever, markdown_table, run_section, synthetic_data
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
@@ -84,19 +84,7 @@ class Bench:
             self.results["sections"][name] = {"skipped": "time budget spent"}
             self.save()
             return
-        print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        try:
-            self.results["sections"][name] = fn()
-        except Exception as err:  # keep going: one broken section must not lose the others
-            self.results["sections"][name] = {
-                "error": f"{type(err).__name__}: {err}",
-                "trace": traceback.format_exc()[-2000:],
-            }
-            print(traceback.format_exc())
-        self.results["sections"].setdefault(name, {})
-        if isinstance(self.results["sections"][name], dict):
-            self.results["sections"][name]["section_seconds"] = time.perf_counter() - start
+        run_section(self.results["sections"], name, fn)
         self.save()
 
     def sync(self) -> None:
