@@ -121,12 +121,13 @@ class HostileServer:
                 return False
 
             def do_GET(self) -> None:
-                chunks = None if body is None else body(self.path.split("?", 1)[0])
+                path = self.path.split("?", 1)[0]
+                chunks = None if body is None else body(path)
                 if chunks is None:
                     if not self._hostile():
                         super().do_GET()
                     return
-                server.requests.append(self.path)
+                server.requests.append(path)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.end_headers()  # no Content-Length: the answer ends when the server closes

@@ -180,7 +180,9 @@ class _VerifyingStore(WrapperStore):
                     data if byte_range is None else _byte_slice(data, byte_range)
                 )
         limit = entry.bytes if entry is not None else MAX_RECORD_BYTES
-        buf = await retrying_async(url, self._remote, lambda: self._fetch(key, prototype, limit))
+        buf = await retrying_async(
+            url, self._remote, lambda: self._fetch(key, url, prototype, limit)
+        )
         if buf is None:
             if entry is not None:  # zarr would silently read the fill value
                 raise ShardError(f"{url}: missing shard file (listed in the manifest)")
@@ -195,13 +197,12 @@ class _VerifyingStore(WrapperStore):
             return buf
         return prototype.buffer.from_bytes(_byte_slice(data, byte_range))
 
-    async def _fetch(self, key, prototype, limit: int):
+    async def _fetch(self, key: str, url: str, prototype, limit: int):
         """One attempt at file ``key``, whole; over http(s) streamed and refused past ``limit``
         bytes (its manifest size), so a hostile server cannot fill memory. None: absent."""
         store = self._store
         if not (isinstance(store, FsspecStore) and streams(store.fs)):
             return await super().get(key, prototype)
-        url = join(self._location, key)
         try:
             data = await read_capped(store.fs, join(store.path, key), url, self._remote, limit)
         except FileNotFoundError:

@@ -384,10 +384,10 @@ class Study:
         step is the expensive one (a 24,000-step dense run outlasts one machine's sitting)."""
         return job.config == "dense" and self.args.dense_gpus > 1
 
-    def command(self, job: Job, options: list[str]) -> tuple[list[str], dict[str, str]]:
-        """train.py on one GPU slot's environment (set by the caller), or under torchrun."""
+    def command(self, job: Job, options: list[str], slot: int) -> tuple[list[str], dict[str, str]]:
+        """train.py and its environment: on GPU ``slot``, or under torchrun on --dense-gpus."""
         if not self.wide(job):
-            return tool("train.py", *options), {}
+            return tool("train.py", *options), slot_env(slot, self.slots)
         # --local-addr: the ranks meet at the loopback address, not at the host's name, which
         # need not resolve (a container's often does not; the ranks then wait until timeout)
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -396,11 +396,13 @@ class Study:
             self.args.dense_gpus, self.slots
         )
 
-    def options(self, job: Job, run_dir: Path) -> list[str]:
+    def options(self, job: Job, run_dir: Path, fresh: bool = False) -> list[str]:
         """train.py's options for a run: the shipped operator config, the study's sizes, the
-        configuration's own options, and resume= when an earlier sitting left a checkpoint."""
+        configuration's own options, and resume= when an earlier sitting left a checkpoint
+        (unless ``fresh``)."""
         a, config = self.args, CONFIGS[job.config]
         checkpoint = run_dir / "checkpoint.pt"
+        resume = checkpoint.exists() and not fresh
         epochs = self.setup.epochs[job.steps]
         return [
             "--config", f"{a.pde}_operator",
@@ -414,7 +416,7 @@ class Study:
             *model_options(a, "operator"), *config.options,
             *([f"adaptive.refresh_every={a.refresh_every}"] if config.refresh else []),
             *(["compile=true", f"compile_mode={a.compile_mode}"] if a.compile else []),
-            f"resume={checkpoint}" if checkpoint.exists() else "overwrite=true",
+            f"resume={checkpoint}" if resume else "overwrite=true",
         ]  # fmt: skip
 
     def train(self, job: Job, slot: int) -> dict | None:
@@ -450,11 +452,9 @@ class Study:
         with self.lock:
             self.running[job] = (slot, run_dir)
         started = time.perf_counter()
-        command, env = self.command(job, options)
+        command, env = self.command(job, options, slot)
         try:
-            code = self.children.call(
-                command, env or slot_env(slot, self.slots), run_dir / "train.log"
-            )
+            code = self.children.call(command, env, run_dir / "train.log")
         finally:
             with self.lock:
                 del self.running[job]
@@ -500,10 +500,9 @@ class Study:
         run_dir.mkdir(parents=True, exist_ok=True)
         longest = max(self.args.steps)
         steps = min(PACE_STEPS, longest)
-        options = self.options(Job("dense", 0, longest), run_dir)[:-1]  # no resume=: fresh
+        options = self.options(Job("dense", 0, longest), run_dir, fresh=True)
         # the runs' own log_every: a log line costs a host sync, which the pace should include
-        options += ["overwrite=true", f"max_steps={steps}", f"eval_every={steps}",
-                    f"checkpoint_every={steps}"]  # fmt: skip
+        options += [f"max_steps={steps}", f"eval_every={steps}", f"checkpoint_every={steps}"]
         print(f"measuring the one-GPU dense pace on GPU 0 ({steps} steps)", flush=True)
         code = self.children.call(tool("train.py", *options), slot_env(0, self.slots),
                                   run_dir / "train.log")  # fmt: skip
