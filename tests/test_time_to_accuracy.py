@@ -9,8 +9,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,55 @@ def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
     assert len(saved["generator"]) == 2  # one sampling stream per rank: two ranks trained it
     report = (out / "bench_time_to_accuracy.md").read_text()
     assert "1 dense run(s) trained data-parallel on 2 GPUs" in report
+
+
+@pytest.mark.slow
+def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> None:
+    """A study stopped mid-run (SIGTERM, the end of a sitting) keeps the running run's
+    validation curve so far in the results file as 'unfinished', and the report shows it; the
+    same command resumes the run, and its finished record replaces the unfinished one."""
+    script = BENCH / "bench_time_to_accuracy.py"
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [sys.executable, str(script), "--smoke", "--out-dir", str(out), "--work", str(work),
+               "--steps", "400", "--eval-every", "20", "--progress-every", "0.5", "--seeds", "1",
+               "--configs", "uniform 0.1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results_file = out / "bench_time_to_accuracy.json"
+    study = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        unfinished: list = []
+        while not unfinished and study.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if results_file.exists():
+                unfinished = json.loads(results_file.read_text()).get("unfinished", [])
+        study.send_signal(signal.SIGTERM)
+        log = study.communicate(timeout=300)[0].decode()
+    finally:
+        study.kill()
+    assert unfinished, log[-3000:]
+    assert study.returncode == 130, log[-3000:]  # stopped, not finished
+    results = json.loads(results_file.read_text())
+    assert results["runs"] == []
+    (cut,) = results["unfinished"]
+    assert (cut["config"], cut["seed"], cut["steps"]) == ("uniform 0.1", 0, 400)
+    steps = [p["step"] for p in cut["curve"]]
+    assert steps == list(range(20, steps[-1] + 1, 20)) and steps[-1] < 400
+    seconds = [p["train_seconds"] for p in cut["curve"]]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    rendered = subprocess.run(
+        [sys.executable, str(script), "--report", str(results_file)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    report = (out / "bench_time_to_accuracy.md").read_text()
+    assert "**Unfinished runs**" in report
+    assert f"| ns2d | uniform 0.1 | 0 | {cut['curve'][-1]['step']} of 400 |" in report
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(resuming after step" in done.stdout
+    results = json.loads(results_file.read_text())
+    (run,) = results["runs"]
+    assert run["curve"][-1]["step"] == 400 and results["unfinished"] == []
+    assert "Unfinished runs" not in (out / "bench_time_to_accuracy.md").read_text()

@@ -27,7 +27,9 @@ Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process.
 ``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, and are timed at the
 one-GPU dense pace a short probe run measures (torchrun ranks take the same global batches, so
 the same steps, as one process). Each finished run is added to OUT/bench_time_to_accuracy.json
-at once; a rerun of the same command skips finished runs and resumes interrupted ones exactly
+at once, and each running run's curve so far is kept there at every progress line
+('unfinished', shown by the report), so a sitting that ends mid-run still says where the run
+got to; a rerun of the same command skips finished runs and resumes interrupted ones exactly
 from their last checkpoint (``resume=``), so the study can run over several sittings of one
 machine (the checkpoints stay in ``--work``): ``--time-limit`` stops it cleanly before a sitting
 ends (a run's checkpoint is written at every validation). ``--report`` renders without training.
@@ -83,7 +85,6 @@ from pipeline.sources.generate import generate
 from pipeline.storage import file_sha256, write_atomic
 
 RESULTS = "bench_time_to_accuracy.json"
-PROGRESS_SECONDS = 30  # between the progress lines of the running runs
 PACE_STEPS = 300  # the one-GPU dense pace probe of --dense-gpus (at most the runs' steps)
 # return codes of a run ended by Ctrl-C or a kill (SIGINT, SIGTERM): it resumes next time
 INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
@@ -371,6 +372,7 @@ class Study:
         self.children, self.slots = children, slots
         self.deadline = deadline  # time.monotonic() of the time limit, if any
         self.lock = threading.Lock()
+        self.saving = threading.Lock()  # the results file: finished runs, unfinished curves
         self.running: dict[Job, tuple[int, Path]] = {}  # job -> (GPU, run directory)
         # runs of other settings or another codec never resume each other's checkpoints
         digest = hashlib.sha256(json.dumps(settings(args), sort_keys=True).encode()).hexdigest()
@@ -482,7 +484,7 @@ class Study:
         pace = self.results["dense_pace"][self.args.pde]["seconds_per_step"]
         return {
             **record,
-            "curve": [{**p, "train_seconds": p["step"] * pace} for p in record["curve"]],
+            "curve": at_pace(record["curve"], pace),
             "train_seconds": record["steps"] * pace,
             "gpus_per_run": self.args.dense_gpus,
             "measured_train_seconds": record["train_seconds"],
@@ -516,12 +518,13 @@ class Study:
         first = next(m for m in logged if m["step"] >= steps // 3)
         last = logged[-1]
         pace = (last["train_seconds"] - first["train_seconds"]) / (last["step"] - first["step"])
-        self.results.setdefault("dense_pace", {})[self.args.pde] = {
-            "seconds_per_step": pace,
-            "steps": [first["step"], last["step"]],
-            "gpu": gpu_name(0),
-        }
-        save(self.out / RESULTS, self.results)
+        with self.saving:
+            self.results.setdefault("dense_pace", {})[self.args.pde] = {
+                "seconds_per_step": pace,
+                "steps": [first["step"], last["step"]],
+                "gpu": gpu_name(0),
+            }
+            save(self.out / RESULTS, self.results)
         print(f"one-GPU dense pace: {pace * 1000:.1f} ms a step", flush=True)
         return True
 
@@ -548,34 +551,14 @@ class Study:
         """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         rate = statistics.median(m["samples_per_s"] for m in metrics if "samples_per_s" in m)
-        # a resumed start's first step pays the warm-up (with --compile the compilation) that an
-        # uninterrupted run pays once, and it waits for the loader's start and first shards:
-        # its excess over a steady step, and that wait, are left out of the seconds
-        step_seconds = self.args.batch / rate
         starts = [m for m in metrics if "start/first_step_seconds" in m]
-        extra = [
-            (
-                m["step"],
-                max(0.0, m["start/first_step_seconds"] - step_seconds)
-                + m.get("start/first_batch_seconds", 0.0),  # not logged before the second pass
-            )
-            for m in starts[1:]
-        ]
-
-        def seconds(m: dict) -> float:
-            return m["train_seconds"] - sum(x for step, x in extra if step <= m["step"])
-
-        curve = [
-            {"step": m["step"], "train_seconds": seconds(m)}
-            | {k[4:]: v for k, v in m.items() if k.startswith("val/")}
-            for m in metrics
-            if "val/model_h1" in m
-        ]
+        extra = resume_excess(metrics, self.args.batch)
+        curve = val_curve(metrics, extra)
         refreshes = [m for m in metrics if "refresh/seconds" in m]
         stages = ("read", "error", "plan", "write")  # logged by train.py since the third pass
         timed = [m["val_seconds"] for m in metrics if "val_seconds" in m]  # train.py logs them
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
-        trained = seconds(final)
+        trained = final["train_seconds"] - sum(x for step, x in extra if step <= final["step"])
         lost = any(s["wall_seconds"] is None for s in segments)  # a sitting killed outright
         wall = None if lost else sum(s["wall_seconds"] for s in segments)
         return {
@@ -608,13 +591,47 @@ class Study:
         if record is None:  # stopped or not started: it runs next time
             return
         key = job_key(self.args, job)
-        self.results["runs"] = [r for r in self.results["runs"] if run_key(r) != key] + [record]
-        save(self.out / RESULTS, self.results)
+        with self.saving:
+            self.results["runs"] = [r for r in self.results["runs"] if run_key(r) != key]
+            self.results["runs"].append(record)
+            self.results["unfinished"] = [
+                r for r in self.results.get("unfinished", []) if run_key(r) != key
+            ]
+            save(self.out / RESULTS, self.results)
         print(f"done {job}: {summary(record)}", flush=True)
 
+    def note_unfinished(self, job: Job, run_dir: Path, metrics: list[dict]) -> None:
+        """Keep a running run's validation curve so far in the results file ('unfinished'), so
+        a sitting that ends before the run does (its checkpoint stays on that machine) still
+        leaves where it got to. Its record replaces this once it finishes."""
+        curve = val_curve(metrics, resume_excess(metrics, self.args.batch))
+        if not curve:
+            return
+        if self.wide(job):
+            curve = at_pace(curve, self.results["dense_pace"][self.args.pde]["seconds_per_step"])
+        record = {
+            "pde": self.args.pde,
+            "config": job.config,
+            "seed": job.seed,
+            "steps": job.steps,
+            "data_sha256": self.setup.data_sha256,
+            "codec_sha256": self.setup.codec_sha256,
+            "curve": curve,
+            "train_seconds": curve[-1]["train_seconds"],  # so far, to its last validation
+            "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        key = job_key(self.args, job)
+        with self.saving:
+            if any(run_key(r) == key for r in self.results["runs"] if "error" not in r):
+                return  # it finished meanwhile
+            kept = [r for r in self.results.get("unfinished", []) if run_key(r) != key]
+            self.results["unfinished"] = [*kept, record]
+            save(self.out / RESULTS, self.results)
+
     def report_progress(self, stop: threading.Event) -> None:
-        """Every PROGRESS_SECONDS, one line per running run: its step and latest validation."""
-        while not stop.wait(PROGRESS_SECONDS):
+        """Every --progress-every seconds, one line per running run (its step and latest
+        validation), and its curve so far kept in the results file."""
+        while not stop.wait(self.args.progress_every):
             with self.lock:
                 running = dict(self.running)
             for job, (slot, run_dir) in running.items():
@@ -629,6 +646,7 @@ class Study:
                 if val:
                     text += f", val h1 {val[-1]['val/model_h1']:.4f} at step {val[-1]['step']}"
                 print(f"  GPU {slot} {job}: {text}", flush=True)
+                self.note_unfinished(job, run_dir, metrics)
 
     def run(self) -> None:
         """Every run left, one per GPU slot, with progress lines, until done or stopped."""
@@ -682,6 +700,45 @@ def run_key(record: dict) -> tuple:
     return (record["pde"], record["config"], record["seed"], record["steps"])
 
 
+def resume_excess(metrics: list[dict], batch: int) -> list[tuple[int, float]]:
+    """(step, seconds) per resumed start, left out of a run's training seconds: a resumed start's
+    first step pays the warm-up (with --compile the compilation) that an uninterrupted run pays
+    once, and it waits for the loader's start and first shards; its excess over a steady step,
+    and that wait."""
+    rates = [m["samples_per_s"] for m in metrics if "samples_per_s" in m]
+    starts = [m for m in metrics if "start/first_step_seconds" in m]
+    if not rates or len(starts) < 2:
+        return []
+    step_seconds = batch / statistics.median(rates)
+    return [
+        (
+            m["step"],
+            max(0.0, m["start/first_step_seconds"] - step_seconds)
+            + m.get("start/first_batch_seconds", 0.0),  # not logged before the second pass
+        )
+        for m in starts[1:]
+    ]
+
+
+def val_curve(metrics: list[dict], excess: list[tuple[int, float]]) -> list[dict]:
+    """The validation points of a run's metrics: step, training seconds (less the resumed
+    starts' excess up to that step) and every val/ value."""
+    return [
+        {
+            "step": m["step"],
+            "train_seconds": m["train_seconds"] - sum(x for step, x in excess if step <= m["step"]),
+        }
+        | {k[4:]: v for k, v in m.items() if k.startswith("val/")}
+        for m in metrics
+        if "val/model_h1" in m
+    ]
+
+
+def at_pace(curve: list[dict], seconds_per_step: float) -> list[dict]:
+    """A data-parallel run's curve on the one-GPU time axis: each step at the one-GPU pace."""
+    return [{**p, "train_seconds": p["step"] * seconds_per_step} for p in curve]
+
+
 def summary(record: dict) -> str:
     if "error" in record:
         return "failed: " + record["error"][-300:]
@@ -711,7 +768,7 @@ def settings(args: argparse.Namespace) -> dict:
 def check_inputs(results: dict, args: argparse.Namespace, shared: Setup, path: Path) -> None:
     """Refuse to add runs of this setup's codec or data to a file holding runs of others: their
     accuracies do not compare, and a finished run of another codec would count as this one's."""
-    for record in results["runs"]:
+    for record in [*results["runs"], *results.get("unfinished", [])]:
         if record["pde"] != args.pde or "error" in record:
             continue
         for key, mine, what in (
@@ -818,7 +875,16 @@ def parse_args() -> argparse.Namespace:
         "--time-limit (a sitting whose machine is handed back after it: a run it stops starts "
         "again next time)",
     )
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=30.0,
+        help="seconds between the running runs' progress lines (each also keeps the run's "
+        "curve so far in the results file)",
+    )
     args = parser.parse_args()
+    if args.progress_every <= 0:
+        parser.error(f"--progress-every: seconds > 0 expected, got {args.progress_every}")
     if args.finish_in_time and not args.time_limit:
         parser.error("--finish-in-time needs --time-limit")
     if args.dense_gpus < 1:

@@ -6,7 +6,7 @@ reads results, so a report can be rendered again without training (``--report``)
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,7 @@ class Group:
     pde: str
     steps: int
     runs: dict[str, list[dict]]  # configuration -> its runs
+    unfinished: list[dict] = field(default_factory=list)  # runs a sitting ended: curves so far
 
     @property
     def dense(self) -> list[dict]:
@@ -155,8 +156,10 @@ def steady(record: dict) -> dict:
 
 
 def groups(results: dict) -> list[Group]:
-    """The finished runs by PDE and step count, their times without the warm-up (``steady``)."""
+    """The finished runs by PDE and step count, their times without the warm-up (``steady``),
+    with the curves so far of the unfinished runs of the same PDE and step count."""
     finished = [steady(r) for r in results["runs"] if "error" not in r]
+    unfinished = [steady(r) for r in results.get("unfinished", [])]
     keys = sorted({(r["pde"], r["steps"]) for r in finished})
     out = []
     for pde, steps in keys:
@@ -167,7 +170,8 @@ def groups(results: dict) -> list[Group]:
             ]
             if mine:
                 runs[name] = sorted(mine, key=lambda r: r["seed"])
-        out.append(Group(pde, steps, runs))
+        cut = [r for r in unfinished if (r["pde"], r["steps"]) == (pde, steps)]
+        out.append(Group(pde, steps, runs, cut))
     return out
 
 
@@ -204,12 +208,35 @@ def render(results: dict, out: Path) -> str:
     if failed:
         names = ", ".join(f"{r['pde']} {r['config']} seed {r['seed']}" for r in failed)
         lines += [f"**Failed runs** (rerun to retry): {names}.", ""]
+    lines += unfinished_table(results.get("unfinished", []))
     every = groups(results)
     for group in every:
         lines += render_group(group, results, out)
     for pde in dict.fromkeys(g.pde for g in every):
         lines += ladder(results, [g for g in every if g.pde == pde])
     return "\n".join(lines) + "\n"
+
+
+def unfinished_table(unfinished: list[dict]) -> list[str]:
+    """Runs a sitting ended before they finished: where their curves had got to. They are in
+    none of the analysis below; a rerun resumes them where their checkpoints are kept."""
+    if not unfinished:
+        return []
+    lines = [
+        "**Unfinished runs** (a sitting ended first; not in the tables below, dotted in the "
+        "plots; a rerun resumes them from their checkpoints where those are kept):",
+        "",
+        "| PDE | configuration | seed | steps done | training s so far (warm-up out) "
+        "| val one-step, last | as of |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(unfinished, key=lambda r: (r["pde"], r["steps"], r["config"], r["seed"])):
+        last = steady(r)["curve"][-1]
+        lines.append(
+            f"| {r['pde']} | {r['config']} | {r['seed']} | {last['step']} of {r['steps']} "
+            f"| {last['train_seconds']:.0f} | {last['model_h1']:.4f} | {r['updated']} |"
+        )
+    return [*lines, ""]
 
 
 def sittings_lines(sittings: list[list[str]]) -> list[str]:
@@ -606,6 +633,16 @@ def draw(group: Group, title: str, path: Path) -> None:
             label=f"{name} ({len(runs)})",
         )
         ax.fill_between(seconds, low, high, color=config.colour, alpha=0.15, linewidth=0)
+    for run in group.unfinished:
+        ax.plot(
+            [p["train_seconds"] for p in run["curve"]],
+            [p["model_h1"] for p in run["curve"]],
+            color=CONFIGS[run["config"]].colour,
+            linestyle=":",
+            linewidth=1.0,
+            label=f"{run['config']} seed {run['seed']} (unfinished, "
+            f"step {run['curve'][-1]['step']})",
+        )
     if group.dense_val is not None:
         for factor in (1.0, 1.05):
             ax.axhline(
