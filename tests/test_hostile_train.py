@@ -416,6 +416,17 @@ def test_resume_after_a_kill_logs_every_step_once(run, fields, tmp_path):
     assert all(
         r["start/first_batch_seconds"] > 0 for r in resumed if "start/first_step_seconds" in r
     )
+    # the waits for the next batch: cumulative, part of the training seconds, saved with the
+    # checkpoint and counted on from there by the resumed start (its first wait included)
+    waits = [(r["step"], r["loader_wait_seconds"], r["train_seconds"]) for r in resumed
+             if "train/total" in r]  # fmt: skip
+    assert all(0 <= wait <= seconds for _, wait, seconds in waits)
+    assert [w for _, w, _ in waits] == sorted(w for _, w, _ in waits)
+    saved = load_checkpoint(out / "ckpt-2.pt", "train")["loader_wait_seconds"]
+    (at_2,) = [w for step, w, _ in waits if step == 2]
+    assert at_2 == saved  # logged at step 2, then saved with no batch asked for in between
+    (resume,) = [r for r in resumed if r["step"] == 3 and "start/first_step_seconds" in r]
+    assert resume["loader_wait_seconds"] >= saved + resume["start/first_batch_seconds"] - 1e-9
     # the resumed steps are the same steps, bit for bit
     train_ref = [r["train/total"] for r in reference if "train/total" in r]
     assert [r["train/total"] for r in resumed if "train/total" in r] == train_ref

@@ -262,4 +262,6 @@ def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> N
     results = json.loads(results_file.read_text())
     (run,) = results["runs"]
     assert run["curve"][-1]["step"] == 400 and results["unfinished"] == []
+    # the loader's waits, accounted apart from the rest of the training seconds
+    assert 0 <= run["loader_wait_seconds"] < run["train_seconds"]
     assert "Unfinished runs" not in (out / "bench_time_to_accuracy.md").read_text()

@@ -555,6 +555,9 @@ class Study:
         extra = resume_excess(metrics, self.args.batch)
         curve = val_curve(metrics, extra)
         refreshes = [m for m in metrics if "refresh/seconds" in m]
+        waits = [m["loader_wait_seconds"] for m in metrics if "loader_wait_seconds" in m]
+        # a resumed start's wait for its first batch is left out, as from its training seconds
+        refill = sum(m.get("start/first_batch_seconds", 0.0) for m in starts[1:])
         stages = ("read", "error", "plan", "write")  # logged by train.py since the third pass
         timed = [m["val_seconds"] for m in metrics if "val_seconds" in m]  # train.py logs them
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
@@ -579,6 +582,8 @@ class Study:
             if refreshes and all(f"refresh/{s}_seconds" in m for m in refreshes for s in stages)
             else None,
             "samples_per_s": rate,
+            # waits for the next batch, part of train_seconds (None: logged by train.py since)
+            "loader_wait_seconds": waits[-1] - refill if waits else None,
             "wall_seconds": wall,  # None when a sitting's wall-clock was lost
             "outside_seconds": None if wall is None else wall - trained,
             "validation_seconds": sum(timed) if timed else None,  # part of the outside seconds

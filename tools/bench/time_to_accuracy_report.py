@@ -190,8 +190,11 @@ def render(results: dict, out: Path) -> str:
         "one shared codec for the same number of steps, validated on the val split on the way "
         "and tested at the end on the test split (dense grid, physical space, nRMSE; one-step "
         "and latent rollouts of 4 and 16 steps). Training seconds (`train_seconds` of "
-        "train.py) count the training loop, loader waits included, and the error-based "
-        "refreshes; validation, checkpoints, start-up and the test are outside them (the "
+        "train.py) count the training loop, loader waits included (the 'loader wait s' "
+        "column: the training thread's waits for its next batch, '-' for runs made before "
+        "train.py logged it; a data-parallel run's in its own seconds on its GPUs), and the "
+        "error-based refreshes; validation, checkpoints, start-up and the test are outside "
+        "them (the "
         "'outside s' column: the processes' wall-clock minus training seconds, and of it the "
         "validations' own seconds, logged by train.py since the second pass; '-' where a "
         "sitting was killed before it logged a run's wall-clock). Every time "
@@ -452,9 +455,9 @@ def goal_cosine(group: Group) -> list[str] | None:
 
 
 def accuracy_table(group: Group) -> list[str]:
-    head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "outside s",
-            "of it validation s", "starts", "samples/s", "test one-step", "test h4", "test h16",
-            "converged"]  # fmt: skip
+    head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "loader wait s",
+            "outside s", "of it validation s", "starts", "samples/s", "test one-step", "test h4",
+            "test h16", "converged"]  # fmt: skip
     rows = []
     for name, runs in group.runs.items():
         test = {
@@ -466,6 +469,7 @@ def accuracy_table(group: Group) -> list[str]:
             name, len(runs), fmt([r["train_seconds"] for r in runs], 1),
             f"{statistics.mean(r['warmup_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
+            mean_of_known([r.get("loader_wait_seconds") for r in runs]),
             mean_of_known([r["outside_seconds"] for r in runs]),
             mean_of_known([r.get("validation_seconds") for r in runs]),
             sum(r["starts"] for r in runs),

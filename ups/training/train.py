@@ -507,6 +507,8 @@ class Trainer:
         )
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.step, self.train_seconds, self.refresh_seconds = 0, 0.0, 0.0
+        # the training thread's waits for its next batch: the loader's share of train_seconds
+        self.loader_wait_seconds = 0.0
         self._await_refreshes()
         if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint.pt").exists():
             raise CheckpointError(
@@ -639,6 +641,7 @@ class Trainer:
             "loader": self.loader.state_dict(),  # every rank's: at the same global batch
             "generator": gens,
             "refresh_seconds": self.refresh_seconds,
+            "loader_wait_seconds": self.loader_wait_seconds,
             # the chain of layers read: those from the start, then this run's refreshes
             "layers": {
                 "initial": self.initial_layers,
@@ -680,6 +683,7 @@ class Trainer:
         self._resume_generator(ckpt["generator"], ckpt["step"])
         self.step, self.train_seconds = ckpt["step"], ckpt["train_seconds"]
         self.refresh_seconds = ckpt.get("refresh_seconds", 0.0)
+        self.loader_wait_seconds = ckpt.get("loader_wait_seconds", 0.0)
         self._truncate_logs()
 
     def _resume_generator(self, saved: list[torch.Tensor], step: int) -> None:
@@ -794,6 +798,7 @@ class Trainer:
                 asked = time.perf_counter()
                 for batch in self.loader:
                     tick = time.perf_counter()
+                    self.loader_wait_seconds += tick - asked
                     terms, grad_norm = self._train_step(batch)
                     if first_step:  # logged with the next training record
                         self._first_step_seconds = time.perf_counter() - tick
@@ -804,6 +809,7 @@ class Trainer:
                     self._checkpoint_and_validate(writer)
                     if self.step >= self.total_steps:
                         break
+                    asked = time.perf_counter()
         finally:  # also on an error or Ctrl-C: the loader's threads or process end here
             bar.close()
             self.loader.close()
@@ -840,6 +846,7 @@ class Trainer:
             "step": self.step,
             "epoch": batch.epoch,
             "train_seconds": self.train_seconds + time.perf_counter() - self._clock,
+            "loader_wait_seconds": self.loader_wait_seconds,  # part of train_seconds
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "samples_per_s": rate,
