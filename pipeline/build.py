@@ -389,7 +389,9 @@ def source_facts(
     rank, world = resolve_rank(cfg)
     start, rank_zero = time.monotonic(), RankWatch(root)
     facts: dict[str, Any] = {}
-    shared = False  # this rank's share written (a rerun writes it again: an old one may be stale)
+    # this rank's share of the norm's sums and their seconds, once written (a rerun writes it
+    # again: an old one may be stale)
+    own: tuple[list[TrajectorySums], float] | None = None
     while True:
         try:
             saved = json.loads(record.read_text())
@@ -401,12 +403,12 @@ def source_facts(
                 return saved
         if rank == 0 or rank_zero.gone([0]) or time.monotonic() - start > cfg.finalize_timeout:
             break  # rank 0 computes; another rank computes itself when rank 0 is not there to
-        if need_norm and not shared and _share_norm(root, world):
-            mine = train[rank::world]
+        if need_norm and own is None and _share_norm(root, world):
+            mine, tick = train[rank::world], time.monotonic()
             sums = trajectory_sums(source, mine, cfg.progress)
+            own = sums, time.monotonic() - tick
             share = {**key, "trajectories": mine, "sums": sums}
             write_atomic(_share_path(root, rank, world), json.dumps(share).encode())
-            shared = True
         time.sleep(0.2)
     # the hash (hashlib releases the interpreter lock) runs beside the norm statistics, so the
     # other ranks wait for the longer of the two, not their sum
@@ -415,7 +417,7 @@ def source_facts(
         norm = None
         if need_norm:
             sums = (
-                _norm_sums(cfg, source, train, key, rank, world)
+                _norm_sums(cfg, source, train, key, rank, world, own)
                 if _share_norm(root, world)
                 else trajectory_sums(source, train, cfg.progress)
             )
@@ -446,17 +448,21 @@ def _norm_sums(
     key: dict[str, Any],
     rank: int,
     world: int,
+    own: tuple[list[TrajectorySums], float] | None = None,
 ) -> list[TrajectorySums]:
     """The train trajectories' sums in train order, from ``world`` shares (rank r sums
-    ``train[r::world]``): this rank's computed here, the others' read from their records as they
-    come, and computed here for a rank that is gone, or whose share is still missing well after
+    ``train[r::world]``): this rank's computed here (or ``own``: the sums and their seconds,
+    when this rank computed them already while it waited for rank 0), the others' read from
+    their records as they come, and computed here for a rank that is gone, or whose share is still missing well after
     this one's was done (twice its time, plus the grace a dead rank gets: a rank building another
     file or split never writes a matching one). Added in train order they give the same bits as
     one process summing them all, so the statistics (and the sample set's id) do not depend on
     the number of ranks."""
     root, watch, start = Path(cfg.out), RankWatch(Path(cfg.out)), time.monotonic()
-    shares = {rank: trajectory_sums(source, train[rank::world], cfg.progress)}
-    patience = DEAD_RANK_GRACE_S + 2 * (time.monotonic() - start)
+    if own is None:
+        own = trajectory_sums(source, train[rank::world], cfg.progress), 0.0
+    shares = {rank: own[0]}
+    patience = DEAD_RANK_GRACE_S + 2 * (time.monotonic() - start + own[1])
     waiting = [r for r in range(world) if r not in shares]
     while waiting:
         for r in waiting:

@@ -385,3 +385,31 @@ def test_the_data_file_is_read_once_per_output_directory(data, tmp_path, monkeyp
     monkeypatch.setattr(build_module, "trajectory_sums", compute_norm)
     with pytest.raises(AssertionError, match="hashed again"):
         build(copy, out)  # another file (path, mtime): hashed, not trusted from the record
+
+
+def test_a_rank_whose_rank_0_never_comes_sums_each_share_once(data, tmp_path, monkeypatch):
+    """Rank 1 of 2, with no rank 0: it writes its share of the norm's sums while it waits for
+    rank 0, then (rank 0 gone) computes the statistics itself from that share, not summed a
+    second time, and rank 0's; they are one process's, bit for bit."""
+    summed: list[list[int]] = []
+    compute = build_module.trajectory_sums
+
+    def counting(source, trajectories, progress):
+        summed.append(list(trajectories))
+        return compute(source, trajectories, progress)
+
+    def facts(out: Path, rank: int, world: int) -> dict:
+        args = [f"data.path={data}", f"out={out}", "device=cpu", "progress=false",
+                f"rank={rank}", f"world_size={world}"]  # fmt: skip
+        cfg = load_config(BuildConfig, None, args)
+        source, splits = cfg.data.open()
+        return build_module.source_facts(cfg, source, splits["train"], need_norm=True)
+
+    one = facts(tmp_path / "one", 0, 1)
+    monkeypatch.setattr(build_module, "trajectory_sums", counting)
+    monkeypatch.setattr(build_module, "DEAD_RANK_GRACE_S", 0.5)  # rank 0 gone after 0.5 s
+    alone = facts(tmp_path / "two", 1, 2)
+    train = one["norm"]["train"]
+    assert (tmp_path / "two" / "parts" / "norm-1-of-2.json").exists()  # written while waiting
+    assert summed == [train[1::2], train[0::2]]
+    assert alone["norm"] == one["norm"]
