@@ -582,7 +582,8 @@ class Study:
             if refreshes and all(f"refresh/{s}_seconds" in m for m in refreshes for s in stages)
             else None,
             "samples_per_s": rate,
-            # waits for the next batch, part of train_seconds (None: logged by train.py since)
+            # waits for the next batch, part of train_seconds (None for runs made before
+            # train.py logged them)
             "loader_wait_seconds": waits[-1] - refill if waits else None,
             "wall_seconds": wall,  # None when a sitting's wall-clock was lost
             "outside_seconds": None if wall is None else wall - trained,
@@ -627,8 +628,9 @@ class Study:
         }
         key = job_key(self.args, job)
         with self.saving:
-            if any(run_key(r) == key for r in self.results["runs"] if "error" not in r):
-                return  # it finished meanwhile
+            with self.lock:
+                if job not in self.running:
+                    return  # it ended meanwhile: finished() keeps its record instead
             kept = [r for r in self.results.get("unfinished", []) if run_key(r) != key]
             self.results["unfinished"] = [*kept, record]
             save(self.out / RESULTS, self.results)
