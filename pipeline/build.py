@@ -453,11 +453,11 @@ def _norm_sums(
     """The train trajectories' sums in train order, from ``world`` shares (rank r sums
     ``train[r::world]``): this rank's computed here (or ``own``: the sums and their seconds,
     when this rank computed them already while it waited for rank 0), the others' read from
-    their records as they come, and computed here for a rank that is gone, or whose share is still missing well after
-    this one's was done (twice its time, plus the grace a dead rank gets: a rank building another
-    file or split never writes a matching one). Added in train order they give the same bits as
-    one process summing them all, so the statistics (and the sample set's id) do not depend on
-    the number of ranks."""
+    their records as they come, and computed here for a rank that is gone, or whose share is
+    still missing well after this one's was done (twice its time, plus the grace a dead rank
+    gets: a rank building another file or split never writes a matching one). Added in train
+    order they give the same bits as one process summing them all, so the statistics (and the
+    sample set's id) do not depend on the number of ranks."""
     root, watch, start = Path(cfg.out), RankWatch(Path(cfg.out)), time.monotonic()
     if own is None:
         own = trajectory_sums(source, train[rank::world], cfg.progress), 0.0
