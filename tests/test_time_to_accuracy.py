@@ -217,7 +217,9 @@ def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
 def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> None:
     """A study stopped mid-run (SIGTERM, the end of a sitting) keeps the running run's
     validation curve so far in the results file as 'unfinished', and the report shows it; the
-    same command resumes the run, and its finished record replaces the unfinished one."""
+    same command, given the codec the first sitting trained (--codec, as a sitting on a fresh
+    machine is), resumes the run, its finished record replaces the unfinished one, and the
+    results keep how that codec was trained."""
     script = BENCH / "bench_time_to_accuracy.py"
     out, work = tmp_path / "out", tmp_path / "work"
     command = [sys.executable, str(script), "--smoke", "--out-dir", str(out), "--work", str(work),
@@ -256,12 +258,24 @@ def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> N
     assert "**Unfinished runs**" in report
     assert f"| ns2d | uniform 0.1 | 0 | {cut['curve'][-1]['step']} of 400 |" in report
 
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    trained = results["setup"]["ns2d"]["codec"]
+    assert trained["steps"] > 0 and "given" not in trained
+    (codec,) = work.glob("*/codec_*/codec.pt")
+    kept = shutil.copy(codec, tmp_path / "kept_codec.pt")  # a sitting's codec, copied back
+    done = subprocess.run(
+        [*command, "--codec", str(kept)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "(resuming after step" in done.stdout
+    assert "(resuming after step" in done.stdout and "training the codec" not in done.stdout
     results = json.loads(results_file.read_text())
     (run,) = results["runs"]
     assert run["curve"][-1]["step"] == 400 and results["unfinished"] == []
+    assert run["codec_sha256"] == cut["codec_sha256"] == trained["sha256"]
+    assert results["setup"]["ns2d"]["codec"] == {**trained, "given": True}
+    assert (
+        "later sittings were given this file with --codec"
+        in (out / "bench_time_to_accuracy.md").read_text()
+    )
     # the loader's waits, accounted apart from the rest of the training seconds
     assert 0 <= run["loader_wait_seconds"] < run["train_seconds"]
     assert "Unfinished runs" not in (out / "bench_time_to_accuracy.md").read_text()

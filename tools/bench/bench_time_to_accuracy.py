@@ -948,6 +948,10 @@ def main() -> None:
             return
         check_inputs(results, args, shared, path)
         saved = results.setdefault("setup", {}).get(args.pde, {})
+        earlier = saved.get("codec", {})
+        if args.codec and earlier.get("sha256") == shared.codec_sha256:
+            # the codec an earlier sitting trained, kept and given back: keep how it was trained
+            shared.info["codec"] = {**earlier, "given": True}
         lengths = {**saved.get("epochs_by_steps", {}), **shared.info["epochs_by_steps"]}
         results["setup"][args.pde] = {**shared.info, "epochs_by_steps": lengths}  # every length's
         save(path, results)

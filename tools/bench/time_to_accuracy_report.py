@@ -283,6 +283,7 @@ def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
     trained = (
         f"trained here ({codec['steps']} steps, {codec['train_seconds']:.0f} s, test "
         f"reconstruction nRMSE {codec['test_recon_nrmse']:.4f})"
+        + ("; later sittings were given this file with --codec" if codec.get("given") else "")
         if "steps" in codec
         else "given with --codec"
     )
