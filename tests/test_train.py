@@ -531,6 +531,28 @@ def test_corrupt_shard_mid_run_stops_with_its_name_and_keeps_the_checkpoint(flow
     assert (run / "checkpoint.pt").read_bytes() == good
 
 
+def test_validation_reads_its_split_once_per_run(flow, tmp_path):
+    """A run validates every eval_every steps on the same trajectories: it reads them from the
+    shards at the first validation and keeps them, so later validations give the same numbers
+    without reading again (here: with the val shards corrupted on disk since), while the test
+    split is still read when it is evaluated."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(flow["fields"], copy)
+    args = ("stage=codec", f"shards={copy}", f"out={tmp_path / 'run'}", "loader.format=wds")
+    trainer = Trainer(config(*args))
+    first = trainer.validate("val", 2)
+    for tar in sorted((copy / "wds").glob("val-*.tar")):
+        data = bytearray(tar.read_bytes())
+        data[1500] ^= 0xFF
+        tar.write_bytes(bytes(data))
+    assert trainer.validate("val", 2) == first
+    assert np.isfinite(trainer.validate("test", 1)["recon_nrmse"])
+    with pytest.raises(ShardError, match=r"val-\d+\.tar: checksum mismatch"):
+        Trainer(config(*args)).validate("val", 2)  # a new run reads them, and notices
+
+
 def test_curriculum_from_dense_trains_on_every_point_then_fewer(flow, tmp_path):
     """schedule cosine 1.0 -> 0.2 with a dense tail: the dense epochs' batches hold every point
     with weight 1, the sampled ones fewer."""

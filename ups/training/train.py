@@ -47,6 +47,7 @@ from pipeline.layers import LayerRequest
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet, open_shards
+from pipeline.sources.pdebench import DataInfo
 from pipeline.sources.splits import NormStats
 from pipeline.storage import file_sha256, named_os_errors, write_atomic
 from ups.adaptive import AdaptiveConfig, PointError, error_definition, model_entry, refresh
@@ -465,6 +466,7 @@ class Trainer:
     _clock: float  # perf_counter() when train_seconds last resumed counting (set by train())
     _first_step_seconds: float | None = None  # this start's first step, until it is logged
     _first_batch_seconds: float | None = None  # the wait for this start's first batch, likewise
+    _val_data: tuple[list[np.ndarray], DataInfo] | None = None  # read at the first validation
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -762,14 +764,11 @@ class Trainer:
         horizons: Sequence[int] = HORIZONS,
         reconstruction: bool = True,
     ) -> dict[str, float]:
-        shards = open_shards(
-            self.cfg.shards, split, self.cfg.loader.format, remote=self.cfg.loader.remote
-        )
-        info = shards.manifest.data_info(split)
+        trajectories, info = self._eval_data(split, limit)
         return evaluate(
             self.models.codec,
             self.norm,
-            shards.trajectories(limit),
+            trajectories,
             info.dt,
             list(info.params.values()),
             self.models.operator,
@@ -777,6 +776,21 @@ class Trainer:
             reconstruction=reconstruction,
             device=self.device,
         )
+
+    def _eval_data(self, split: str, limit: int | None) -> tuple[list[np.ndarray], DataInfo]:
+        """The split's first ``limit`` trajectories, each (T, C, *grid), and its data info. The
+        validation split's are read once and kept: a run validates every eval_every steps, and
+        reading its shards again each time (every epoch's query sets with the fields, from a
+        URL perhaps) cost as much as a share of the evaluation itself."""
+        if split == "val" and self._val_data is not None:
+            return self._val_data
+        shards = open_shards(
+            self.cfg.shards, split, self.cfg.loader.format, remote=self.cfg.loader.remote
+        )
+        data = list(shards.trajectories(limit)), shards.manifest.data_info(split)
+        if split == "val":
+            self._val_data = data
+        return data
 
     # -- the loop
     def fit(self) -> dict[str, float]:
