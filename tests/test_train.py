@@ -535,7 +535,7 @@ def test_validation_reads_its_split_once_per_run(flow, tmp_path):
     """A run validates every eval_every steps on the same trajectories: it reads them from the
     shards at the first validation and keeps them, so later validations give the same numbers
     without reading again (here: with the val shards corrupted on disk since), while the test
-    split is still read when it is evaluated."""
+    split, or another number of validation trajectories, is still read."""
     import shutil
 
     copy = tmp_path / "copy"
@@ -549,7 +549,10 @@ def test_validation_reads_its_split_once_per_run(flow, tmp_path):
         tar.write_bytes(bytes(data))
     assert trainer.validate("val", 2) == first
     assert np.isfinite(trainer.validate("test", 1)["recon_nrmse"])
-    with pytest.raises(ShardError, match=r"val-\d+\.tar: checksum mismatch"):
+    corrupt = r"val-\d+\.tar: checksum mismatch"
+    with pytest.raises(ShardError, match=corrupt):
+        trainer.validate("val", 1)  # other trajectories than those kept: read, and noticed
+    with pytest.raises(ShardError, match=corrupt):
         Trainer(config(*args)).validate("val", 2)  # a new run reads them, and notices
 
 

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -466,7 +466,8 @@ class Trainer:
     _clock: float  # perf_counter() when train_seconds last resumed counting (set by train())
     _first_step_seconds: float | None = None  # this start's first step, until it is logged
     _first_batch_seconds: float | None = None  # the wait for this start's first batch, likewise
-    _val_data: tuple[list[np.ndarray], DataInfo] | None = None  # read at the first validation
+    # (limit, trajectories, info) of the validation split, read at the first validation
+    _val_data: tuple[int | None, list[np.ndarray], DataInfo] | None = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -777,20 +778,22 @@ class Trainer:
             device=self.device,
         )
 
-    def _eval_data(self, split: str, limit: int | None) -> tuple[list[np.ndarray], DataInfo]:
+    def _eval_data(self, split: str, limit: int | None) -> tuple[Iterable[np.ndarray], DataInfo]:
         """The split's first ``limit`` trajectories, each (T, C, *grid), and its data info. The
         validation split's are read once and kept: a run validates every eval_every steps, and
         reading its shards again each time (every epoch's query sets with the fields, from a
-        URL perhaps) cost as much as a share of the evaluation itself."""
-        if split == "val" and self._val_data is not None:
-            return self._val_data
+        URL perhaps) cost a share of each evaluation. Other splits stream, one trajectory at a
+        time (the test split is evaluated once, whole)."""
+        if split == "val" and self._val_data is not None and self._val_data[0] == limit:
+            return self._val_data[1:]
         shards = open_shards(
             self.cfg.shards, split, self.cfg.loader.format, remote=self.cfg.loader.remote
         )
-        data = list(shards.trajectories(limit)), shards.manifest.data_info(split)
-        if split == "val":
-            self._val_data = data
-        return data
+        info = shards.manifest.data_info(split)
+        if split != "val":
+            return shards.trajectories(limit), info
+        self._val_data = limit, list(shards.trajectories(limit)), info
+        return self._val_data[1:]
 
     # -- the loop
     def fit(self) -> dict[str, float]:
