@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +181,36 @@ def test_time_left_is_estimated_from_runs_on_as_many_gpus(study, tmp_path) -> No
     assert bench.seconds_to_go(study.Job("uniform 0.1", 1, 400), tmp_path) == pytest.approx(90)
     bench.args.dense_gpus = 1
     assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) == pytest.approx(1000)
+
+
+def test_an_unfinished_curve_gives_way_only_to_one_that_got_further(study, tmp_path) -> None:
+    """A run that an earlier sitting left unfinished at step 800 and this sitting runs again
+    from the start keeps the earlier curve in the results file until its own passes it."""
+    args = argparse.Namespace(pde="ns2d", batch=32, dense_gpus=1)
+    bench = study.Study.__new__(study.Study)  # its bookkeeping needs no setup
+    bench.args, bench.out = args, tmp_path
+    bench.setup = study.Setup(
+        data=tmp_path, data_sha256="d" * 64, codec=tmp_path, codec_sha256="c" * 64,
+        epochs={}, sets={}, info={},
+    )  # fmt: skip
+    bench.lock, bench.saving = threading.Lock(), threading.Lock()
+    job = study.Job("uniform 0.1", 0, 2000)
+    bench.running = {job: (0, tmp_path)}
+    earlier = {"pde": "ns2d", "config": "uniform 0.1", "seed": 0, "steps": 2000,
+               "curve": curve((400, 4.0, 0.03), (800, 8.0, 0.02))}  # fmt: skip
+    bench.results = {"runs": [], "unfinished": [earlier]}
+
+    def metrics(last: int) -> list[dict]:
+        return [{"step": s, "train_seconds": s / 100, "val/model_h1": 10 / s}
+                for s in range(400, last + 1, 400)]  # fmt: skip
+
+    bench.note_unfinished(job, tmp_path, metrics(400))
+    assert bench.results["unfinished"] == [earlier]
+    bench.note_unfinished(job, tmp_path, metrics(1200))
+    (kept,) = bench.results["unfinished"]
+    assert [p["step"] for p in kept["curve"]] == [400, 800, 1200]
+    saved = json.loads((tmp_path / study.RESULTS).read_text())
+    assert saved["unfinished"] == [kept]
 
 
 @pytest.mark.slow

@@ -609,7 +609,9 @@ class Study:
     def note_unfinished(self, job: Job, run_dir: Path, metrics: list[dict]) -> None:
         """Keep a running run's validation curve so far in the results file ('unfinished'), so
         a sitting that ends before the run does (its checkpoint stays on that machine) still
-        leaves where it got to. Its record replaces this once it finishes."""
+        leaves where it got to. Its record replaces this once it finishes; an earlier attempt's
+        curve that got further (a sitting that ran it from the start too) stays until this one
+        passes it."""
         curve = val_curve(metrics, resume_excess(metrics, self.args.batch))
         if not curve:
             return
@@ -631,7 +633,12 @@ class Study:
             with self.lock:
                 if job not in self.running:
                     return  # it ended meanwhile: finished() keeps its record instead
-            kept = [r for r in self.results.get("unfinished", []) if run_key(r) != key]
+            earlier = self.results.get("unfinished", [])
+            if any(
+                run_key(r) == key and r["curve"][-1]["step"] > curve[-1]["step"] for r in earlier
+            ):
+                return
+            kept = [r for r in earlier if run_key(r) != key]
             self.results["unfinished"] = [*kept, record]
             save(self.out / RESULTS, self.results)
 
