@@ -561,7 +561,7 @@ class Study:
         stages = ("read", "error", "plan", "write")  # logged by train.py since the third pass
         timed = [m["val_seconds"] for m in metrics if "val_seconds" in m]  # train.py logs them
         final = next(m for m in reversed(metrics) if any(k.startswith("test/") for k in m))
-        trained = final["train_seconds"] - sum(x for step, x in extra if step <= final["step"])
+        trained = less_resume_excess(final, extra)
         lost = any(s["wall_seconds"] is None for s in segments)  # a sitting killed outright
         wall = None if lost else sum(s["wall_seconds"] for s in segments)
         return {
@@ -734,14 +734,16 @@ def resume_excess(metrics: list[dict], batch: int) -> list[tuple[int, float]]:
     ]
 
 
+def less_resume_excess(record: dict, excess: list[tuple[int, float]]) -> float:
+    """A metrics record's training seconds less the resumed starts' excess up to its step."""
+    return record["train_seconds"] - sum(x for step, x in excess if step <= record["step"])
+
+
 def val_curve(metrics: list[dict], excess: list[tuple[int, float]]) -> list[dict]:
-    """The validation points of a run's metrics: step, training seconds (less the resumed
-    starts' excess up to that step) and every val/ value."""
+    """The validation points of a run's metrics: step, training seconds (``less_resume_excess``)
+    and every val/ value."""
     return [
-        {
-            "step": m["step"],
-            "train_seconds": m["train_seconds"] - sum(x for step, x in excess if step <= m["step"]),
-        }
+        {"step": m["step"], "train_seconds": less_resume_excess(m, excess)}
         | {k[4:]: v for k, v in m.items() if k.startswith("val/")}
         for m in metrics
         if "val/model_h1" in m
