@@ -213,6 +213,63 @@ def test_an_unfinished_curve_gives_way_only_to_one_that_got_further(study, tmp_p
     assert saved["unfinished"] == [kept]
 
 
+def test_studies_on_other_gpus_or_hosts_merge_into_one_results_file(study, tmp_path) -> None:
+    """--merge: the committed 24,000-step results split in two files (seed 0's runs in one,
+    seeds 1-2 in the other, as two studies on other GPUs would leave them) merge back into the
+    same runs, and the report gives the numbers the README quotes. A failed attempt and an
+    unfinished curve give way to the finished run; merging a file twice changes nothing."""
+    committed = json.loads(
+        (ROOT / "docs/bench/steps_24000/bench_time_to_accuracy.json").read_text()
+    )
+    first, second = json.loads(json.dumps(committed)), json.loads(json.dumps(committed))
+    first["runs"] = [r for r in committed["runs"] if r["seed"] == 0]
+    second["runs"] = [r for r in committed["runs"] if r["seed"] > 0]
+    later = second["runs"][0]
+    first["runs"].append(
+        {**{k: later[k] for k in ("pde", "config", "seed", "steps")}, "error": "x"}
+    )
+    first["unfinished"] = [{**later, "curve": later["curve"][:5]}]
+    second["sittings"] = committed["sittings"][-2:]
+    files = [tmp_path / "first.json", tmp_path / "second.json"]
+    for path, results in zip(files, (first, second), strict=True):
+        path.write_text(json.dumps(results))
+    out = tmp_path / "merged"
+    command = [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--out-dir", str(out)]
+    for _ in range(2):  # the second time every run is there already
+        done = subprocess.run(
+            [*command, "--merge", *map(str, files)], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        merged = json.loads((out / study.RESULTS).read_text())
+        key = study.run_key
+        assert sorted(map(key, merged["runs"])) == sorted(map(key, committed["runs"]))
+        assert all("error" not in r for r in merged["runs"]) and merged["unfinished"] == []
+        assert {key(r): r for r in merged["runs"]} == {key(r): r for r in committed["runs"]}
+        assert merged["sittings"] == committed["sittings"]
+    report = (out / "bench_time_to_accuracy.md").read_text()
+    assert "| gradient 0.1 | 289.7 | 5.62x |" in report  # README: 290 s, 5.6x sooner
+    assert "against dense's 1762 s (0.16x)" in report
+
+    def refused(other: dict, match: str) -> None:
+        with pytest.raises(SystemExit, match=match):
+            study.merge_results(json.loads(json.dumps(committed)), other, Path("other.json"))
+
+    run = committed["runs"][0]
+    refused(
+        {"runs": [{**run, "codec_sha256": "e" * 64}]},
+        r"other.json holds ns2d runs of another codec \(sha256 eeeeeeeeeeee",
+    )
+    refused({"runs": [{**run, "data_sha256": "e" * 64}]}, "another data file")
+    settings = {"ns2d": {**committed["settings"]["ns2d"], "batch": 64}}
+    refused({"runs": [], "settings": settings}, r"other settings \(here != there: batch 32 != 64\)")
+    refused(
+        {"runs": [{**run, "train_seconds": 1.0}]},
+        r"ns2d uniform 0.1 seed 0 \(24000 steps\) finished in both",
+    )
+    with pytest.raises(SystemExit, match=r"missing\.json: not a readable results file"):
+        study.read_results(tmp_path / "missing.json")
+
+
 @pytest.mark.slow
 def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
     """--dense-gpus 2 (torchrun, two gloo ranks on the CPU): a probe measures the one-process

@@ -33,6 +33,10 @@ got to; a rerun of the same command skips finished runs and resumes interrupted 
 from their last checkpoint (``resume=``), so the study can run over several sittings of one
 machine (the checkpoints stay in ``--work``): ``--time-limit`` stops it cleanly before a sitting
 ends (a run's checkpoint is written at every validation). ``--report`` renders without training.
+Studies on several hosts, or side by side on one (each on its own GPUs through
+CUDA_VISIBLE_DEVICES, with its own ``--out-dir`` and the same ``--codec``; the second started
+once the first's setup is done, where they share ``--work``), leave one results file each; ``--merge`` adds their runs to ``--out-dir``'s, refusing runs of other settings, of
+another codec or data file, and a run finished in both with other numbers.
 
 This file runs the study; what it compares is in time_to_accuracy_configs.py, and the analysis and
 report of its results in time_to_accuracy_report.py.
@@ -40,6 +44,7 @@ report of its results in time_to_accuracy_report.py.
     python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --time-limit 500  # 4 GPUs, rerun until done
     python tools/bench/bench_time_to_accuracy.py --smoke --out-dir /tmp/tta --work /tmp/tta_work  # tiny, CPU
     python tools/bench/bench_time_to_accuracy.py --report docs/bench/bench_time_to_accuracy.json
+    python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --merge host2/bench_time_to_accuracy.json
 """
 
 from __future__ import annotations
@@ -812,6 +817,112 @@ def check_settings(results: dict, args: argparse.Namespace, path: Path) -> None:
     results.setdefault("settings", {})[args.pde] = now
 
 
+def merge_results(into: dict, other: dict, source: Path) -> None:
+    """Add the runs of another results file to ``into``: a study on another host, or one
+    beside this one on other GPUs of the same host (CUDA_VISIBLE_DEVICES). A run finished in
+    either file counts, once; an unfinished curve gives way to the run finished, or to a curve
+    of it that got further. Refused (check_mergeable) before anything changes."""
+    check_mergeable(into, other, source)
+    index = {run_key(r): i for i, r in enumerate(into["runs"])}
+    for record in other["runs"]:
+        i = index.setdefault(run_key(record), len(into["runs"]))
+        if i == len(into["runs"]):
+            into["runs"].append(record)
+        elif "error" in into["runs"][i] and "error" not in record:  # a failed attempt gives way
+            into["runs"][i] = record
+    done = {run_key(r) for r in records(into, unfinished=False)}
+    furthest: dict[tuple, dict] = {}
+    for record in [*into.get("unfinished", []), *other.get("unfinished", [])]:
+        key, kept = run_key(record), furthest.get(run_key(record))
+        if key not in done and (kept is None or steps_done(record) > steps_done(kept)):
+            furthest[key] = record
+    into["unfinished"] = list(furthest.values())
+    sittings = into.setdefault("sittings", [])
+    sittings += [s for s in other.get("sittings", []) if s not in sittings]
+    sittings.sort(key=lambda lines: next((x for x in lines if x.startswith("- date:")), ""))
+    for pde, settings_ in other.get("settings", {}).items():
+        into.setdefault("settings", {}).setdefault(pde, settings_)
+    for pde, pace in other.get("dense_pace", {}).items():
+        into.setdefault("dense_pace", {}).setdefault(pde, pace)
+    for pde, theirs in other.get("setup", {}).items():
+        mine = into.setdefault("setup", {}).setdefault(pde, theirs)
+        if mine is not theirs:  # both set it up: the union of their shard sets and lengths
+            for name in ("sets", "epochs_by_steps"):
+                mine[name] = {**theirs.get(name, {}), **mine.get(name, {})}
+            if mine["codec"].get("given") and not theirs["codec"].get("given"):
+                mine["codec"] = theirs["codec"]  # how the codec was trained, where that is known
+    for name in ("environment", "args"):
+        if name in other:
+            into.setdefault(name, other[name])
+
+
+def check_mergeable(into: dict, other: dict, source: Path) -> None:
+    """Refuse a results file whose runs do not compare with these (another PDE setting, codec
+    or data file), or that finished a run these finished too, with other numbers."""
+    for pde, theirs in other.get("settings", {}).items():
+        mine = into.get("settings", {}).get(pde, theirs)
+        diff = [f"{k} {mine.get(k)} != {v}" for k, v in theirs.items() if mine.get(k) != v]
+        if diff:
+            raise SystemExit(
+                f"{source} holds {pde} runs made with other settings (here != there: "
+                f"{'; '.join(diff)}): they do not compare"
+            )
+    for key, what in (("codec_sha256", "codec"), ("data_sha256", "data file")):
+        for pde in {r["pde"] for r in records(other)}:
+            mine, theirs = inputs(into, pde, key), inputs(other, pde, key)
+            if mine and theirs and mine != theirs:
+                raise SystemExit(
+                    f"{source} holds {pde} runs of another {what} (sha256 "
+                    f"{', '.join(sorted(h[:12] for h in theirs))}, here "
+                    f"{', '.join(sorted(h[:12] for h in mine))}): their accuracies do not compare"
+                )
+    for pde, theirs in other.get("setup", {}).items():
+        mine = into.get("setup", {}).get(pde, theirs)
+        if mine["codec"]["sha256"] != theirs["codec"]["sha256"]:
+            raise SystemExit(
+                f"{source} set {pde} up with another codec (sha256 "
+                f"{theirs['codec']['sha256'][:12]}, here {mine['codec']['sha256'][:12]})"
+            )
+    mine_done = {run_key(r): r for r in records(into, unfinished=False)}
+    for record in records(other, unfinished=False):
+        here = mine_done.get(run_key(record))
+        if here is not None and here != record:
+            raise SystemExit(
+                f"{source}: {run_name(record)} finished in both results files, with other "
+                "numbers: a run counts once, so merge a copy without one of them"
+            )
+
+
+def read_results(path: Path) -> dict:
+    """A results file given to --merge, or one clear error naming it."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--merge {path}: not a readable results file ({err})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise SystemExit(f"--merge {path}: not a results file of this study (no list of 'runs')")
+    return results
+
+
+def records(results: dict, unfinished: bool = True) -> list[dict]:
+    """A results file's runs (finished, and unfinished ones too), less failed attempts."""
+    kept = [*results["runs"], *(results.get("unfinished", []) if unfinished else [])]
+    return [r for r in kept if "error" not in r]
+
+
+def steps_done(record: dict) -> int:
+    return record["curve"][-1]["step"] if record["curve"] else 0
+
+
+def run_name(record: dict) -> str:
+    return f"{record['pde']} {record['config']} seed {record['seed']} ({record['steps']} steps)"
+
+
+def inputs(results: dict, pde: str, key: str) -> set[str]:
+    """The codecs or data files (``key``: codec_sha256, data_sha256) of a PDE's runs."""
+    return {r[key] for r in records(results) if r["pde"] == pde}
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -825,6 +936,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-dir", default="docs/bench")
     parser.add_argument("--work", default="runs/bench_time_to_accuracy", help="data, shards, runs")
     parser.add_argument("--report", default=None, help="only render this results JSON (next to it)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only add the runs of these results files (a study on another host, or beside "
+        "this one on other GPUs) to --out-dir's, and render it",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on a CPU")
     parser.add_argument("--pde", default="ns2d", choices=list(PDES))
     parser.add_argument("--resolution", type=int, default=None, help="default: the PDE's")
@@ -932,6 +1051,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    if args.merge:
+        for source in map(Path, args.merge):
+            merge_results(results, read_results(source), source)
+        save(path, results)
+        report = render(results, out)
+        (out / "bench_time_to_accuracy.md").write_text(report)
+        print(report)
+        return
     check_settings(results, args, path)
     shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
     results.update(environment=environment_lines(), args=shown)
