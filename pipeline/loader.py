@@ -57,6 +57,7 @@ class ShardLoader:
         self.epoch, self._batches = 0, 0  # position: batches delivered in ``epoch``
         self._stream: Iterator[SparseBatch] | None = None  # one pass over all epochs
         self._process: LoaderProcess | None = None
+        self._slot_wait_closed = 0.0  # slot_wait_seconds of the loader processes closed
 
     def __iter__(self) -> Iterator[SparseBatch]:
         """One epoch (the rest of it, after a resume) of batches.
@@ -103,10 +104,19 @@ class ShardLoader:
         if self._process is not None:
             self._process.add_layer(layer_id)
 
+    @property
+    def slot_wait_seconds(self) -> float:
+        """Of the waits for a batch, the seconds spent waiting for the GPU to finish reading a
+        slot of the loader process's ring before the batch could be made (the GPU was behind,
+        so these waits starved no step); 0 with ``process: false`` or on the CPU."""
+        running = self._process.slot_wait_seconds if self._process is not None else 0.0
+        return self._slot_wait_closed + running
+
     def close(self) -> None:
         """Stop the loader process, or the graph's threads; iterating again restarts the stream
         where it stopped (after the last delivered batch)."""
         if self._process is not None:
+            self._slot_wait_closed += self._process.slot_wait_seconds
             self._process.close()
             self._process = None
         self.graph.stop()

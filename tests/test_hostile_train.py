@@ -427,6 +427,9 @@ def test_resume_after_a_kill_logs_every_step_once(run, fields, tmp_path):
     assert at_2 == saved  # logged at step 2, then saved with no batch asked for in between
     (resume,) = [r for r in resumed if r["step"] == 3 and "start/first_step_seconds" in r]
     assert resume["loader_wait_seconds"] >= saved + resume["start/first_batch_seconds"] - 1e-9
+    # of the waits, those for the GPU to free a loader slot: none on the CPU, logged and saved
+    assert all(r["loader_slot_wait_seconds"] == 0 for r in resumed if "train/total" in r)
+    assert load_checkpoint(out / "ckpt-2.pt", "train")["loader_slot_wait_seconds"] == 0
     # the resumed steps are the same steps, bit for bit
     train_ref = [r["train/total"] for r in reference if "train/total" in r]
     assert [r["train/total"] for r in resumed if "train/total" in r] == train_ref

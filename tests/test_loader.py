@@ -398,6 +398,38 @@ def test_loader_process_delivers_the_same_batches_on_the_gpu(latent_shards):
     same_batches(batches[True], batches[False])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loader_process_counts_its_waits_for_a_gpu_that_is_behind(latent_shards):
+    """A GPU that falls behind (a long kernel queued after each batch) keeps the ring's slots
+    busy: the loader then waits for the GPU to finish reading a slot before the child can fill
+    it, and counts those seconds in slot_wait_seconds (time no step starved), across closes.
+    Batches taken at the GPU's pace wait for no slot."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    end.synchronize()
+    kernel = start.elapsed_time(end) / 1000  # seconds of GPU time per batch
+    loader = make_loader(latent_shards, batch_size=4, workers=2, process=True, device="cuda")
+    count = 0
+    for _ in loader:
+        torch.cuda._sleep(50_000_000)
+        count += 1
+    torch.cuda.synchronize()
+    waited = loader.slot_wait_seconds
+    loader.close()
+    assert loader.slot_wait_seconds == waited
+    ring = loader.cfg.prefetch
+    assert count > 2 * ring
+    # every batch after the ring filled waited about one kernel for its slot
+    assert waited >= 0.5 * (count - ring) * kernel, (waited, count, kernel)
+    synced = make_loader(latent_shards, batch_size=4, workers=2, process=True, device="cuda")
+    for _ in synced:
+        torch.cuda.synchronize()  # the GPU keeps up: every copy is done before the next batch
+    synced.close()
+    assert synced.slot_wait_seconds < 0.1 * waited
+
+
 def test_gathered_targets_are_normalised_float32(latent_shards):
     loader = make_loader(latent_shards, workers=1)
     batch = next(iter(loader))

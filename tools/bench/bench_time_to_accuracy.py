@@ -561,6 +561,9 @@ class Study:
         curve = val_curve(metrics, extra)
         refreshes = [m for m in metrics if "refresh/seconds" in m]
         waits = [m["loader_wait_seconds"] for m in metrics if "loader_wait_seconds" in m]
+        slot_waits = [
+            m["loader_slot_wait_seconds"] for m in metrics if "loader_slot_wait_seconds" in m
+        ]
         # a resumed start's wait for its first batch is left out, as from its training seconds
         refill = sum(m.get("start/first_batch_seconds", 0.0) for m in starts[1:])
         stages = ("read", "error", "plan", "write")  # logged by train.py since the third pass
@@ -590,6 +593,8 @@ class Study:
             # waits for the next batch, part of train_seconds (None for runs made before
             # train.py logged them)
             "loader_wait_seconds": waits[-1] - refill if waits else None,
+            # of them, the loader process's waits for the GPU to free a slot: no starved step
+            "loader_slot_wait_seconds": slot_waits[-1] if slot_waits else None,
             "wall_seconds": wall,  # None when a sitting's wall-clock was lost
             "outside_seconds": None if wall is None else wall - trained,
             "validation_seconds": sum(timed) if timed else None,  # part of the outside seconds
