@@ -794,8 +794,8 @@ def settings(args: argparse.Namespace) -> dict:
 def check_inputs(results: dict, args: argparse.Namespace, shared: Setup, path: Path) -> None:
     """Refuse to add runs of this setup's codec or data to a file holding runs of others: their
     accuracies do not compare, and a finished run of another codec would count as this one's."""
-    for record in [*results["runs"], *results.get("unfinished", [])]:
-        if record["pde"] != args.pde or "error" in record:
+    for record in records(results):
+        if record["pde"] != args.pde:
             continue
         for key, mine, what in (
             ("codec_sha256", shared.codec_sha256, "codec"),
