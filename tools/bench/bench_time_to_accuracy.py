@@ -35,8 +35,9 @@ machine (the checkpoints stay in ``--work``): ``--time-limit`` stops it cleanly 
 ends (a run's checkpoint is written at every validation). ``--report`` renders without training.
 Studies on several hosts, or side by side on one (each on its own GPUs through
 CUDA_VISIBLE_DEVICES, with its own ``--out-dir`` and the same ``--codec``; the second started
-once the first's setup is done, where they share ``--work``), leave one results file each; ``--merge`` adds their runs to ``--out-dir``'s, refusing runs of other settings, of
-another codec or data file, and a run finished in both with other numbers.
+once the first's setup is done, where they share ``--work``), leave one results file each;
+``--merge`` adds their runs to ``--out-dir``'s, refusing runs of other settings, of another
+codec or data file, and a run finished in both with other numbers.
 
 This file runs the study; what it compares is in time_to_accuracy_configs.py, and the analysis and
 report of its results in time_to_accuracy_report.py.
@@ -644,9 +645,7 @@ class Study:
                 if job not in self.running:
                     return  # it ended meanwhile: finished() keeps its record instead
             earlier = self.results.get("unfinished", [])
-            if any(
-                run_key(r) == key and r["curve"][-1]["step"] > curve[-1]["step"] for r in earlier
-            ):
+            if any(run_key(r) == key and steps_done(r) > steps_done(record) for r in earlier):
                 return
             kept = [r for r in earlier if run_key(r) != key]
             self.results["unfinished"] = [*kept, record]
@@ -794,19 +793,17 @@ def settings(args: argparse.Namespace) -> dict:
 def check_inputs(results: dict, args: argparse.Namespace, shared: Setup, path: Path) -> None:
     """Refuse to add runs of this setup's codec or data to a file holding runs of others: their
     accuracies do not compare, and a finished run of another codec would count as this one's."""
-    for record in records(results):
-        if record["pde"] != args.pde:
-            continue
-        for key, mine, what in (
-            ("codec_sha256", shared.codec_sha256, "codec"),
-            ("data_sha256", shared.data_sha256, "data file"),
-        ):
-            if record[key] != mine:
-                raise SystemExit(
-                    f"{path} holds {args.pde} runs of another {what} (sha256 {record[key][:12]}, "
-                    f"this setup's is {mine[:12]}); use another --out-dir, or --codec with the "
-                    "codec those runs used"
-                )
+    for key, mine, what in (
+        ("codec_sha256", shared.codec_sha256, "codec"),
+        ("data_sha256", shared.data_sha256, "data file"),
+    ):
+        others = sorted(inputs(results, args.pde, key) - {mine})
+        if others:
+            raise SystemExit(
+                f"{path} holds {args.pde} runs of another {what} (sha256 {others[0][:12]}, "
+                f"this setup's is {mine[:12]}); use another --out-dir, or --codec with the "
+                "codec those runs used"
+            )
 
 
 def check_settings(results: dict, args: argparse.Namespace, path: Path) -> None:
@@ -830,8 +827,9 @@ def merge_results(into: dict, other: dict, source: Path) -> None:
     check_mergeable(into, other, source)
     index = {run_key(r): i for i, r in enumerate(into["runs"])}
     for record in other["runs"]:
-        i = index.setdefault(run_key(record), len(into["runs"]))
-        if i == len(into["runs"]):
+        i = index.get(run_key(record))
+        if i is None:
+            index[run_key(record)] = len(into["runs"])
             into["runs"].append(record)
         elif "error" in into["runs"][i] and "error" not in record:  # a failed attempt gives way
             into["runs"][i] = record

@@ -195,10 +195,8 @@ def render(results: dict, out: Path) -> str:
         "train.py logged it; a data-parallel run's in its own seconds on its GPUs; and of "
         "them, the 'of it GPU-bound s' column: the loader process's waits for the GPU to finish "
         "reading a slot of its ring, where the GPU was behind and no step starved, '-' before "
-        "train.py logged them), "
-        "and the "
-        "error-based refreshes; validation, checkpoints, start-up and the test are outside "
-        "them (the 'outside s' column: the processes' wall-clock minus training seconds, "
+        "train.py logged them), and the error-based refreshes; validation, checkpoints, "
+        "start-up and the test are outside them (the 'outside s' column: the processes' wall-clock minus training seconds, "
         "and of it the validations' own seconds, logged by train.py since the second pass; "
         "'-' where a sitting was killed before it logged a run's wall-clock). Every time "
         "below leaves out each run's warm-up (the 'warm-up s' column: its training seconds at "
@@ -460,8 +458,8 @@ def goal_cosine(group: Group) -> list[str] | None:
 
 def accuracy_table(group: Group) -> list[str]:
     head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "loader wait s",
-            "of it GPU-bound s", "outside s", "of it validation s", "starts", "samples/s", "test one-step", "test h4",
-            "test h16", "converged"]  # fmt: skip
+            "of it GPU-bound s", "outside s", "of it validation s", "starts", "samples/s",
+            "test one-step", "test h4", "test h16", "converged"]  # fmt: skip
     rows = []
     for name, runs in group.runs.items():
         test = {
