@@ -15,7 +15,10 @@ world size to the same global batches (docs/design.md, section 7).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,7 +60,10 @@ class ShardLoader:
         self.epoch, self._batches = 0, 0  # position: batches delivered in ``epoch``
         self._stream: Iterator[SparseBatch] | None = None  # one pass over all epochs
         self._process: LoaderProcess | None = None
-        self._slot_wait_closed = 0.0  # slot_wait_seconds of the loader processes closed
+        self.cuda = self.device is not None and self.device.type == "cuda"
+        self._stalled = 0.0  # stall_seconds resolved so far
+        # CUDA events around each wait, (asked, delivered), until the GPU has passed them
+        self._waits: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
 
     def __iter__(self) -> Iterator[SparseBatch]:
         """One epoch (the rest of it, after a resume) of batches.
@@ -67,14 +73,16 @@ class ShardLoader:
         """
         if self._batches >= self.batches_per_epoch:
             self.epoch, self._batches = self.epoch + 1, 0
-        if self._stream is None:
-            self._stream = self.batches_from(self.epoch, self._batches * self.plan.rank_batch)
-        else:
-            self.shards.k_for_epoch(self.epoch, self.cfg.wrap_epochs)  # a clear error
+        with self._stall():  # the loader's start, where it starts: the device may have no work
+            if self._stream is None:
+                self._stream = self.batches_from(self.epoch, self._batches * self.plan.rank_batch)
+            else:
+                self.shards.k_for_epoch(self.epoch, self.cfg.wrap_epochs)  # a clear error
         while self._batches < self.batches_per_epoch:
             if self._stream is None:  # closed while this epoch was iterated
                 return
-            batch = next(self._stream)
+            with self._stall():
+                batch = next(self._stream)
             assert batch.epoch == self.epoch, (batch.epoch, self.epoch)
             self._batches += 1
             yield batch
@@ -104,19 +112,43 @@ class ShardLoader:
         if self._process is not None:
             self._process.add_layer(layer_id)
 
+    @contextlib.contextmanager
+    def _stall(self) -> Iterator[None]:
+        """Count what waiting in the block costs the device in stall_seconds."""
+        if not self.cuda:  # the CPU's step is synchronous: all of a wait is a stall
+            started = time.perf_counter()
+            yield
+            self._stalled += time.perf_counter() - started
+            return
+        stream = torch.cuda.current_stream(self.device)
+        asked = torch.cuda.Event(enable_timing=True)
+        asked.record(stream)  # after the work the training thread queued so far
+        yield  # a batch's copy to the GPU is queued on the same stream
+        delivered = torch.cuda.Event(enable_timing=True)
+        delivered.record(stream)
+        self._waits.append((asked, delivered))
+        self._resolve_waits()
+
+    def _resolve_waits(self) -> None:
+        while self._waits and self._waits[0][1].query():  # never blocks: the GPU has passed it
+            asked, delivered = self._waits.popleft()
+            self._stalled += asked.elapsed_time(delivered) / 1000
+
     @property
-    def slot_wait_seconds(self) -> float:
-        """Of the waits for a batch, the seconds spent waiting for the GPU to finish reading a
-        slot of the loader process's ring before the batch could be made (the GPU was behind,
-        so these waits starved no step); 0 with ``process: false`` or on the CPU."""
-        running = self._process.slot_wait_seconds if self._process is not None else 0.0
-        return self._slot_wait_closed + running
+    def stall_seconds(self) -> float:
+        """Seconds the training device went without work because of the loader. On CUDA, the
+        GPU's time between the work queued before asking for each batch and the batch's copy
+        done (CUDA events, nothing synchronised): its idle time while the batch was not ready,
+        and the copy. A wait while the GPU was still busy with earlier steps costs it nothing
+        but the copy. On the CPU the step is synchronous, so all of every wait. Waits the GPU
+        has not passed yet count once it has."""
+        self._resolve_waits()
+        return self._stalled
 
     def close(self) -> None:
         """Stop the loader process, or the graph's threads; iterating again restarts the stream
         where it stopped (after the last delivered batch)."""
         if self._process is not None:
-            self._slot_wait_closed += self._process.slot_wait_seconds
             self._process.close()
             self._process = None
         self.graph.stop()

@@ -30,7 +30,6 @@ import multiprocessing
 import pickle
 import signal
 import threading
-import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
@@ -219,9 +218,6 @@ class LoaderProcess:
         self._slots: dict[int, torch.Tensor] = {}  # slot -> its shared (and pinned) buffer
         self._copying: deque[tuple[int, torch.cuda.Event]] = deque()  # slots read by copies
         self._ring = plan.cfg.prefetch
-        # seconds this process waited for the GPU to finish reading a slot before the child
-        # could fill it: time the GPU was behind (busy with earlier steps), not a starved step
-        self.slot_wait_seconds = 0.0
 
     def __iter__(self) -> LoaderProcess:
         return self
@@ -264,9 +260,7 @@ class LoaderProcess:
                     self._conn.send(self._copying.popleft()[0])
                 if len(self._copying) == self._ring:  # the child has no free slot: wait for one
                     slot, copied = self._copying.popleft()
-                    waited = time.perf_counter()
                     copied.synchronize()
-                    self.slot_wait_seconds += time.perf_counter() - waited
                     self._conn.send(slot)
                 if self._conn.poll(1.0):
                     return self._conn.recv()

@@ -427,9 +427,15 @@ def test_resume_after_a_kill_logs_every_step_once(run, fields, tmp_path):
     assert at_2 == saved  # logged at step 2, then saved with no batch asked for in between
     (resume,) = [r for r in resumed if r["step"] == 3 and "start/first_step_seconds" in r]
     assert resume["loader_wait_seconds"] >= saved + resume["start/first_batch_seconds"] - 1e-9
-    # of the waits, those for the GPU to free a loader slot: none on the CPU, logged and saved
-    assert all(r["loader_slot_wait_seconds"] == 0 for r in resumed if "train/total" in r)
-    assert load_checkpoint(out / "ckpt-2.pt", "train")["loader_slot_wait_seconds"] == 0
+    # of the waits, the device's stalls (on the CPU the step is synchronous: nearly all of
+    # them), cumulative too, saved with the checkpoint and counted on by the resumed start
+    stalls = [(r["step"], r["loader_stall_seconds"], r["loader_wait_seconds"]) for r in resumed
+              if "train/total" in r]  # fmt: skip
+    assert all(0 < stall <= wait for _, stall, wait in stalls)
+    assert [s for _, s, _ in stalls] == sorted(s for _, s, _ in stalls)
+    saved = load_checkpoint(out / "ckpt-2.pt", "train")["loader_stall_seconds"]
+    assert [s for step, s, _ in stalls if step == 2] == [saved]
+    assert next(s for step, s, _ in stalls if step == 3) > saved  # its first batch's wait
     # the resumed steps are the same steps, bit for bit
     train_ref = [r["train/total"] for r in reference if "train/total" in r]
     assert [r["train/total"] for r in resumed if "train/total" in r] == train_ref

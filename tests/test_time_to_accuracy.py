@@ -366,5 +366,6 @@ def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> N
     )
     # the loader's waits, accounted apart from the rest of the training seconds
     assert 0 <= run["loader_wait_seconds"] < run["train_seconds"]
-    assert run["loader_slot_wait_seconds"] == 0  # on the CPU no copy holds a slot
+    # of them, the stalls (on the CPU, whose step is synchronous, the loader's part of each)
+    assert 0 < run["loader_stall_seconds"] <= run["loader_wait_seconds"]
     assert "Unfinished runs" not in (out / "bench_time_to_accuracy.md").read_text()

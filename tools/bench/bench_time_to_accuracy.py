@@ -562,9 +562,7 @@ class Study:
         curve = val_curve(metrics, extra)
         refreshes = [m for m in metrics if "refresh/seconds" in m]
         waits = [m["loader_wait_seconds"] for m in metrics if "loader_wait_seconds" in m]
-        slot_waits = [
-            m["loader_slot_wait_seconds"] for m in metrics if "loader_slot_wait_seconds" in m
-        ]
+        stalls = [m["loader_stall_seconds"] for m in metrics if "loader_stall_seconds" in m]
         # a resumed start's wait for its first batch is left out, as from its training seconds
         refill = sum(m.get("start/first_batch_seconds", 0.0) for m in starts[1:])
         stages = ("read", "error", "plan", "write")  # logged by train.py since the third pass
@@ -594,8 +592,9 @@ class Study:
             # waits for the next batch, part of train_seconds (None for runs made before
             # train.py logged them)
             "loader_wait_seconds": waits[-1] - refill if waits else None,
-            # of them, the loader process's waits for the GPU to free a slot: no starved step
-            "loader_slot_wait_seconds": slot_waits[-1] if slot_waits else None,
+            # of them, the device's time without work because of the loader (its idle time
+            # and the batches' copies on CUDA); a resumed start's first batch left out as above
+            "loader_stall_seconds": max(stalls[-1] - refill, 0.0) if stalls else None,
             "wall_seconds": wall,  # None when a sitting's wall-clock was lost
             "outside_seconds": None if wall is None else wall - trained,
             "validation_seconds": sum(timed) if timed else None,  # part of the outside seconds

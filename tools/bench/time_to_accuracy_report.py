@@ -193,9 +193,10 @@ def render(results: dict, out: Path) -> str:
         "train.py) count the training loop, loader waits included (the 'loader wait s' "
         "column: the training thread's waits for its next batch, '-' for runs made before "
         "train.py logged it; a data-parallel run's in its own seconds on its GPUs; and of "
-        "them, the 'of it GPU-bound s' column: the loader process's waits for the GPU to finish "
-        "reading a slot of its ring, where the GPU was behind and no step starved, '-' before "
-        "train.py logged them), and the error-based refreshes; validation, checkpoints, "
+        "them, the 'of it stalled s' column: the GPU's time without work because of the loader, "
+        "its idle time while a batch was not ready and the batches' copies, timed with CUDA "
+        "events: a wait while the GPU was still busy with earlier steps stalls nothing; '-' "
+        "before train.py logged it), and the error-based refreshes; validation, checkpoints, "
         "start-up and the test are outside them (the 'outside s' column: the processes' wall-clock minus training seconds, "
         "and of it the validations' own seconds, logged by train.py since the second pass; "
         "'-' where a sitting was killed before it logged a run's wall-clock). Every time "
@@ -458,7 +459,7 @@ def goal_cosine(group: Group) -> list[str] | None:
 
 def accuracy_table(group: Group) -> list[str]:
     head = ["configuration", "seeds", "train s", "warm-up s", "refresh s", "loader wait s",
-            "of it GPU-bound s", "outside s", "of it validation s", "starts", "samples/s",
+            "of it stalled s", "outside s", "of it validation s", "starts", "samples/s",
             "test one-step", "test h4", "test h16", "converged"]  # fmt: skip
     rows = []
     for name, runs in group.runs.items():
@@ -472,7 +473,7 @@ def accuracy_table(group: Group) -> list[str]:
             f"{statistics.mean(r['warmup_seconds'] for r in runs):.0f}",
             f"{statistics.mean(r['refresh_seconds'] for r in runs):.0f}",
             mean_of_known([r.get("loader_wait_seconds") for r in runs]),
-            mean_of_known([r.get("loader_slot_wait_seconds") for r in runs]),
+            mean_of_known([r.get("loader_stall_seconds") for r in runs]),
             mean_of_known([r["outside_seconds"] for r in runs]),
             mean_of_known([r.get("validation_seconds") for r in runs]),
             sum(r["starts"] for r in runs),

@@ -511,8 +511,8 @@ class Trainer:
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.step, self.train_seconds, self.refresh_seconds = 0, 0.0, 0.0
         # the training thread's waits for its next batch: the loader's share of train_seconds;
-        # of them, the loader process's waits for the GPU to free a slot (earlier starts' here)
-        self.loader_wait_seconds, self._slot_wait_before = 0.0, 0.0
+        # of them, the device's time without work because of the loader (earlier starts' here)
+        self.loader_wait_seconds, self._stall_before = 0.0, 0.0
         self._await_refreshes()
         if not cfg.resume and not cfg.overwrite and (self.out / "checkpoint.pt").exists():
             raise CheckpointError(
@@ -646,7 +646,7 @@ class Trainer:
             "generator": gens,
             "refresh_seconds": self.refresh_seconds,
             "loader_wait_seconds": self.loader_wait_seconds,
-            "loader_slot_wait_seconds": self._slot_wait_seconds(),
+            "loader_stall_seconds": self._stall_seconds(),
             # the chain of layers read: those from the start, then this run's refreshes
             "layers": {
                 "initial": self.initial_layers,
@@ -689,7 +689,7 @@ class Trainer:
         self.step, self.train_seconds = ckpt["step"], ckpt["train_seconds"]
         self.refresh_seconds = ckpt.get("refresh_seconds", 0.0)
         self.loader_wait_seconds = ckpt.get("loader_wait_seconds", 0.0)
-        self._slot_wait_before = ckpt.get("loader_slot_wait_seconds", 0.0)
+        self._stall_before = ckpt.get("loader_stall_seconds", 0.0)
         self._truncate_logs()
 
     def _resume_generator(self, saved: list[torch.Tensor], step: int) -> None:
@@ -835,8 +835,8 @@ class Trainer:
             self.loader.close()
         return self._test(writer)
 
-    def _slot_wait_seconds(self) -> float:
-        return self._slot_wait_before + self.loader.slot_wait_seconds
+    def _stall_seconds(self) -> float:
+        return self._stall_before + self.loader.stall_seconds
 
     def _train_step(self, batch: SparseBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step: the stage's losses, backward, clipped gradients, update."""
@@ -870,8 +870,8 @@ class Trainer:
             "epoch": batch.epoch,
             "train_seconds": self.train_seconds + time.perf_counter() - self._clock,
             "loader_wait_seconds": self.loader_wait_seconds,  # part of train_seconds
-            # of it, the loader process's waits for the GPU to free a slot (no starved step)
-            "loader_slot_wait_seconds": self._slot_wait_seconds(),
+            # of it, the device's time without work because of the loader (ShardLoader)
+            "loader_stall_seconds": self._stall_seconds(),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "samples_per_s": rate,
