@@ -1041,13 +1041,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def write_report(results: dict, out: Path) -> None:
+    """Render the results into ``out``/bench_time_to_accuracy.md and print the report."""
+    report = render(results, out)
+    (out / "bench_time_to_accuracy.md").write_text(report)
+    print(report)
+
+
 def main() -> None:
     args = parse_args()
     if args.report:
         path = Path(args.report)
-        report = render(json.loads(path.read_text()), path.parent)
-        (path.parent / "bench_time_to_accuracy.md").write_text(report)
-        print(report)
+        write_report(json.loads(path.read_text()), path.parent)
         return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1057,9 +1062,7 @@ def main() -> None:
         for source in map(Path, args.merge):
             merge_results(results, read_results(source), source)
         save(path, results)
-        report = render(results, out)
-        (out / "bench_time_to_accuracy.md").write_text(report)
-        print(report)
+        write_report(results, out)
         return
     check_settings(results, args, path)
     shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
@@ -1100,9 +1103,7 @@ def main() -> None:
         children.stop("interrupted")
         raise SystemExit(130) from None
     left = len(todo(args, results))
-    report = render(results, out)
-    (out / "bench_time_to_accuracy.md").write_text(report)
-    print(report)
+    write_report(results, out)
     print(f"{left} run(s) left" + (": rerun the same command to go on" if left else ""), flush=True)
 
 
