@@ -54,13 +54,13 @@ class ShardLoader:
         self.plan = LoaderPlan(
             shards.location, shards.split, cfg, batch_size, spec, rank, world_size
         )
-        pin = self.device is not None and self.device.type == "cuda" and not cfg.process
+        self.cuda = self.device is not None and self.device.type == "cuda"
+        pin = self.cuda and not cfg.process
         self.graph = BatchGraph(self.plan, shards, pin_memory=pin)  # used in threads, or sized
         self.batches_per_epoch = self.graph.batches_per_epoch
         self.epoch, self._batches = 0, 0  # position: batches delivered in ``epoch``
         self._stream: Iterator[SparseBatch] | None = None  # one pass over all epochs
         self._process: LoaderProcess | None = None
-        self.cuda = self.device is not None and self.device.type == "cuda"
         self._stalled = 0.0  # stall_seconds resolved so far
         # CUDA events around each wait, (asked, delivered), until the GPU has passed them
         self._waits: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
