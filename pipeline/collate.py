@@ -77,6 +77,13 @@ class SparseBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def pin_memory(self) -> SparseBatch:
+        return self._map(lambda t: t.pin_memory())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The batch's tensors (the fields it holds)."""
+        return [v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)]
+
 
 class Collate:
     """Streamed examples -> one SparseBatch, in two halves that run in different places.

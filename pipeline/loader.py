@@ -30,6 +30,7 @@ from pipeline.loader_config import LoaderConfig
 from pipeline.loader_process import LoaderProcess
 from pipeline.records import ShardError
 from pipeline.shards import ShardSet
+from pipeline.transfer import SideStreamCopy
 
 
 class ShardLoader:
@@ -102,7 +103,10 @@ class ShardLoader:
         batches = self.graph.batches(epoch, skip)
         if self.device is None:
             return batches
-        return (batch.to(self.device, non_blocking=True) for batch in batches)
+        if self.cuda:  # pinned batches, copied beside the steps still queued on the GPU
+            copy = SideStreamCopy(self.device)
+            return (copy.batch(batch) for batch in batches)
+        return (batch.to(self.device) for batch in batches)
 
     def add_layer(self, layer_id: str) -> None:
         """Read the epochs layer ``layer_id`` covers from it from now on (an adaptive refresh):

@@ -8,7 +8,8 @@ interpreter, and the training process does only this per batch: receive a slot n
 batch's layout, copy the slot to the GPU in one transfer, cut the fields out of it.
 
     child:  ShardStream -> Batcher -> Collate -> copy into a free slot -> send (slot, layout)
-    parent: receive -> one copy of the slot to the device -> field views -> SparseBatch
+    parent: receive -> one copy of the slot to the device, on a stream of its own
+            (pipeline/transfer.py) -> field views -> SparseBatch
             the slot goes back to the child once that copy has finished (a CUDA event)
 
 A slot is a shared-memory byte buffer. The child allocates it, and a larger one when a batch
@@ -44,6 +45,7 @@ import torch.multiprocessing  # registers the reductions that send shared tensor
 from pipeline.collate import SparseBatch
 from pipeline.graph import BatchGraph, LoaderPlan
 from pipeline.records import ShardError
+from pipeline.transfer import SideStreamCopy
 
 # (field name, dtype, shape, byte offset in the slot, bytes) per tensor field of a batch
 Layout = list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
@@ -215,6 +217,7 @@ class LoaderProcess:
         child_layers.close()
         self.device = device
         self.cuda = device is not None and device.type == "cuda"
+        self._copy = SideStreamCopy(device) if self.cuda else None
         self._slots: dict[int, torch.Tensor] = {}  # slot -> its shared (and pinned) buffer
         self._copying: deque[tuple[int, torch.cuda.Event]] = deque()  # slots read by copies
         self._ring = plan.cfg.prefetch
@@ -233,10 +236,8 @@ class LoaderProcess:
             self._adopt(slot, grown)
         _, _, _, offset, size = layout[-1]
         raw = self._slots[slot][: offset + size]
-        if self.cuda:
-            raw = raw.to(self.device, non_blocking=True)  # one transfer, from pinned memory
-            copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(self.device))
+        if self._copy is not None:
+            raw, copied = self._copy.tensor(raw)  # one transfer, from pinned memory
             self._copying.append((slot, copied))
         else:
             raw = raw.to(self.device or "cpu", copy=True)

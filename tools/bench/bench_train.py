@@ -12,7 +12,8 @@ at several ratios) and measures, with the library's own training step (``Models`
 3. streaming from zarr and from tars vs the same batches already on the GPU, at ratio 0.1;
 4. the three ways to get sparse queries on equal terms: dense, on-the-fly sampling inside the
    loss, precomputed sets from shards;
-5. eager vs torch.compile for the operator and codec steps, dense and at ratio 0.1.
+5. eager vs torch.compile for the operator and codec steps, dense and at ratio 0.1;
+6. host-to-GPU copies of pinned batches on the training stream against a stream of their own.
 
 Results go to OUT/bench_train.json after every section; ``--report`` turns that JSON into the
 markdown tables of docs/benchmarks.md.
@@ -44,6 +45,7 @@ from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
 from pipeline.sources.splits import DataConfig, NormStats
+from pipeline.transfer import SideStreamCopy
 from ups.models.codec import Codec, CodecConfig, load_encoder, save_codec
 from ups.models.decoder import AnyPointDecoder, DecoderConfig
 from ups.models.encoder import EncoderConfig
@@ -433,6 +435,59 @@ class Bench:
             torch._dynamo.reset()
         return out
 
+    # ---------------------------------------------------------------- 6. host-to-GPU copies
+
+    def copies(self) -> dict:
+        """The operator step fed from pinned host batches, each copied to the GPU on the
+        training stream (how the loader copied before pipeline/transfer.py) or on a stream of
+        its own (SideStreamCopy, how it copies now), against the same batches already on the
+        GPU. Nothing is synchronised between steps, as in training: a copy can only hide
+        behind steps the GPU still has queued. The feeds take turns in --stream-rounds rounds;
+        each reports its median round."""
+        models = self.models("operator")
+        side = SideStreamCopy(self.device) if self.cuda else None
+        out: dict = {}
+        for ratio in (1.0, 0.3, 0.1):
+            mode = "dense" if ratio == 1.0 else "sparse"
+            resident = self.resident(self.loader("operator", ratio, mode, process=False))
+            pinned = [b.to("cpu") for b in resident]
+            if side is not None:
+                pinned = [b.pin_memory() for b in pinned]
+            feeds = {
+                "resident": lambda i, resident=resident: resident[i],
+                "training stream": lambda i, pinned=pinned: pinned[i].to(
+                    self.device, non_blocking=True
+                ),
+            }
+            if side is not None:
+                feeds["side stream"] = lambda i, pinned=pinned: side.batch(pinned[i])
+            step = self.train_step(models, self.train_config("operator", mode))
+            rounds: dict[str, list[float]] = {name: [] for name in feeds}
+            for _ in range(self.args.stream_rounds):
+                for name, feed in feeds.items():
+                    rounds[name].append(self.unsynced_ms(step, feed, len(resident)))
+            megabytes = sum(t.numel() * t.element_size() for t in pinned[0].tensors()) / 2**20
+            out[str(ratio)] = {
+                "batch_mib": megabytes,
+                **{
+                    name: {"mean_ms": statistics.median(ms), "round_mean_ms": ms}
+                    for name, ms in rounds.items()
+                },
+            }
+            del resident, pinned
+        return out
+
+    def unsynced_ms(self, step, feed, count: int) -> float:
+        """Mean ms per step over --stream-steps steps, synchronised only at the start and end."""
+        for i in range(self.args.warmup):
+            step(feed(i % count))
+        self.sync()
+        start = time.perf_counter()
+        for i in range(self.args.stream_steps):
+            step(feed(i % count))
+        self.sync()
+        return (time.perf_counter() - start) * 1e3 / self.args.stream_steps
+
 
 # ---------------------------------------------------------------- report
 
@@ -621,8 +676,37 @@ def compiled_table(results: dict) -> list[str]:
     ]
 
 
+def copies_table(results: dict) -> list[str]:
+    """Render table 6: host-to-GPU copies on the training stream or a stream of their own."""
+    s = results["sections"]
+    if "copies" not in s or "1.0" not in s["copies"]:
+        return []
+    rows = []
+    for ratio, r in s["copies"].items():
+        if not isinstance(r, dict):  # the section's own entries (its seconds)
+            continue
+        base = r["resident"]["mean_ms"]
+        for name in ("resident", "training stream", "side stream"):
+            if name in r:
+                ms = r[name]["mean_ms"]
+                rounds = ", ".join(fmt(m, 2) for m in r[name]["round_mean_ms"])
+                rows.append([f"ratio {ratio}", fmt(r["batch_mib"], 2), name, fmt(ms, 2),
+                             f"{ms / base:.3f}x", rounds])  # fmt: skip
+    return [
+        "### 6. Host-to-GPU copies: on the training stream or a stream of their own",
+        "",
+        "- the operator step (eager) fed from pinned host batches, no synchronisation between "
+        "steps; mean = wall time of all steps / steps, median of the rounds",
+        "",
+        *markdown_table(
+            ["config", "batch MiB", "copy on", "mean ms", "vs resident", "round means ms"], rows
+        ),
+        "",
+    ]
+
+
 def report(results: dict) -> str:
-    """Render the whole markdown report: environment, then tables 0 to 5."""
+    """Render the whole markdown report: environment, then tables 0 to 6."""
     lines = ["## Training-step benchmark (GPU)", "", *results["environment"], ""]
     lines += setup_table(results)
     lines += decoder_step_table(results)
@@ -631,6 +715,7 @@ def report(results: dict) -> str:
     lines += streaming_table(results)
     lines += three_ways_table(results)
     lines += compiled_table(results)
+    lines += copies_table(results)
     return "\n".join(lines)
 
 
@@ -662,7 +747,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--sections",
-        default="decoder_step,operator_steps,codec_steps,streaming,three_ways,compiled",
+        default="decoder_step,operator_steps,codec_steps,streaming,three_ways,compiled,copies",
     )
     args = parser.parse_args()
     if args.report:
