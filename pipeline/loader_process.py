@@ -217,7 +217,7 @@ class LoaderProcess:
         child_layers.close()
         self.device = device
         self.cuda = device is not None and device.type == "cuda"
-        self._copy = SideStreamCopy(device) if self.cuda else None
+        self._copy = SideStreamCopy(device) if device is not None and self.cuda else None
         self._slots: dict[int, torch.Tensor] = {}  # slot -> its shared (and pinned) buffer
         self._copying: deque[tuple[int, torch.cuda.Event]] = deque()  # slots read by copies
         self._ring = plan.cfg.prefetch
