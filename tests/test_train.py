@@ -175,6 +175,48 @@ def test_compiled_step_trains_like_the_eager_one(flow, tmp_path):
     np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=2e-3)
 
 
+def log_run(flow, out: Path, *overrides: str) -> list[dict]:
+    train(
+        config(
+            "stage=operator",
+            f"shards={flow['latents']}",
+            f"codec_checkpoint={flow['codec']}",
+            f"out={out}",
+            "max_steps=10",
+            "batch_size=8",
+            "eval_every=4",
+            *overrides,
+        )
+    )
+    return read_jsonl(out / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_each_log_record_holds_its_own_steps_losses(flow, tmp_path, device):
+    """Log records are written a log line late (their values copied off the device behind the
+    step, not read at once): each still holds its own step's losses, in step order, the
+    validation's record after its step's. On a GPU through CUDA graphs, whose outputs the next
+    step overwrites."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    on = [f"device={device}"]
+    if device == "cuda":
+        on += ["compile=true", "compile_mode=reduce-overhead"]
+    every = log_run(flow, tmp_path / "every", "log_every=1", *on)
+    sparse = log_run(flow, tmp_path / "sparse", "log_every=3", *on)
+    steps = [r["step"] for r in sparse if "train/total" in r]
+    assert steps == [3, 6, 9, 10]
+    losses = {r["step"]: (r["train/total"], r["grad_norm"]) for r in every if "train/total" in r}
+    assert sorted(losses) == list(range(1, 11))
+    for r in sparse:
+        if "train/total" in r:  # eager on the CPU: the same numbers; on a GPU, its rounding
+            np.testing.assert_allclose((r["train/total"], r["grad_norm"]), losses[r["step"]],
+                                       rtol=0 if device == "cpu" else 1e-4)  # fmt: skip
+    order = [(r["step"], "val/model_h1" in r) for r in sparse if "test/model_h1" not in r]
+    assert order == sorted(order), "records in step order, a step's training record first"
+    assert [s for s, val in order if val] == [4, 8, 10]
+
+
 def test_operator_decoder_calls_see_at_most_k_points(flow, tmp_path):
     trainer = Trainer(
         config(

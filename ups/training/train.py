@@ -462,10 +462,40 @@ def compute_losses(
 # ---------------------------------------------------------------- the run
 
 
+class PendingLog:
+    """A training record whose losses are still on their way from the device.
+
+    Reading a CUDA tensor on the host waits for every step queued before it: at each log line
+    the GPU would run dry and wait for the host to queue the next step. So the values are
+    copied to pinned host memory behind the step, and the record is written at the next log
+    line (or the next synchronisation), when that copy has long finished."""
+
+    def __init__(
+        self, record: dict[str, Any], names: list[str], values: torch.Tensor, device: torch.device
+    ):
+        self._record, self._names = record, names
+        self._copied: torch.cuda.Event | None = None
+        if device.type == "cuda":
+            self._values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._values.copy_(values, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(device))
+        else:
+            self._values = values
+
+    def record(self) -> dict[str, Any]:
+        """The record with its values (waiting for their copy if it has not finished)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._record | dict(zip(self._names, self._values.tolist(), strict=True))
+
+
 class Trainer:
     _clock: float  # perf_counter() when train_seconds last resumed counting (set by train())
     _first_step_seconds: float | None = None  # this start's first step, until it is logged
     _first_batch_seconds: float | None = None  # the wait for this start's first batch, likewise
+    _pending_log: PendingLog | None = None  # the last training record, its values in transit
+    _bar: tqdm  # the progress bar of fit()
     # (limit, trajectories, info) of the validation split, read at the first validation
     _val_data: tuple[int | None, list[np.ndarray], DataInfo] | None = None
 
@@ -574,6 +604,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_seconds += time.perf_counter() - self._clock
+        self._write_pending_log(writer)
         start = time.perf_counter()
         cfg, w = self.cfg, self.cfg.loss
         stop = min(epoch + cfg.adaptive.refresh_every, self.shards.epochs)
@@ -754,13 +785,6 @@ class Trainer:
                 if key != "step" and isinstance(value, int | float):
                     writer.add_scalar(key, value, record["step"])
 
-    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(list(values.values()), device=self.device, dtype=torch.float64)
-        dist.all_reduce(t)
-        return dict(zip(values, (t / self.world).tolist(), strict=True))
-
     def validate(
         self,
         split: str = "val",
@@ -808,6 +832,7 @@ class Trainer:
             desc=f"train {self.cfg.stage}",
             disable=not self.cfg.progress or self.rank != 0,
         )
+        self._bar = bar
         self._seen, self._tick = 0, time.perf_counter()  # for samples/s between log lines
         self._clock = time.perf_counter()  # train_seconds counts the loop, not eval or checkpoints
         self.models.train()
@@ -863,27 +888,42 @@ class Trainer:
             self._log_batch(batch)
         if self.step % self.cfg.log_every != 0 and self.step != self.total_steps:
             return
-        values = self._reduce({k: float(v.detach()) for k, v in terms.items()})
+        self._write_pending_log(writer)  # the last log line's: its copy ended long ago
         rate = self._seen / (time.perf_counter() - self._tick)
         record = {
             "step": self.step,
             "epoch": batch.epoch,
+            # the host's clock: the GPU may still be working on the steps queued before this
             "train_seconds": self.train_seconds + time.perf_counter() - self._clock,
             "loader_wait_seconds": self.loader_wait_seconds,  # part of train_seconds
             # of it, the device's time without work because of the loader (ShardLoader)
             "loader_stall_seconds": self._stall_seconds(),
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
             "samples_per_s": rate,
         }
-        record |= {f"train/{k}": v for k, v in values.items()}
         if self._first_step_seconds is not None:  # this start's first step, its warm-up
             record["start/first_step_seconds"] = self._first_step_seconds
             record["start/first_batch_seconds"] = self._first_batch_seconds
             self._first_step_seconds = self._first_batch_seconds = None
-        self._log(record, writer)
-        bar.set_postfix(loss=f"{values['total']:.4g}", samples_s=f"{rate:.0f}")
+        names = [f"train/{k}" for k in terms] + ["grad_norm"]
+        values = torch.stack([v.detach().float() for v in [*terms.values(), grad_norm]])
+        values = values.double()  # (len(names),): copied out of a CUDA graph's outputs
+        if self.world > 1:
+            dist.all_reduce(values)  # queued like the step: the losses averaged over ranks
+            values /= self.world
+        self._pending_log = PendingLog(record, names, values, self.device)
         self._seen, self._tick = 0, time.perf_counter()
+
+    def _write_pending_log(self, writer) -> None:
+        """Write the training record whose values are on their way to the host, if any."""
+        pending, self._pending_log = self._pending_log, None
+        if pending is None:
+            return
+        record = pending.record()
+        self._log(record, writer)
+        self._bar.set_postfix(
+            loss=f"{record['train/total']:.4g}", samples_s=f"{record['samples_per_s']:.0f}"
+        )
 
     def _checkpoint_and_validate(self, writer) -> None:
         """Save and validate when due; the time they take is not training time."""
@@ -899,6 +939,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_seconds += time.perf_counter() - self._clock
+        self._write_pending_log(writer)  # before the validation's record: records stay in order
         if due_ckpt:
             self.save(self.out / "checkpoint.pt")
         if due_eval:
