@@ -385,7 +385,9 @@ def test_full_disk_while_logging_names_the_log(run, fields, tmp_path, capsys, mo
 
 def kinds(records: list[dict]) -> list[tuple[int, str]]:
     """(step, train|val|test) of each metrics record."""
-    return [(r["step"], next(k for k in r if "/" in k).split("/")[0]) for r in records]
+    prefixes = [[k.split("/")[0] for k in r if k.split("/")[0] in ("train", "val", "test")]
+                for r in records]  # fmt: skip
+    return [(r["step"], p[0]) for r, p in zip(records, prefixes, strict=True)]
 
 
 @pytest.mark.slow
