@@ -424,6 +424,13 @@ def test_ddp_two_ranks_stream_disjoint_equal_shares(
     assert (tmp_path / "run" / "codec.pt").exists() and not (
         tmp_path / "run" / "batches-rank2.jsonl"
     ).exists()
+    # rank 0 logs the losses averaged over the ranks (on the device, then copied off it behind
+    # the step), every log_every (10) steps and the last, in step order
+    steps = sum(1 for rec in logs[0])  # the global batches trained
+    train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/total" in r]
+    expected = [s for s in range(1, steps + 1) if s % 10 == 0 or s == steps]
+    assert [r["step"] for r in train] == expected
+    assert all(0 < r["train/total"] < 10 and r["grad_norm"] > 0 for r in train)
 
 
 # One leg of an elastic run: the run ends after STOP steps, as a preempted job would (its LR
