@@ -266,8 +266,45 @@ def test_studies_on_other_gpus_or_hosts_merge_into_one_results_file(study, tmp_p
         {"runs": [{**run, "train_seconds": 1.0}]},
         r"ns2d uniform 0.1 seed 0 \(24000 steps\) finished in both",
     )
+    # runs on another device: their wall-clocks do not compare, unless asked for
+    h200 = {**run, "seed": 7, "gpus": ["NVIDIA H200"]}
+    refused(
+        {"runs": [h200]},
+        r"holds ns2d runs on NVIDIA H100 80GB HBM3, other.json has runs on NVIDIA H200: their "
+        r"wall-clocks do not compare",
+    )
+    mixed = json.loads(json.dumps(committed))
+    study.merge_results(mixed, {"runs": [h200]}, Path("other.json"), mixed_devices=True)
+    assert len(mixed["runs"]) == len(committed["runs"]) + 1
     with pytest.raises(SystemExit, match=r"missing\.json: not a readable results file"):
         study.read_results(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_a_study_refuses_to_add_runs_on_another_device(tmp_path) -> None:
+    """A results file of runs on one GPU model and a study started on another machine (here
+    the CPU): refused before any work, the file untouched; --mixed-devices lets it go on."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = {"pde": "ns2d", "config": "dense", "seed": 0, "steps": 24000}
+    results = json.dumps({"runs": [{**run, "gpus": ["NVIDIA H100 80GB HBM3"]}]})
+    (out / "bench_time_to_accuracy.json").write_text(results)
+    command = [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--out-dir", str(out),
+               "--work", str(tmp_path / "work"), "--smoke", "--setup-only"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    here = "NVIDIA" if torch.cuda.is_available() else "cpu"
+    assert f"holds ns2d runs on NVIDIA H100 80GB HBM3, this machine has {here}" in done.stderr, (
+        done.stderr[-2000:]
+    )
+    assert (out / "bench_time_to_accuracy.json").read_text() == results
+    assert not (tmp_path / "work").exists()
+    done = subprocess.run(
+        [*command, "--configs", "dense", "--mixed-devices"], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "codec: " in done.stdout and (tmp_path / "work").is_dir()
 
 
 @pytest.mark.slow

@@ -37,7 +37,9 @@ Studies on several hosts, or side by side on one (each on its own GPUs through
 CUDA_VISIBLE_DEVICES, with its own ``--out-dir`` and the same ``--codec``; the second started
 once the first's setup is done, where they share ``--work``), leave one results file each;
 ``--merge`` adds their runs to ``--out-dir``'s, refusing runs of other settings, of another
-codec or data file, and a run finished in both with other numbers.
+codec or data file, and a run finished in both with other numbers. A study, or a merge, that
+would add runs on another GPU model than the results file's is refused: wall-clocks are what the
+study compares (``--mixed-devices`` adds them anyway, and the report warns).
 
 This file runs the study; what it compares is in time_to_accuracy_configs.py, and the analysis and
 report of its results in time_to_accuracy_report.py.
@@ -818,12 +820,14 @@ def check_settings(results: dict, args: argparse.Namespace, path: Path) -> None:
     results.setdefault("settings", {})[args.pde] = now
 
 
-def merge_results(into: dict, other: dict, source: Path) -> None:
+def merge_results(into: dict, other: dict, source: Path, mixed_devices: bool = False) -> None:
     """Add the runs of another results file to ``into``: a study on another host, or one
     beside this one on other GPUs of the same host (CUDA_VISIBLE_DEVICES). A run finished in
     either file counts, once; an unfinished curve gives way to the run finished, or to a curve
     of it that got further. Refused (check_mergeable) before anything changes."""
     check_mergeable(into, other, source)
+    for pde in {r["pde"] for r in records(other)}:
+        check_devices(into, pde, devices(other, pde), f"{source} has runs on", mixed_devices)
     index = {run_key(r): i for i, r in enumerate(into["runs"])}
     for record in other["runs"]:
         i = index.get(run_key(record))
@@ -856,6 +860,25 @@ def merge_results(into: dict, other: dict, source: Path) -> None:
     for name in ("environment", "args"):
         if name in other:
             into.setdefault(name, other[name])
+
+
+def devices(results: dict, pde: str) -> set[str]:
+    """The devices the results file's runs of ``pde`` trained on."""
+    return {gpu for r in records(results) if r["pde"] == pde for gpu in r.get("gpus", [])}
+
+
+def check_devices(results: dict, pde: str, new: set[str], source: str, mixed: bool) -> None:
+    """Refuse runs on other devices than the results file's runs of ``pde`` (unless ``mixed``):
+    the study compares wall-clocks, and those of other devices do not compare. ``source``
+    says where the new runs come from ('this machine has')."""
+    held = devices(results, pde)
+    if held and not new <= held and not mixed:
+        raise SystemExit(
+            f"the results file holds {pde} runs on {', '.join(sorted(held))}, {source} "
+            f"{', '.join(sorted(new))}: their wall-clocks do not compare. Use another "
+            "--out-dir (a results file per device), or --mixed-devices to add them anyway (the "
+            "report then warns)"
+        )
 
 
 def check_mergeable(into: dict, other: dict, source: Path) -> None:
@@ -945,6 +968,12 @@ def parse_args() -> argparse.Namespace:
         metavar="RESULTS_JSON",
         help="only add the runs of these results files (a study on another host, or beside "
         "this one on other GPUs) to --out-dir's, and render it",
+    )
+    parser.add_argument(
+        "--mixed-devices",
+        action="store_true",
+        help="add runs on other GPUs than the results file's (refused by default: their "
+        "wall-clocks do not compare; the report then warns)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on a CPU")
     parser.add_argument("--pde", default="ns2d", choices=list(PDES))
@@ -1060,16 +1089,18 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
     if args.merge:
         for source in map(Path, args.merge):
-            merge_results(results, read_results(source), source)
+            merge_results(results, read_results(source), source, args.mixed_devices)
         save(path, results)
         write_report(results, out)
         return
     check_settings(results, args, path)
+    slots = args.gpus or gpu_slots()
+    here = {gpu_name(slot) for slot in range(slots)} if torch.cuda.is_available() else {"cpu"}
+    check_devices(results, args.pde, here, "this machine has", args.mixed_devices)
     shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
     results.update(environment=environment_lines(), args=shown)
     results.setdefault("sittings", []).append(results["environment"])
     signal.signal(signal.SIGTERM, interrupt)
-    slots = args.gpus or gpu_slots()
     if torch.cuda.is_available() and args.dense_gpus > slots:
         raise SystemExit(f"--dense-gpus {args.dense_gpus}: this study has {slots} GPU slot(s)")
     children = Children()
