@@ -247,8 +247,11 @@ def test_studies_on_other_gpus_or_hosts_merge_into_one_results_file(study, tmp_p
         assert {key(r): r for r in merged["runs"]} == {key(r): r for r in committed["runs"]}
         assert merged["sittings"] == committed["sittings"]
     report = (out / "bench_time_to_accuracy.md").read_text()
-    assert "| gradient 0.1 | 289.7 | 5.62x |" in report  # README: 290 s, 5.6x sooner
-    assert "against dense's 1762 s (0.16x)" in report
+    assert "| uniform 0.3 | 475.5 | 3.71x |" in report  # README: 476 s, 3.7x sooner
+    assert "| gradient 0.1 | not reached | - |" in report  # ends at 0.0055, above 0.0054
+    assert "| gradient 0.1 | not reached | - | 1/3 (271.1 ± 0.0 s) | 246.7 | 5.70x |" in report
+    assert "against dense's 1762 s (0.27x)" in report
+    assert "runs on different devices" not in report  # dense seed 1: 2 H200s at the H100 pace
 
     def refused(other: dict, match: str) -> None:
         with pytest.raises(SystemExit, match=match):
@@ -276,18 +279,103 @@ def test_studies_on_other_gpus_or_hosts_merge_into_one_results_file(study, tmp_p
     mixed = json.loads(json.dumps(committed))
     study.merge_results(mixed, {"runs": [h200]}, Path("other.json"), mixed_devices=True)
     assert len(mixed["runs"]) == len(committed["runs"]) + 1
+    # a data-parallel dense run is timed at the one-GPU pace's card, whatever it trained on
+    dense = next(r for r in committed["runs"] if r["config"] == "dense")
+    wide = {
+        **dense,
+        "seed": 7,
+        "gpus": ["NVIDIA H200"],
+        "one_gpu_pace_gpu": "NVIDIA H100 80GB HBM3",
+    }
+    merged = json.loads(json.dumps(committed))
+    study.merge_results(merged, {"runs": [wide]}, Path("other.json"))
+    assert study.devices(merged, "ns2d") == {"NVIDIA H100 80GB HBM3"}
+    refused(
+        {"runs": [{**wide, "one_gpu_pace_gpu": "NVIDIA H200"}]},
+        "other.json has runs on NVIDIA H200",
+    )
     with pytest.raises(SystemExit, match=r"missing\.json: not a readable results file"):
         study.read_results(tmp_path / "missing.json")
+
+
+def test_a_data_parallel_run_is_reported_per_host_and_timed_on_the_pace_card(report) -> None:
+    """The report's data-parallel lines: one per host, the scaling against one GPU only where
+    the host's cards are the pace's; no device warning for a run on other cards that is timed
+    at the pace (its seconds are its steps at it); the warning for a one-GPU run on them."""
+
+    def run(gpus: list[str], width: int, measured: float, **extra) -> dict:
+        return {
+            "pde": "ns2d", "config": "dense", "seed": 0, "steps": 1000, "gpus": gpus,
+            "gpus_per_run": width, "one_gpu_seconds_per_step": 0.07, "starts": 1,
+            "measured_train_seconds": measured + 5, "measured_warmup_seconds": 5.0,
+            "codec_sha256": "c", "data_sha256": "d",
+            "curve": curve((500, 35.0, 0.02), (1000, 70.0, 0.01)), **extra,
+        }  # fmt: skip
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    old = run([h100], 4, 25.0)  # made before runs kept their pace's card: the file's pace
+    new = run([h200], 2, 40.0, one_gpu_pace_gpu=h100)
+    assert report.timed_on(old, h100) == [h100] and report.timed_on(new, None) == [h100]
+    assert report.timed_on(run([h200], 1, 70.0), h100) == [h200]
+    lines = report.warnings(report.Group("ns2d", 1000, {"dense": [old, new]}), h100)
+    assert not any("different devices" in line for line in lines)
+    assert (
+        f"  - 1 run(s) on 4 x {h100}, timed at 70.0 ms a step (measured on {h100}): 25 s of "
+        "their own after their warm-up, 2.80x the pace of one GPU (70% of linear scaling)."
+    ) in lines
+    assert (
+        f"  - 1 run(s) on 2 x {h200}, timed at 70.0 ms a step (measured on {h100}): 40 s of "
+        "their own after their warm-up (other cards than the pace's: no scaling figure)."
+    ) in lines
+    one_gpu = {**run([h200], 1, 70.0), "seed": 1}
+    lines = report.warnings(report.Group("ns2d", 1000, {"dense": [old, one_gpu]}), h100)
+    assert (
+        f"- **Warning**: runs on different devices ({h100}, {h200}); their wall-clocks do not compare."
+        in lines
+    )
+
+
+def test_a_sitting_keeps_the_sets_and_lengths_earlier_sittings_set_up(study, tmp_path) -> None:
+    """A sitting sets up only its own runs' shard sets and lengths; the results file keeps
+    those of earlier sittings beside them, and how a codec given back was trained."""
+    trained = {"sha256": "c" * 64, "steps": 8000, "train_seconds": 221.0}
+    results = {"setup": {"ns2d": {
+        "codec": trained, "sets": {"uniform 0.3": {"k_per_epoch": [4928]}},
+        "epochs_by_steps": {"24000": 199},
+    }}}  # fmt: skip
+    info = {
+        "title": "NS 2D", "codec": {"sha256": "c" * 64, "path": "codec.pt"},
+        "sets": {"uniform 0.1": {"k_per_epoch": [1664]}}, "epochs_by_steps": {"12000": 100},
+    }  # fmt: skip
+    shared = study.Setup(
+        data=tmp_path, data_sha256="d" * 64, codec=tmp_path, codec_sha256="c" * 64,
+        epochs={}, sets={}, info=info,
+    )  # fmt: skip
+    args = argparse.Namespace(pde="ns2d", codec="codec.pt")
+    study.remember_setup(results, args, shared)
+    kept = results["setup"]["ns2d"]
+    assert kept["sets"] == {
+        "uniform 0.3": {"k_per_epoch": [4928]},
+        "uniform 0.1": {"k_per_epoch": [1664]},
+    }
+    assert kept["epochs_by_steps"] == {"24000": 199, "12000": 100}
+    assert kept["codec"] == {**trained, "given": True} and kept["title"] == "NS 2D"
+    assert info["sets"] == {"uniform 0.1": {"k_per_epoch": [1664]}}  # the sitting's own, as made
 
 
 @pytest.mark.slow
 def test_a_study_refuses_to_add_runs_on_another_device(tmp_path) -> None:
     """A results file of runs on one GPU model and a study started on another machine (here
-    the CPU): refused before any work, the file untouched; --mixed-devices lets it go on."""
+    the CPU): refused before any work, the file untouched; a sitting of data-parallel dense
+    runs only goes on (they are timed at the file's one-GPU dense pace), and so does any
+    sitting given --mixed-devices."""
     out = tmp_path / "out"
     out.mkdir()
     run = {"pde": "ns2d", "config": "dense", "seed": 0, "steps": 24000}
-    results = json.dumps({"runs": [{**run, "gpus": ["NVIDIA H100 80GB HBM3"]}]})
+    pace = {"seconds_per_step": 0.0734, "steps": [100, 300], "gpu": "NVIDIA H100 80GB HBM3"}
+    results = json.dumps(
+        {"runs": [{**run, "gpus": ["NVIDIA H100 80GB HBM3"]}], "dense_pace": {"ns2d": pace}}
+    )
     (out / "bench_time_to_accuracy.json").write_text(results)
     command = [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--out-dir", str(out),
                "--work", str(tmp_path / "work"), "--smoke", "--setup-only"]  # fmt: skip
@@ -299,12 +387,10 @@ def test_a_study_refuses_to_add_runs_on_another_device(tmp_path) -> None:
     )
     assert (out / "bench_time_to_accuracy.json").read_text() == results
     assert not (tmp_path / "work").exists()
-    done = subprocess.run(
-        [*command, "--configs", "dense", "--mixed-devices"], capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "codec: " in done.stdout and (tmp_path / "work").is_dir()
+    for extra in (["--configs", "dense", "--dense-gpus", "2"], ["--mixed-devices"]):
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "codec: " in done.stdout and (tmp_path / "work").is_dir()
 
 
 @pytest.mark.slow
@@ -326,6 +412,7 @@ def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
     (dense,) = results["runs"]
     assert "error" not in dense, dense["error"]
     assert dense["gpus_per_run"] == 2 and dense["one_gpu_seconds_per_step"] == pace
+    assert dense["one_gpu_pace_gpu"] == results["dense_pace"]["ns2d"]["gpu"] == "cpu"
     assert dense["train_seconds"] == pytest.approx(20 * pace)
     assert [p["train_seconds"] for p in dense["curve"]] == pytest.approx(
         [p["step"] * pace for p in dense["curve"]]
@@ -335,7 +422,8 @@ def test_dense_runs_train_data_parallel_at_the_one_gpu_pace(tmp_path) -> None:
     saved = torch.load(checkpoint, weights_only=True)
     assert len(saved["generator"]) == 2  # one sampling stream per rank: two ranks trained it
     report = (out / "bench_time_to_accuracy.md").read_text()
-    assert "1 dense run(s) trained data-parallel on 2 GPUs" in report
+    assert "1 dense run(s) trained data-parallel" in report
+    assert "  - 1 run(s) on 2 x cpu, timed at " in report
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ from time_to_accuracy_configs import (
     SMOKE_MODEL,
     dense_tail_epochs,
 )
-from time_to_accuracy_report import render, warmup
+from time_to_accuracy_report import render, timed_on, warmup
 
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.schedules import ScheduleConfig
@@ -256,6 +256,21 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
     return Setup(data, file_sha256(data), codec, codec_sha, epochs, sets, info)
 
 
+def remember_setup(results: dict, args: argparse.Namespace, shared: Setup) -> None:
+    """This sitting's setup in the results file, added to what earlier sittings kept there: a
+    sitting sets up only the shard sets and lengths its own runs need, and the report describes
+    every set and length the file's runs used."""
+    saved = results.setdefault("setup", {}).get(args.pde, {})
+    info = dict(shared.info)
+    earlier = saved.get("codec", {})
+    if args.codec and earlier.get("sha256") == shared.codec_sha256:
+        # the codec an earlier sitting trained, kept and given back: keep how it was trained
+        info["codec"] = {**earlier, "given": True}
+    for name in ("sets", "epochs_by_steps"):
+        info[name] = {**saved.get(name, {}), **info[name]}
+    results["setup"][args.pde] = info
+
+
 def multiple(args: argparse.Namespace) -> int:
     """schedule.multiple: the PDE's, or small on the tiny smoke grids so the ratios stay near."""
     return 8 if args.smoke else PDES[args.pde].multiple
@@ -390,9 +405,7 @@ class Study:
         return self.runs_root / f"{slug(job.config)}_seed{job.seed}_steps{job.steps}"
 
     def wide(self, job: Job) -> bool:
-        """Whether the run trains data-parallel over --dense-gpus GPUs: the dense runs, whose
-        step is the expensive one (a 24,000-step dense run outlasts one machine's sitting)."""
-        return job.config == "dense" and self.args.dense_gpus > 1
+        return wide(self.args, job)
 
     def command(self, job: Job, options: list[str], slot: int) -> tuple[list[str], dict[str, str]]:
         """train.py and its environment: on GPU ``slot``, or under torchrun on --dense-gpus."""
@@ -489,7 +502,8 @@ class Study:
         train on the same global batches as one process (train.py), so its steps are the
         one-GPU run's, and each step is given the one-GPU dense pace the probe measured. Its
         own seconds on several GPUs stay beside them."""
-        pace = self.results["dense_pace"][self.args.pde]["seconds_per_step"]
+        measured = self.results["dense_pace"][self.args.pde]
+        pace = measured["seconds_per_step"]
         return {
             **record,
             "curve": at_pace(record["curve"], pace),
@@ -498,13 +512,20 @@ class Study:
             "measured_train_seconds": record["train_seconds"],
             "measured_warmup_seconds": warmup(record),  # mostly compilation, on every rank
             "one_gpu_seconds_per_step": pace,
+            "one_gpu_pace_gpu": measured["gpu"],
         }
 
     def measure_dense_pace(self) -> bool:
         """The one-GPU dense pace (seconds per step) that data-parallel dense runs are timed
         at, measured once per PDE and results file by a short dense run on GPU 0 of this host:
         the steps after its first third (compilation). False when it was stopped."""
-        if self.args.pde in self.results.get("dense_pace", {}):
+        stored = self.results.get("dense_pace", {}).get(self.args.pde)
+        if stored is not None:
+            print(
+                f"timing the data-parallel dense runs at the results file's one-GPU dense pace, "
+                f"{stored['seconds_per_step'] * 1000:.1f} ms a step, measured on {stored['gpu']}",
+                flush=True,
+            )
             return True
         run_dir = self.runs_root / "dense_pace"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -716,6 +737,12 @@ def todo(args: argparse.Namespace, results: dict) -> list[Job]:
     return [job for job in jobs if job_key(args, job) not in finished]
 
 
+def wide(args: argparse.Namespace, job: Job) -> bool:
+    """Whether the run trains data-parallel over --dense-gpus GPUs: the dense runs, whose
+    step is the expensive one (a 24,000-step dense run outlasts one machine's sitting)."""
+    return job.config == "dense" and args.dense_gpus > 1
+
+
 def gpu_name(slot: int) -> str:
     return torch.cuda.get_device_name(slot) if torch.cuda.is_available() else "cpu"
 
@@ -863,14 +890,29 @@ def merge_results(into: dict, other: dict, source: Path, mixed_devices: bool = F
 
 
 def devices(results: dict, pde: str) -> set[str]:
-    """The devices the results file's runs of ``pde`` trained on."""
-    return {gpu for r in records(results) if r["pde"] == pde for gpu in r.get("gpus", [])}
+    """The devices whose pace the results file's runs of ``pde`` are timed at: the GPUs they
+    trained on, and for data-parallel dense runs the card of the one-GPU pace (timed_on)."""
+    pace = results.get("dense_pace", {}).get(pde, {}).get("gpu")
+    return {gpu for r in records(results) if r["pde"] == pde for gpu in timed_on(r, pace)}
+
+
+def sitting_devices(args: argparse.Namespace, results: dict, slots: int) -> set[str]:
+    """The devices whose pace this sitting's runs will be timed at: this machine's GPUs, or,
+    when it trains only data-parallel dense runs and the results file holds a one-GPU dense
+    pace, that pace's card (the runs' seconds are their steps at it)."""
+    pace = results.get("dense_pace", {}).get(args.pde)
+    jobs = todo(args, results)
+    if pace is not None and jobs and all(wide(args, job) for job in jobs):
+        return {pace["gpu"]}
+    return {gpu_name(slot) for slot in range(slots)} if torch.cuda.is_available() else {"cpu"}
 
 
 def check_devices(results: dict, pde: str, new: set[str], source: str, mixed: bool) -> None:
     """Refuse runs on other devices than the results file's runs of ``pde`` (unless ``mixed``):
-    the study compares wall-clocks, and those of other devices do not compare. ``source``
-    says where the new runs come from ('this machine has')."""
+    the study compares wall-clocks, and those of other devices do not compare. Devices are
+    those a run is timed on (devices(): a data-parallel dense run is timed at the one-GPU
+    pace's card, so it may train on any). ``source`` says where the new runs come from
+    ('this machine has')."""
     held = devices(results, pde)
     if held and not new <= held and not mixed:
         raise SystemExit(
@@ -973,7 +1015,8 @@ def parse_args() -> argparse.Namespace:
         "--mixed-devices",
         action="store_true",
         help="add runs on other GPUs than the results file's (refused by default: their "
-        "wall-clocks do not compare; the report then warns)",
+        "wall-clocks do not compare; the report then warns). Not needed for a sitting of "
+        "data-parallel dense runs only, timed at the file's one-GPU dense pace",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on a CPU")
     parser.add_argument("--pde", default="ns2d", choices=list(PDES))
@@ -1095,7 +1138,7 @@ def main() -> None:
         return
     check_settings(results, args, path)
     slots = args.gpus or gpu_slots()
-    here = {gpu_name(slot) for slot in range(slots)} if torch.cuda.is_available() else {"cpu"}
+    here = sitting_devices(args, results, slots)
     check_devices(results, args.pde, here, "this machine has", args.mixed_devices)
     shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
     results.update(environment=environment_lines(), args=shown)
@@ -1119,13 +1162,7 @@ def main() -> None:
                 print(f"shard set {name} ({epochs} epochs): {where}", flush=True)
             return
         check_inputs(results, args, shared, path)
-        saved = results.setdefault("setup", {}).get(args.pde, {})
-        earlier = saved.get("codec", {})
-        if args.codec and earlier.get("sha256") == shared.codec_sha256:
-            # the codec an earlier sitting trained, kept and given back: keep how it was trained
-            shared.info["codec"] = {**earlier, "given": True}
-        lengths = {**saved.get("epochs_by_steps", {}), **shared.info["epochs_by_steps"]}
-        results["setup"][args.pde] = {**shared.info, "epochs_by_steps": lengths}  # every length's
+        remember_setup(results, args, shared)
         save(path, results)
         Study(args, shared, results, out, children, slots, deadline).run()
     except Stopped as stopped:

@@ -260,7 +260,7 @@ def render_group(group: Group, results: dict, out: Path) -> list[str]:
     title = setup.get("title", group.pde)
     lines = [f"## {title}, {group.steps} steps", ""]
     lines += setup_lines(setup, results.get("settings", {}).get(group.pde, {}), group.steps)
-    lines += warnings(group)
+    lines += warnings(group, results.get("dense_pace", {}).get(group.pde, {}).get("gpu"))
     if group.dense:
         lines += goals(group)
     lines += accuracy_table(group)
@@ -312,10 +312,22 @@ def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
     ]
 
 
-def warnings(group: Group) -> list[str]:
+def timed_on(record: dict, pace_gpu: str | None) -> list[str]:
+    """The GPUs whose pace a run's seconds are in. A data-parallel dense run's seconds are its
+    steps at a one-GPU dense pace, measured on one card (``one_gpu_pace_gpu``; for runs made
+    before it was kept, ``pace_gpu``: the results file's pace, the one they were timed at),
+    whatever cards it trained on; any other run's seconds are its own GPUs'."""
+    if record.get("gpus_per_run", 1) > 1:
+        return [record.get("one_gpu_pace_gpu") or pace_gpu or "unknown"]
+    return record.get("gpus", [])
+
+
+def warnings(group: Group, pace_gpu: str | None) -> list[str]:
+    """Warnings about what the group's numbers mix; ``pace_gpu``: the GPU the results file's
+    one-GPU dense pace was measured on."""
     out = []
     every = [r for rs in group.runs.values() for r in rs]
-    gpus = sorted({gpu for r in every for gpu in r["gpus"]})
+    gpus = sorted({gpu for r in every for gpu in timed_on(r, pace_gpu)})
     if len(gpus) > 1:
         out.append(
             f"- **Warning**: runs on different devices ({', '.join(gpus)}); their wall-clocks do not compare."
@@ -338,20 +350,29 @@ def warnings(group: Group) -> list[str]:
         )
     wide = [r for r in group.dense if r.get("gpus_per_run", 1) > 1]
     if wide:
-        pace = statistics.mean(r["one_gpu_seconds_per_step"] for r in wide)
-        measured = statistics.mean(
-            r["measured_train_seconds"] - r["measured_warmup_seconds"] for r in wide
-        )
-        ideal = statistics.mean(r["steps"] * r["one_gpu_seconds_per_step"] for r in wide)
-        gpus = wide[0]["gpus_per_run"]
         out.append(
-            f"- {len(wide)} dense run(s) trained data-parallel on {gpus} GPUs (torchrun, the same "
-            "global batches as one GPU, so the same steps). Their seconds here are their steps at "
-            f"the one-GPU dense pace, {pace * 1000:.1f} ms a step, measured by a short dense run "
-            f"on one GPU of the host first. On {gpus} GPUs they trained {measured:.0f} s after "
-            "their warm-up, "
-            f"{ideal / measured:.2f}x the pace of one GPU ({ideal / measured / gpus:.0%} of "
-            "linear scaling)."
+            f"- {len(wide)} dense run(s) trained data-parallel (torchrun, the same global "
+            "batches as one GPU, so the same steps). Their seconds here are their steps at the "
+            "one-GPU dense pace, measured by a short dense run on one GPU first:"
+        )
+    hosts: dict[tuple, list[dict]] = {}  # each pace, and each kind of host the runs took
+    for r in wide:
+        pace = (r["one_gpu_seconds_per_step"], timed_on(r, pace_gpu)[0])
+        hosts.setdefault((*pace, r["gpus_per_run"], r["gpus"][0]), []).append(r)
+    for (pace, pace_on, gpus, host), runs in hosts.items():
+        measured = statistics.mean(
+            r["measured_train_seconds"] - r["measured_warmup_seconds"] for r in runs
+        )
+        speed = group.steps * pace / measured  # against one GPU of the pace's card
+        scaling = (
+            f", {speed:.2f}x the pace of one GPU ({speed / gpus:.0%} of linear scaling)"
+            if host == pace_on
+            else " (other cards than the pace's: no scaling figure)"
+        )
+        out.append(
+            f"  - {len(runs)} run(s) on {gpus} x {host}, timed at {pace * 1000:.1f} ms a step "
+            f"(measured on {pace_on}): {measured:.0f} s of their own after their warm-up"
+            f"{scaling}."
         )
     if not group.dense:
         out.append("- No dense runs yet: no time-to-accuracy numbers.")
