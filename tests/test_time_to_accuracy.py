@@ -97,6 +97,7 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
     assert "| gradient 0.1 | 61.2 | 7.15x |" in ns2d
     assert "| dense | 437.3 | 1.00x |" in ns2d
     assert "against dense's 437 s (0.14x)" in ns2d and "| met |" in ns2d
+    assert "gradient 0.1: 61 s (mean curve over 3 seeds) to the dense final val" in ns2d
     # Burgers 1D: no speed-up; the best reaches it in 0.94x of dense's time
     assert "| stratified 0.3 | 57.7 | 1.07x |" in burgers
     assert "against dense's 62 s (0.94x)" in burgers
@@ -250,6 +251,7 @@ def test_studies_on_other_gpus_or_hosts_merge_into_one_results_file(study, tmp_p
     assert "| uniform 0.3 | 475.5 | 3.71x |" in report  # README: 476 s, 3.7x sooner
     assert "| gradient 0.1 | not reached | - |" in report  # ends at 0.0055, above 0.0054
     assert "| gradient 0.1 | not reached | - | 1/3 (271.1 ± 0.0 s) | 246.7 | 5.70x |" in report
+    assert "uniform 0.3: 476 s (one seed) to the dense final val nRMSE 0.0054" in report
     assert "against dense's 1762 s (0.27x)" in report
     assert "runs on different devices" not in report  # dense seed 1: 2 H200s at the H100 pace
 

@@ -423,8 +423,10 @@ def goal_fast(group: Group) -> list[str] | None:
     test = {
         n: statistics.mean(r["test"]["model_h1"] for r in group.runs[n]) for n in (name, "dense")
     }
+    seeds = len(group.runs[name])
+    over = "one seed" if seeds == 1 else f"mean curve over {seeds} seeds"
     measured = (
-        f"{name}: {seconds:.0f} s (mean curve over seeds) to the dense final val nRMSE "
+        f"{name}: {seconds:.0f} s ({over}) to the dense final val nRMSE "
         f"{group.dense_val:.4f}, against "
         f"dense's {dense_s:.0f} s ({seconds / dense_s:.2f}x); its final test one-step "
         f"{test[name]:.4f} vs dense {test['dense']:.4f}"
