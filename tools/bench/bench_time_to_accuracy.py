@@ -84,7 +84,7 @@ from time_to_accuracy_configs import (
     SMOKE_MODEL,
     dense_tail_epochs,
 )
-from time_to_accuracy_report import render, timed_on, warmup
+from time_to_accuracy_report import pace_gpu, render, timed_on, warmup
 
 from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.schedules import ScheduleConfig
@@ -892,7 +892,7 @@ def merge_results(into: dict, other: dict, source: Path, mixed_devices: bool = F
 def devices(results: dict, pde: str) -> set[str]:
     """The devices whose pace the results file's runs of ``pde`` are timed at: the GPUs they
     trained on, and for data-parallel dense runs the card of the one-GPU pace (timed_on)."""
-    pace = results.get("dense_pace", {}).get(pde, {}).get("gpu")
+    pace = pace_gpu(results, pde)
     return {gpu for r in records(results) if r["pde"] == pde for gpu in timed_on(r, pace)}
 
 
@@ -900,10 +900,10 @@ def sitting_devices(args: argparse.Namespace, results: dict, slots: int) -> set[
     """The devices whose pace this sitting's runs will be timed at: this machine's GPUs, or,
     when it trains only data-parallel dense runs and the results file holds a one-GPU dense
     pace, that pace's card (the runs' seconds are their steps at it)."""
-    pace = results.get("dense_pace", {}).get(args.pde)
+    pace = pace_gpu(results, args.pde)
     jobs = todo(args, results)
     if pace is not None and jobs and all(wide(args, job) for job in jobs):
-        return {pace["gpu"]}
+        return {pace}
     return {gpu_name(slot) for slot in range(slots)} if torch.cuda.is_available() else {"cpu"}
 
 

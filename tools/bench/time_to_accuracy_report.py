@@ -260,7 +260,7 @@ def render_group(group: Group, results: dict, out: Path) -> list[str]:
     title = setup.get("title", group.pde)
     lines = [f"## {title}, {group.steps} steps", ""]
     lines += setup_lines(setup, results.get("settings", {}).get(group.pde, {}), group.steps)
-    lines += warnings(group, results.get("dense_pace", {}).get(group.pde, {}).get("gpu"))
+    lines += warnings(group, pace_gpu(results, group.pde))
     if group.dense:
         lines += goals(group)
     lines += accuracy_table(group)
@@ -312,6 +312,11 @@ def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
     ]
 
 
+def pace_gpu(results: dict, pde: str) -> str | None:
+    """The GPU the results file's one-GPU dense pace of ``pde`` was measured on, if it has one."""
+    return results.get("dense_pace", {}).get(pde, {}).get("gpu")
+
+
 def timed_on(record: dict, pace_gpu: str | None) -> list[str]:
     """The GPUs whose pace a run's seconds are in. A data-parallel dense run's seconds are its
     steps at a one-GPU dense pace, measured on one card (``one_gpu_pace_gpu``; for runs made
@@ -357,8 +362,13 @@ def warnings(group: Group, pace_gpu: str | None) -> list[str]:
         )
     hosts: dict[tuple, list[dict]] = {}  # each pace, and each kind of host the runs took
     for r in wide:
-        pace = (r["one_gpu_seconds_per_step"], timed_on(r, pace_gpu)[0])
-        hosts.setdefault((*pace, r["gpus_per_run"], r["gpus"][0]), []).append(r)
+        key = (
+            r["one_gpu_seconds_per_step"],
+            timed_on(r, pace_gpu)[0],
+            r["gpus_per_run"],
+            r["gpus"][0],
+        )
+        hosts.setdefault(key, []).append(r)
     for (pace, pace_on, gpus, host), runs in hosts.items():
         measured = statistics.mean(
             r["measured_train_seconds"] - r["measured_warmup_seconds"] for r in runs
