@@ -317,22 +317,22 @@ def pace_gpu(results: dict, pde: str) -> str | None:
     return results.get("dense_pace", {}).get(pde, {}).get("gpu")
 
 
-def timed_on(record: dict, pace_gpu: str | None) -> list[str]:
+def timed_on(record: dict, file_pace_gpu: str | None) -> list[str]:
     """The GPUs whose pace a run's seconds are in. A data-parallel dense run's seconds are its
     steps at a one-GPU dense pace, measured on one card (``one_gpu_pace_gpu``; for runs made
-    before it was kept, ``pace_gpu``: the results file's pace, the one they were timed at),
-    whatever cards it trained on; any other run's seconds are its own GPUs'."""
+    before it was kept, ``file_pace_gpu``: the card of the results file's pace, the one they were
+    timed at), whatever cards it trained on; any other run's seconds are its own GPUs'."""
     if record.get("gpus_per_run", 1) > 1:
-        return [record.get("one_gpu_pace_gpu") or pace_gpu or "unknown"]
+        return [record.get("one_gpu_pace_gpu") or file_pace_gpu or "unknown"]
     return record.get("gpus", [])
 
 
-def warnings(group: Group, pace_gpu: str | None) -> list[str]:
-    """Warnings about what the group's numbers mix; ``pace_gpu``: the GPU the results file's
+def warnings(group: Group, file_pace_gpu: str | None) -> list[str]:
+    """Warnings about what the group's numbers mix; ``file_pace_gpu``: the GPU the results file's
     one-GPU dense pace was measured on."""
     out = []
     every = [r for rs in group.runs.values() for r in rs]
-    gpus = sorted({gpu for r in every for gpu in timed_on(r, pace_gpu)})
+    gpus = sorted({gpu for r in every for gpu in timed_on(r, file_pace_gpu)})
     if len(gpus) > 1:
         out.append(
             f"- **Warning**: runs on different devices ({', '.join(gpus)}); their wall-clocks do not compare."
@@ -364,7 +364,7 @@ def warnings(group: Group, pace_gpu: str | None) -> list[str]:
     for r in wide:
         key = (
             r["one_gpu_seconds_per_step"],
-            timed_on(r, pace_gpu)[0],
+            timed_on(r, file_pace_gpu)[0],
             r["gpus_per_run"],
             r["gpus"][0],
         )
