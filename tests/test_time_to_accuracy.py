@@ -367,6 +367,45 @@ def test_a_sitting_keeps_the_sets_and_lengths_earlier_sittings_set_up(study, tmp
     assert info["sets"] == {"uniform 0.1": {"k_per_epoch": [1664]}}  # the sitting's own, as made
 
 
+def test_a_codec_trained_on_another_gpu_model_is_not_trained_again(study, tmp_path) -> None:
+    """A results file whose runs' codec the study trained on one GPU model, and a sitting on
+    another machine (here this one, whose GPU 0 is not an H100) without --codec: refused before
+    any work, its file untouched, since the codec trained here would be another. Given --codec,
+    on the same model, or with no runs of the codec yet, the sitting goes on."""
+    trained_on = "NVIDIA H100 80GB HBM3"
+    here = study.gpu_name(0)
+    assert here != trained_on  # the CPU, or the GPU of a machine with one
+    run = {"pde": "ns2d", "config": "uniform 0.1", "seed": 0, "steps": 24000,
+           "gpus": [trained_on], "codec_sha256": "c" * 64, "data_sha256": "d" * 64}  # fmt: skip
+    codec = {"sha256": "c" * 64, "steps": 8000, "train_seconds": 189.0,
+             "test_recon_nrmse": 0.0103, "gpu": trained_on}  # fmt: skip
+    results = {"runs": [run], "setup": {"ns2d": {"codec": codec}}}
+    out = tmp_path / "out"
+    out.mkdir()
+    saved = json.dumps(results)
+    (out / "bench_time_to_accuracy.json").write_text(saved)
+    # --mixed-devices: the file's runs are on an H100, so the device check would refuse first
+    command = [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--out-dir", str(out),
+               "--work", str(tmp_path / "work"), "--smoke", "--setup-only",
+               "--mixed-devices"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert (
+        f"codec (sha256 cccccccccccc) was trained on {trained_on}, this machine's is {here}"
+        in done.stderr
+    ), done.stderr[-2000:]
+    assert (out / "bench_time_to_accuracy.json").read_text() == saved
+    assert not (tmp_path / "work").exists()
+    path = out / "bench_time_to_accuracy.json"
+    given = argparse.Namespace(pde="ns2d", codec="codec.pt")
+    study.check_codec_card(results, given, path)
+    same = {**results, "setup": {"ns2d": {"codec": {**codec, "gpu": here}}}}
+    study.check_codec_card(same, argparse.Namespace(pde="ns2d", codec=None), path)
+    study.check_codec_card(
+        {**results, "runs": []}, argparse.Namespace(pde="ns2d", codec=None), path
+    )
+
+
 @pytest.mark.slow
 def test_a_study_refuses_to_add_runs_on_another_device(tmp_path) -> None:
     """A results file of runs on one GPU model and a study started on another machine (here

@@ -21,7 +21,10 @@ Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 o
 PDEBench's 1024 points, generated), field-only shards, one codec (or ``--codec PATH``), and one
 latent shard set per sampler configuration and run length from it, each holding exactly the
 epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored
-epochs' sets, and the cosine schedule's dense tail falls on the runs' last epochs).
+epochs' sets, and the cosine schedule's dense tail falls on the runs' last epochs). The codec
+the study trains comes out bit for bit the same on the same GPU model, not on another, so a
+sitting on a fresh machine of that model trains it again, and one on another model is refused
+before any work unless given the file with ``--codec``.
 
 Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. With
 ``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, and are timed at the
@@ -308,6 +311,7 @@ def train_codec(
         "steps": val[-1]["step"],
         "train_seconds": val[-1]["train_seconds"],
         "test_recon_nrmse": test["recon_nrmse"],
+        "gpu": gpu_name(0),  # where a later sitting can train the same codec (check_codec_card)
     }
 
 
@@ -834,6 +838,25 @@ def check_inputs(results: dict, args: argparse.Namespace, shared: Setup, path: P
             )
 
 
+def check_codec_card(results: dict, args: argparse.Namespace, path: Path) -> None:
+    """Refuse, before any work, to train the codec of a results file's runs again on another
+    GPU model. The study trains its codec bit for bit again on the same model (two fresh H200
+    hosts trained the same one from the same data), not on another (an H100 and an H200
+    trained different ones), and runs of another codec do not compare (check_inputs)."""
+    trained_on = results.get("setup", {}).get(args.pde, {}).get("codec", {}).get("gpu")
+    if args.codec or trained_on is None or not inputs(results, args.pde, "codec_sha256"):
+        return
+    here = gpu_name(0)
+    if here != trained_on:
+        codec = results["setup"][args.pde]["codec"]
+        raise SystemExit(
+            f"{path}: its {args.pde} runs' codec (sha256 {codec['sha256'][:12]}) was trained "
+            f"on {trained_on}, this machine's is {here}: a codec trained here would be "
+            "another (its training repeats bit for bit on the same GPU model only). Pass "
+            "that codec with --codec, or use another --out-dir"
+        )
+
+
 def check_settings(results: dict, args: argparse.Namespace, path: Path) -> None:
     """Refuse to mix runs of other settings into one results file."""
     saved = results.get("settings", {}).get(args.pde)
@@ -1140,6 +1163,7 @@ def main() -> None:
     slots = args.gpus or gpu_slots()
     here = sitting_devices(args, results, slots)
     check_devices(results, args.pde, here, "this machine has", args.mixed_devices)
+    check_codec_card(results, args, path)
     shown = {k: repo_relative(v) if isinstance(v, str) else v for k, v in vars(args).items()}
     results.update(environment=environment_lines(), args=shown)
     results.setdefault("sittings", []).append(results["environment"])

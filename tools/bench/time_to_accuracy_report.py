@@ -283,8 +283,9 @@ def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
     longest = f" (of the {setup['epochs']}-epoch sets)" if epochs != setup["epochs"] else ""
     codec = setup["codec"]
     trained = (
-        f"trained here ({codec['steps']} steps, {codec['train_seconds']:.0f} s, test "
-        f"reconstruction nRMSE {codec['test_recon_nrmse']:.4f})"
+        f"trained here ({codec['steps']} steps, {codec['train_seconds']:.0f} s"
+        + (f" on {codec['gpu']}" if "gpu" in codec else "")
+        + f", test reconstruction nRMSE {codec['test_recon_nrmse']:.4f})"
         + ("; later sittings were given this file with --codec" if codec.get("given") else "")
         if "steps" in codec
         else "given with --codec"
