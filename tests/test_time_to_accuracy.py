@@ -107,6 +107,37 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_file_with_no_finished_run_still_says_what_its_runs_share(report, tmp_path) -> None:
+    """A study's first sitting can end before any run finishes: its report still names the
+    codec (and the GPU model it was trained on), the sets and the dense pace that the file
+    ties every later sitting to, beside the unfinished curve."""
+    codec = {"sha256": "8dea" + "0" * 60, "steps": 8000, "train_seconds": 189.0,
+             "test_recon_nrmse": 0.0103, "gpu": "NVIDIA H200"}  # fmt: skip
+    setup = {
+        "title": "NS 2D", "resolution": 128, "trajectories": 256, "snapshots": 20,
+        "codec": codec, "batches_per_epoch": 121, "epochs": 199,
+        "epochs_by_steps": {"24000": 199},
+        "sets": {"uniform 0.1": {"k_per_epoch": [1664] * 199, "num_points": 16384}},
+    }  # fmt: skip
+    settings = {"batch": 32, "lr": 0.001, "eval_every": 400, "eval_trajectories": 32,
+                "refresh_every": 10, "compile": True, "compile_mode": "reduce-overhead"}  # fmt: skip
+    pace = {"seconds_per_step": 0.0622, "steps": [100, 300], "gpu": "NVIDIA H200"}
+    unfinished = {"pde": "ns2d", "config": "dense", "seed": 0, "steps": 24000,
+                  "curve": curve((400, 25.0, 0.03), (800, 50.0, 0.02), (1200, 75.0, 0.015)),
+                  "train_seconds": 75.0, "updated": "2026-11-28 16:05 UTC"}  # fmt: skip
+    results = {
+        "runs": [], "environment": ["- date: 2026-11-28 16:01 UTC"], "settings": {"ns2d": settings},
+        "setup": {"ns2d": setup}, "dense_pace": {"ns2d": pace}, "unfinished": [unfinished],
+    }  # fmt: skip
+    text = report.render(results, tmp_path)
+    assert "| ns2d | dense | 0 | 1200 of 24000 |" in text
+    assert "## NS 2D: no finished runs yet" in text
+    assert "- codec: trained here (8000 steps, 189 s on NVIDIA H200, test reconstruction" in text
+    assert "sha256 8dea00000000" in text and "mean k/N per set: uniform 0.1 0.102" in text
+    assert "timed at: 62.2 ms a step on NVIDIA H200" in text
+    assert not list(tmp_path.iterdir())  # no plot without a finished run
+
+
 def test_a_ladder_runs_the_longest_first_and_refuses_other_codecs(study, tmp_path) -> None:
     """--steps A B: every configuration at every length, each seed's longest runs first (so the
     GPUs finish together); finished runs are skipped; a file of another codec's runs refuses."""

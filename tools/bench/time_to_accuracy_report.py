@@ -219,7 +219,26 @@ def render(results: dict, out: Path) -> str:
         lines += render_group(group, results, out)
     for pde in dict.fromkeys(g.pde for g in every):
         lines += ladder(results, [g for g in every if g.pde == pde])
+    for pde in results.get("setup", {}):
+        if pde not in {g.pde for g in every}:
+            lines += no_runs_yet(results, pde)
     return "\n".join(lines) + "\n"
+
+
+def no_runs_yet(results: dict, pde: str) -> list[str]:
+    """A PDE set up with no finished run yet: what its runs will share (the codec above all,
+    which ties every later sitting to it) and the dense pace measured for them."""
+    setup = results["setup"][pde]
+    longest = max(map(int, setup["epochs_by_steps"]))
+    lines = [f"## {setup['title']}: no finished runs yet", ""]
+    lines += setup_lines(setup, results["settings"][pde], longest)[:-1]
+    pace = results.get("dense_pace", {}).get(pde)
+    if pace:
+        lines.append(
+            f"- one-GPU dense pace, which data-parallel dense runs are timed at: "
+            f"{pace['seconds_per_step'] * 1000:.1f} ms a step on {pace['gpu']}"
+        )
+    return [*lines, ""]
 
 
 def unfinished_table(unfinished: list[dict]) -> list[str]:
