@@ -843,15 +843,14 @@ def check_codec_card(results: dict, args: argparse.Namespace, path: Path) -> Non
     GPU model. The study trains its codec bit for bit again on the same model (two fresh H200
     hosts trained the same one from the same data), not on another (an H100 and an H200
     trained different ones), and runs of another codec do not compare (check_inputs)."""
-    trained_on = results.get("setup", {}).get(args.pde, {}).get("codec", {}).get("gpu")
-    if args.codec or trained_on is None or not inputs(results, args.pde, "codec_sha256"):
+    codec = results.get("setup", {}).get(args.pde, {}).get("codec", {})
+    if args.codec or "gpu" not in codec or not inputs(results, args.pde, "codec_sha256"):
         return
     here = gpu_name(0)
-    if here != trained_on:
-        codec = results["setup"][args.pde]["codec"]
+    if here != codec["gpu"]:
         raise SystemExit(
             f"{path}: its {args.pde} runs' codec (sha256 {codec['sha256'][:12]}) was trained "
-            f"on {trained_on}, this machine's is {here}: a codec trained here would be "
+            f"on {codec['gpu']}, this machine's is {here}: a codec trained here would be "
             "another (its training repeats bit for bit on the same GPU model only). Pass "
             "that codec with --codec, or use another --out-dir"
         )

@@ -217,10 +217,11 @@ def render(results: dict, out: Path) -> str:
     every = groups(results)
     for group in every:
         lines += render_group(group, results, out)
-    for pde in dict.fromkeys(g.pde for g in every):
+    finished = dict.fromkeys(g.pde for g in every)  # the PDEs with finished runs, in order
+    for pde in finished:
         lines += ladder(results, [g for g in every if g.pde == pde])
     for pde in results.get("setup", {}):
-        if pde not in {g.pde for g in every}:
+        if pde not in finished:
             lines += no_runs_yet(results, pde)
     return "\n".join(lines) + "\n"
 
@@ -231,7 +232,7 @@ def no_runs_yet(results: dict, pde: str) -> list[str]:
     setup = results["setup"][pde]
     longest = max(map(int, setup["epochs_by_steps"]))
     lines = [f"## {setup['title']}: no finished runs yet", ""]
-    lines += setup_lines(setup, results["settings"][pde], longest)[:-1]
+    lines += setup_lines(setup, results["settings"][pde], longest)[:-1]  # its blank line last
     pace = results.get("dense_pace", {}).get(pde)
     if pace:
         lines.append(
