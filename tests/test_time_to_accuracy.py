@@ -215,6 +215,56 @@ def test_time_left_is_estimated_from_runs_on_as_many_gpus(study, tmp_path) -> No
     assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) == pytest.approx(1000)
 
 
+def test_time_left_for_a_configuration_never_finished_comes_from_its_unfinished_curve(
+    study, tmp_path
+) -> None:
+    """A configuration whose only run a time limit stopped on another machine (checkpoint gone)
+    is not started blind by --finish-in-time: its curve's pace over all its steps, plus the
+    finished one-GPU runs' seconds outside training. A data-parallel dense job ignores it (that
+    curve is timed at the one-GPU pace, not its own), and a configuration never begun has none."""
+
+    def curve(step: int, seconds: float) -> list[dict]:
+        return [
+            {"step": step // 2, "train_seconds": seconds / 2},
+            {"step": step, "train_seconds": seconds},
+        ]
+
+    def finished(config: str, wall: float, train: float) -> dict:
+        return {
+            "pde": "ns2d",
+            "config": config,
+            "steps": 400,
+            "wall_seconds": wall,
+            "train_seconds": train,
+        }
+
+    def unfinished(config: str, step: int, seconds: float) -> dict:
+        return {
+            "pde": "ns2d",
+            "config": config,
+            "seed": 0,
+            "steps": 400,
+            "curve": curve(step, seconds),
+        }
+
+    bench = study.Study.__new__(study.Study)  # its estimate needs no setup
+    bench.results = {
+        "runs": [finished("uniform 0.1", 90, 60), finished("gradient 0.1", 100, 70)],
+        "unfinished": [  # the furthest curve of the configuration counts
+            unfinished("on-the-fly uniform 0.1", 300, 60),
+            unfinished("on-the-fly uniform 0.1", 200, 44),
+            unfinished("dense", 200, 500),
+        ],
+    }
+    bench.args = argparse.Namespace(pde="ns2d", dense_gpus=4)
+    job = study.Job("on-the-fly uniform 0.1", 1, 400)
+    assert bench.seconds_to_go(job, tmp_path) == pytest.approx(60 / 300 * 400 + 30)
+    assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) is None
+    assert bench.seconds_to_go(study.Job("error 0.1", 1, 400), tmp_path) is None
+    bench.args.dense_gpus = 1  # a one-GPU dense run: the curve's seconds are a GPU's
+    assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) == pytest.approx(1000 + 30)
+
+
 def test_an_unfinished_curve_gives_way_only_to_one_that_got_further(study, tmp_path) -> None:
     """A run that an earlier sitting left unfinished at step 800 and this sitting runs again
     from the start keeps the earlier curve in the results file until its own passes it."""

@@ -562,23 +562,38 @@ class Study:
         return True
 
     def seconds_to_go(self, job: Job, run_dir: Path) -> float | None:
-        """The wall-clock a run still needs: the mean of the finished runs of its configuration
-        on as many GPUs, less the share of steps an earlier sitting did; None when none has
-        finished."""
+        """The wall-clock a run still needs, less the share of steps an earlier sitting did:
+        the mean of the finished runs of its configuration on as many GPUs; failing those, for
+        a one-GPU run, the pace of the furthest curve a sitting left unfinished (a run its time
+        limit stopped, its checkpoint gone with that machine) plus the finished one-GPU runs'
+        mean seconds outside training; None when the file holds neither."""
         gpus = self.args.dense_gpus if self.wide(job) else 1
-        done = [
-            r["wall_seconds"]
+        finished = [
+            r
             for r in self.results["runs"]
             if "error" not in r
             and r["wall_seconds"] is not None
             and r.get("gpus_per_run", 1) == gpus
+            and (r["pde"], r["steps"]) == (self.args.pde, job.steps)
+        ]
+        done = [r["wall_seconds"] for r in finished if r["config"] == job.config]
+        begun = [  # a data-parallel run's curve is timed at the one-GPU pace: not its own
+            r
+            for r in self.results.get("unfinished", [])
+            if gpus == 1
+            and r["curve"]
             and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, job.steps)
         ]
-        if not done:
-            return None
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         share = 1 - last[-1] / job.steps if last and (run_dir / "checkpoint.pt").exists() else 1
-        return statistics.mean(done) * share
+        if done:
+            return statistics.mean(done) * share
+        if not begun:
+            return None
+        furthest = max(begun, key=steps_done)["curve"][-1]
+        outside = [r["wall_seconds"] - r["train_seconds"] for r in finished]
+        training = furthest["train_seconds"] / furthest["step"] * job.steps
+        return (training + (statistics.mean(outside) if outside else 0.0)) * share
 
     def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
         """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
@@ -1102,9 +1117,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--finish-in-time",
         action="store_true",
-        help="start only runs that finished runs of their configuration say end before "
-        "--time-limit (a sitting whose machine is handed back after it: a run it stops starts "
-        "again next time)",
+        help="start only runs that finished runs of their configuration (failing those, the "
+        "pace of a curve it left unfinished) say end before --time-limit (a sitting whose "
+        "machine is handed back after it: a run it stops starts again next time)",
     )
     parser.add_argument(
         "--progress-every",
