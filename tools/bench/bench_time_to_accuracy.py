@@ -577,23 +577,24 @@ class Study:
             and (r["pde"], r["steps"]) == (self.args.pde, job.steps)
         ]
         done = [r["wall_seconds"] for r in finished if r["config"] == job.config]
-        begun = [  # a data-parallel run's curve is timed at the one-GPU pace: not its own
+        begun = [
             r
             for r in self.results.get("unfinished", [])
-            if gpus == 1
-            and r["curve"]
+            if r["curve"]
             and (r["pde"], r["config"], r["steps"]) == (self.args.pde, job.config, job.steps)
         ]
+        if done:
+            whole = statistics.mean(done)
+        elif begun and gpus == 1:  # a data-parallel run's curve is timed at the one-GPU pace
+            furthest = max(begun, key=steps_done)["curve"][-1]
+            outside = [r["wall_seconds"] - r["train_seconds"] for r in finished]
+            whole = furthest["train_seconds"] / furthest["step"] * job.steps
+            whole += statistics.mean(outside) if outside else 0.0
+        else:
+            return None
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         share = 1 - last[-1] / job.steps if last and (run_dir / "checkpoint.pt").exists() else 1
-        if done:
-            return statistics.mean(done) * share
-        if not begun:
-            return None
-        furthest = max(begun, key=steps_done)["curve"][-1]
-        outside = [r["wall_seconds"] - r["train_seconds"] for r in finished]
-        training = furthest["train_seconds"] / furthest["step"] * job.steps
-        return (training + (statistics.mean(outside) if outside else 0.0)) * share
+        return whole * share
 
     def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
         """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
