@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -1044,5 +1045,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     try:
         return trainer.fit()
     finally:
+        # DDP's reducer holds the process group: free the trainer (and any cycle through it)
+        # first, so the group is gone when it is destroyed, not torn down with gloo's threads
+        # still alive later, at the interpreter's exit, where that can abort the process.
+        del trainer
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
