@@ -29,7 +29,7 @@ from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
 from ups.adaptive import PointError, error_definition, model_entry
 from ups.models.checkpoint import load_checkpoint
-from ups.training.train import TrainConfig, batch_spec, build_models, train
+from ups.training.train import TrainConfig, Trainer, batch_spec, build_models, train
 
 pytestmark = pytest.mark.slow
 
@@ -392,6 +392,36 @@ def test_ddp_refresh_writes_the_layer_one_process_writes(flow, tmp_path):
     ours, theirs = tree_digest(shards / LAYERS / layer), tree_digest(other / LAYERS / layer)
     del ours["layer.json"], theirs["layer.json"]  # one names the checkpoint file it came from
     assert ours == theirs
+
+
+def test_a_compiled_run_refreshes_from_the_eager_error(flow, tmp_path):
+    """compile=true compiles the refreshes' dense decode too (inductor's kernels on this CPU):
+    an operator run refreshes with it in training, and on a real shard block it gives the
+    per-point error of the eager decode, both terms of the operator loss, within rounding."""
+    shards = copy_set(flow["latents"], tmp_path / "set")
+    cfg = config(
+        "stage=operator", f"shards={shards}", f"codec_checkpoint={flow['codec']}",
+        f"out={tmp_path / 'run'}", "batch_size=8", "epochs=2", "adaptive.refresh_every=1",
+        "compile=true", "eval_every=1000",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    (refreshed,) = [
+        m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "refresh/layer" in m
+    ]
+    assert refreshed["refresh/epochs"] == [1, 2]
+    definition = error_definition("operator", 1.0, 0.5, batch_spec(cfg).window)
+    models, device = trainer.models.eval(), torch.device("cpu")
+    block = trainer.shards.read_shard(0)
+    eager = PointError(models.codec, models.operator, trainer.shards, definition, device, 4, False)
+    compiled = PointError(
+        models.codec, models.operator, trainer.shards, definition, device, 4, False,
+        trainer.dense_decode,
+    )  # fmt: skip
+    assert trainer.dense_decode != models.codec.decode_grid  # not the eager bound method
+    expected = eager(block)
+    assert expected.shape == (len(block.time), 64) and expected.sum() > 0
+    torch.testing.assert_close(compiled(block), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_resume_on_another_chain_is_refused(flow, tmp_path):

@@ -91,7 +91,8 @@ def error_definition(stage: str, forward: float, inverse: float, window: int) ->
 class PointError:
     """The per-point loss (S, N) of a shard's snapshots under the stage's model, on ``device``.
 
-    ``codec``: the model's codec; ``operator``: its operator (None for the codec stage)."""
+    ``codec``: the model's codec; ``operator``: its operator (None for the codec stage);
+    ``decode_grid``: the codec's dense decode to use, e.g. compiled (default: eager)."""
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class PointError:
         device: torch.device,
         batch: int,
         amp: bool,
+        decode_grid: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         manifest = shards.manifest
         if operator is not None and manifest.latent is None:
@@ -110,6 +112,7 @@ class PointError:
                 "needs the latent shards the operator trains on"
             )
         self.codec, self.operator, self.definition = codec, operator, definition
+        self.decode_grid = decode_grid or codec.decode_grid
         self.norm, self.steps, self.device, self.batch = (
             manifest.data.norm,
             shards.steps,
@@ -128,7 +131,7 @@ class PointError:
         out = []
         for zb, tb in zip(z.split(self.batch), target.split(self.batch), strict=True):
             with self.autocast:
-                pred = self.codec.decode_grid(zb)  # (b, C, *grid)
+                pred = self.decode_grid(zb)  # (b, C, *grid)
             out.append((pred.float() - tb).pow(2).mean(1).flatten(1))
         return torch.cat(out)
 
