@@ -2,9 +2,10 @@
 
 An error-based refresh (``ups.adaptive.PointError``) decodes every training snapshot on the
 whole grid, twice for the operator stage (the inverse term decodes z_s, the forward term
-op(z_{s-1})), in batches of ``adaptive.batch`` under bf16 autocast; validation decodes the same
-way. With ``compile=true`` the step was compiled and these passes were not; the measurement
-below is why the trainer now compiles a refresh's dense decode too. This times the
+op(z_{s-1})), in batches of ``adaptive.batch`` under bf16 autocast. With ``compile=true`` the
+step was compiled and this pass was not; the measurement below is why the trainer now compiles
+a refresh's dense decode too (validation's, in float32 and outside the training seconds, stays
+eager). This times the
 shipped NS 2D codec and operator (``ns2d_codec``, ``ns2d_operator``; random weights: the cost
 does not depend on them) on one device, side by side: the eager decode and operator, and both
 compiled (torch.compile, default mode), after a warm-up call that pays the compilation. It
