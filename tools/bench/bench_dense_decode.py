@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_common import environment_lines, markdown_table, synchronize
+from bench_common import ROOT, environment_lines, markdown_table, synchronize
 
 from pipeline.config import load_config
 from pipeline.sources.pdebench import DataInfo
@@ -35,7 +35,7 @@ from ups.models.codec import Codec
 from ups.models.operator import LatentOperator
 from ups.training.train import TrainConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "ups" / "configs"
+CONFIGS = ROOT / "ups" / "configs"
 HEADER = ["path", "eager ms", "compiled ms", "speed-up", "compile s",
           "compiled ms after a smaller batch", "its recompile s", "relative difference"]  # fmt: skip
 
@@ -148,7 +148,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    docs = Path(__file__).resolve().parents[2] / "docs"
+    docs = ROOT / "docs"
     md, js = (docs, docs / "bench") if args.out is None else (args.out, args.out)
     js.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: str(v) for k, v in vars(args).items() if k != "out"}, "paths": results}

@@ -559,8 +559,8 @@ class Trainer:
         if cfg.compile:
             self.models.compile(mode=cfg.compile_mode)
         # a refresh's error pass decodes every training snapshot densely: compiled with the
-        # step, 2.2x faster on an H200 (docs/bench_dense_decode.md); compiled once per run, as
-        # each torch.compile wrapper compiles anew
+        # step, 2.2x faster on an H200 (docs/bench_dense_decode.md); one wrapper for the run,
+        # so that every refresh reuses its compiled graphs
         self.dense_decode = (
             torch.compile(self.models.codec.decode_grid)
             if cfg.compile
