@@ -265,10 +265,11 @@ def unfinished_table(unfinished: list[dict]) -> list[str]:
 
 
 def sittings_lines(sittings: list[list[str]]) -> list[str]:
-    """Each invocation that added to the results (the lines above are the latest one's)."""
+    """Each invocation of the study on this file (the lines above are the latest one's). A
+    sitting whose host was lost mid-run may have left nothing: its run was redone later."""
     if len(sittings) < 2:
         return []
-    lines = [f"- the results come from {len(sittings)} sittings:"]
+    lines = [f"- the study ran in {len(sittings)} sittings:"]
     for lines_of_one in sittings:
         fields = dict(line[2:].split(": ", 1) for line in lines_of_one if ": " in line)
         lines.append(f"  - {fields.get('date', '?')}: {fields.get('command', '?')}")
