@@ -5,12 +5,11 @@ whole grid, twice for the operator stage (the inverse term decodes z_s, the forw
 op(z_{s-1})), in batches of ``adaptive.batch`` under bf16 autocast. With ``compile=true`` the
 step was compiled and this pass was not; the measurement below is why the trainer now compiles
 a refresh's dense decode too (validation's, in float32 and outside the training seconds, stays
-eager). This times the
-shipped NS 2D codec and operator (``ns2d_codec``, ``ns2d_operator``; random weights: the cost
-does not depend on them) on one device, side by side: the eager decode and operator, and both
-compiled (torch.compile, default mode), after a warm-up call that pays the compilation. It
-prints a table and writes it to docs/bench_dense_decode.md and docs/bench/bench_dense_decode.json
-(with ``--out``: both there).
+eager). This times the shipped NS 2D codec and operator (``ns2d_codec``, ``ns2d_operator``;
+random weights: the cost does not depend on them) on one device, side by side: the eager decode
+and operator, and both compiled (torch.compile, default mode), after a warm-up call that pays
+the compilation. It prints a table and writes it to docs/bench_dense_decode.md and
+docs/bench/bench_dense_decode.json (with ``--out``: both there).
 
     python tools/bench/bench_dense_decode.py                        # on a GPU
     python tools/bench/bench_dense_decode.py --quick --out /tmp/dd  # tiny, on a CPU
@@ -99,14 +98,13 @@ def main() -> None:
     info = DataInfo(("vorticity",), grid, 0.05, 20, 1, (True, True), {"viscosity": 1e-3})
     torch.manual_seed(0)
     codec = Codec(codec_cfg, info).to(device).eval()
-    operator = LatentOperator(
-        operator_cfg, codec_cfg.encoder.latent_dim, codec_cfg.encoder.num_tokens, 1, 2
-    )
-    operator = operator.to(device).eval()
     tokens, latent = codec_cfg.encoder.num_tokens, codec_cfg.encoder.latent_dim
+    # as build_models makes it: one input per PDE parameter, coordinates of the grid's rank
+    operator = LatentOperator(operator_cfg, latent, tokens, len(info.params), info.ndim)
+    operator = operator.to(device).eval()
     z = torch.randn(args.batch, tokens, latent, device=device)  # (B, T, D)
     dt = torch.full((args.batch,), info.dt, device=device)
-    params = torch.full((args.batch, 1), 1e-3, device=device)
+    params = torch.tensor([list(info.params.values())], device=device).expand(args.batch, -1)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
