@@ -169,7 +169,8 @@ class ShardSet:
 
     def pending(self, epoch: int) -> bool:
         """True while ``epoch``'s sets come from a layer still to be added."""
-        return any(first <= epoch for first in self._awaiting)
+        with self._layer_added:  # the set changes in the thread that adds layers
+            return any(first <= epoch for first in self._awaiting)
 
     def wait_for_layer(self, epoch: int, stopped: threading.Event) -> None:
         """Block until ``epoch`` is no longer :meth:`pending` (or ``stopped`` is set)."""

@@ -49,15 +49,18 @@ def _rng(*key: int) -> np.random.Generator:
 
 class _Cursor:
     """Where one partition stands in an epoch: the group streaming, its examples in shuffled
-    order, and how many of them were taken. ``examples`` is None until the group is loaded."""
+    order, and how many of them were taken. ``examples`` is None until the group is loaded;
+    ``loaded`` is the (epoch, partition, group) whose examples those are."""
 
     def __init__(self, partition: int):
         self.partition, self.epoch, self.group, self.offset = partition, 0, 0, 0
         self.examples: list[dict] | None = None
+        self.loaded: tuple[int, int, int] | None = None
         self.order = np.zeros(0, dtype=np.int64)
 
     def seek(self, epoch: int, group: int, offset: int) -> None:
         self.epoch, self.group, self.offset, self.examples = epoch, group, offset, None
+        self.loaded = None
 
 
 class ShardStream(BaseNode[dict]):
@@ -138,6 +141,7 @@ class ShardStream(BaseNode[dict]):
         self._cache: OrderedDict[tuple[int, str | None], ShardBlock | LayerBlock] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
         self._reading: dict[tuple[int, str | None], Future] = {}  # reads in flight
+        self._layers_seen = 0  # layers in the chain at the last read-ahead
         self._plans: dict[tuple[int, int], list[list[tuple[int, int, int]]]] = {}
 
     def has_epoch(self, epoch: int) -> bool:
@@ -163,8 +167,9 @@ class ShardStream(BaseNode[dict]):
         return self._plans[(epoch, partition)]
 
     def _upcoming(self, cursor: _Cursor) -> list[tuple[int, int, int]]:
-        """(epoch, partition, group) of the cursor's group and the ``read_ahead`` after it,
-        across epochs, up to an epoch whose layer of query sets is still to come."""
+        """(epoch, partition, group) of the cursor's group, unless it is loaded already, and of
+        the ``read_ahead`` after it, across epochs, up to an epoch whose layer of query sets is
+        still to come."""
         epoch, partition, group = cursor.epoch, cursor.partition, cursor.group
         keys: list[tuple[int, int, int]] = []
         while len(keys) <= self.read_ahead and self.has_epoch(epoch):
@@ -175,17 +180,12 @@ class ShardStream(BaseNode[dict]):
                 group += 1
             else:
                 epoch, group = epoch + 1, 0
-        return keys
+        return [key for key in keys if key != cursor.loaded]
 
-    def _blocks(self, cursor: _Cursor) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
-        """The cursor's group's shard blocks with their arrays prepared for its epoch. Its shards
-        are read and prepared in parallel, and the next ``read_ahead`` groups of every partition
-        of this rank (of this epoch or the next) are already in flight while this one streams.
-        An epoch whose layer is still to come waits for it here."""
-        if self.collate.spec.sparse_steps and self.shards.pending(cursor.epoch):
-            self.shards.wait_for_layer(cursor.epoch, self._stopped)
-            if self._stopped.is_set():
-                raise StopIteration
+    def _read_ahead(self) -> None:
+        """Start reading and preparing the groups every partition of this rank streams next
+        (:meth:`_upcoming`); drop those no longer wanted."""
+        self._layers_seen = len(self.shards.layers)
         wanted = [key for c in self._cursors for key in self._upcoming(c)]
         self._ahead = {key: f for key, f in self._ahead.items() if key in wanted}
         for e, p, g in wanted:
@@ -197,6 +197,17 @@ class ShardStream(BaseNode[dict]):
             id(read) for futures in self._ahead.values() for reads, _ in futures for read in reads
         }
         self._reading = {key: f for key, f in self._reading.items() if id(f) in pending}
+
+    def _blocks(self, cursor: _Cursor) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
+        """The cursor's group's shard blocks with their arrays prepared for its epoch. Its shards
+        are read and prepared in parallel, and the next ``read_ahead`` groups of every partition
+        of this rank (of this epoch or the next) are already in flight while this one streams.
+        An epoch whose layer is still to come waits for it here."""
+        if self.collate.spec.sparse_steps and self.shards.pending(cursor.epoch):
+            self.shards.wait_for_layer(cursor.epoch, self._stopped)
+            if self._stopped.is_set():
+                raise StopIteration
+        self._read_ahead()
         prepared = []
         for reads, decoded in self._ahead.pop((cursor.epoch, cursor.partition, cursor.group)):
             prepared.append(decoded.result())
@@ -276,7 +287,7 @@ class ShardStream(BaseNode[dict]):
             for e in range(start, stop):
                 first = offset + (e // self.per_trajectory) * self.steps + e % self.per_trajectory
                 examples.append({"arrays": joined, "row": first, "epoch": cursor.epoch})
-        cursor.examples = examples
+        cursor.examples, cursor.loaded = examples, (cursor.epoch, cursor.partition, cursor.group)
         cursor.order = _rng(
             self.seed, cursor.epoch, cursor.partition, cursor.group, _SHUFFLE_STREAM
         ).permutation(len(examples))
@@ -327,6 +338,8 @@ class ShardStream(BaseNode[dict]):
     def next(self) -> dict:
         if self._stopped.is_set():
             raise StopIteration
+        if len(self.shards.layers) != self._layers_seen:  # a refresh's layer came: read it ahead
+            self._read_ahead()
         if self._emitted >= self.per_epoch:  # on into the next epoch
             if not self.has_epoch(self.epoch + 1):
                 raise StopIteration

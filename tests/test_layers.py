@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from pipeline.records import ShardError
 from pipeline.samplers import ErrorImportance
 from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
+from pipeline.stream import ShardStream
 from ups.adaptive import PointError, error_definition, model_entry
 from ups.models.checkpoint import load_checkpoint
 from ups.training.train import TrainConfig, Trainer, batch_spec, build_models, train
@@ -278,6 +280,54 @@ def test_loader_streams_a_layer_named_by_the_run(flow, tmp_path):
                 assert np.array_equal(got, indices), (process, epoch)
                 assert np.allclose(batch.weights[row].numpy(), weights)
         loader.close()
+
+
+def test_a_layer_added_mid_epoch_is_read_ahead_before_its_epoch(flow, tmp_path, monkeypatch):
+    """The loader waits for an awaited epoch's layer; once the layer is added (a refresh one
+    epoch ahead) it prepares that epoch's groups while the epoch before still streams, and the
+    epoch's batches come from the layer."""
+    fields = copy_set(flow["fields"], tmp_path / "fields")
+    layer = layer_id_of(refresh_cli(fields, flow["root"] / "codec" / "checkpoint.pt", "2:3"))
+    prepared = []  # (shard, epoch, the epoch the stream was in) of the stream's preparations
+    original = ShardStream._prepare
+
+    def recording(self, shard, epoch):
+        prepared.append((shard, epoch, self.epoch))
+        return original(self, shard, epoch)
+
+    monkeypatch.setattr(ShardStream, "_prepare", recording)  # the loader's threads, here
+    shards = open_shards(str(fields), layer=None)  # as a run starts: the layer is to come
+    shards.await_layers([2])
+    spec = batch_spec(config("stage=codec"))
+    loader = ShardLoader(shards, LoaderConfig(workers=1, process=False), batch_size=4, spec=spec)
+    for _ in loader:  # epoch 0
+        pass
+    epoch_1 = iter(loader)
+    next(epoch_1)
+    assert all(epoch < 2 for _, epoch, _ in prepared), "epoch 2 read ahead before its layer"
+    loader.add_layer(layer)
+    rest = list(epoch_1)
+    assert rest and all(b.epoch == 1 for b in rest)
+    early = [shard for shard, epoch, streaming in prepared if epoch == 2 and streaming == 1]
+    assert early, "epoch 2's groups were prepared only once the stream reached epoch 2"
+    index_of = {shards.snapshot(i)["snapshot_id"]: i for i in range(len(shards))}
+    coords = shards.manifest.data.grid[0]
+    batch = next(iter(loader))  # epoch 2: its sets are the layer's
+    for row, sid in enumerate(batch.snapshot_id.tolist()):
+        indices, _ = shards.query_set(index_of[sid], 2)
+        got = torch.round(batch.coords[row, :, 0] * (coords - 1)).long().numpy()
+        assert np.array_equal(got, indices)
+    stream = loader.graph.source
+    loader.close()
+    groups = Counter(  # how often each shard is in a group of an epoch (partitions may split it)
+        (shard, epoch)
+        for epoch in {epoch for _, epoch, _ in prepared}
+        for p in range(stream.partitions)
+        for group in stream._groups(epoch, p)
+        for shard, _, _ in group
+    )
+    twice = Counter((shard, epoch) for shard, epoch, _ in prepared) - groups
+    assert not twice, f"(shard, epoch) prepared more often than in a group: {dict(twice)}"
 
 
 def run_args(shards: Path) -> list[str]:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.schedules import ScheduleConfig
 from pipeline.shards import ShardSet, gather_queries, open_shards
 from pipeline.sources.generate import generate
 from pipeline.sources.splits import DataConfig
+from pipeline.stream import ShardStream
 from ups.models.codec import load_encoder
 
 # real shard sets streamed by real loader processes: the fast lane (pytest -m "not slow") leaves them out
@@ -292,6 +294,30 @@ def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, m
     uncached = run_epochs(make_loader(latent_shards, cache_mb=0, read_ahead=0, process=False), 3)
     assert len(reads) > shards, "without the cache, later epochs read again"
     same_batches(cached, uncached)
+
+
+def test_every_shard_is_prepared_once_per_epoch(latent_shards, monkeypatch):
+    """A group's query sets are gathered and its arrays prepared once: reading ahead for one
+    partition does not prepare again the group another partition streams."""
+    prepared = []
+    original = ShardStream._prepare
+
+    def counting(self, shard, epoch):
+        prepared.append((shard, epoch))
+        return original(self, shard, epoch)
+
+    monkeypatch.setattr(ShardStream, "_prepare", counting)
+    loader = make_loader(latent_shards, process=False, partitions=2)
+    run_epochs(loader, 3)
+    stream = loader.graph.source
+    groups = Counter(  # a shard split between two partitions is in two groups of an epoch
+        (shard, epoch)
+        for epoch in range(3)
+        for p in range(stream.partitions)
+        for group in stream._groups(epoch, p)
+        for shard, _, _ in group
+    )
+    assert Counter(prepared) == groups
 
 
 def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path):
