@@ -655,6 +655,15 @@ class Bench:
             diffs = [y["train_seconds"] - x["train_seconds"] for x, y in itertools.pairwise(mine)]
             step_median.append(statistics.median(diffs) if diffs else None)
             before = mine[-1]["train_seconds"]
+        # the loader's wait for each later epoch's first batch, the first read from a layer:
+        # what the GPU waited for after a refresh while refreshes ran at their epoch's start
+        wait_at = {r["step"]: r["loader_wait_seconds"] for r in steps}
+        per = trainer.loader.batches_per_epoch
+        first_waits = [
+            wait_at[e * per + 1] - wait_at[e * per]
+            for e in range(1, epochs)
+            if e * per in wait_at and e * per + 1 in wait_at
+        ]
         return {
             "epochs": epochs,
             "batches_per_epoch": trainer.loader.batches_per_epoch,
@@ -666,6 +675,7 @@ class Bench:
             # later ones the layers; and each epoch's median step (past its first)
             "epoch_seconds_each": per_epoch,
             "step_seconds_median_each": step_median,
+            "first_batch_wait_each": first_waits,
             "refresh_share": trainer.refresh_seconds / trainer.train_seconds,
         }
 
@@ -948,6 +958,13 @@ def refresh_report(r: dict | None, a: dict) -> list[str]:
             f"refresh share {t['refresh_share']:.1%} of train_seconds.",
             "",
         ]
+        if "first_batch_wait_each" in t:  # logged since the refreshes run one epoch ahead
+            lines += [
+                "The loader's wait for the first batch of epochs 1 on, each the first read "
+                "from its layer (computed one epoch ahead, so read while the epoch before "
+                f"trains): {', '.join(f'{x * 1e3:.1f}' for x in t['first_batch_wait_each'])} ms.",
+                "",
+            ]
     return lines
 
 

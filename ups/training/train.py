@@ -8,9 +8,9 @@
   + inverse-encoding loss at u_t's query points.
 
 ``adaptive.refresh_every=R`` refreshes the query sets from the model's own error every R epochs
-(ups/adaptive.py): at the start of epochs R, 2R, ... every rank writes its share of a new layer
-of sets for the next R epochs, and the loader streams on from it. The chain of layers a run
-reads is in its checkpoints; a resume reads the same chain or refuses.
+(ups/adaptive.py): every rank writes its share of a new layer of sets for epochs [a, a + R),
+a = R, 2R, ..., one epoch ahead, at the start of epoch a - 1, and the loader streams on from it.
+The chain of layers a run reads is in its checkpoints; a resume reads the same chain or refuses.
 
 Runs on one process or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs; ``batch_size`` is
 the global batch, each rank streams its equal share of it; only rank 0 writes). Checkpoints hold
@@ -605,11 +605,14 @@ class Trainer:
         self.shards.await_layers(due)
 
     def _refresh_if_due(self, writer) -> None:
-        """At the start of an epoch that awaits its layer: compute it from the model now."""
-        per_epoch = self.loader.batches_per_epoch
-        epoch = self.step // per_epoch
-        if self.step % per_epoch or epoch not in self.shards.awaiting:
+        """Compute the next awaited layer one epoch ahead: the sets of epochs [a, a + R) at the
+        start of epoch a - 1, from the model then. The loader process then reads and prepares
+        epoch a's first groups while epoch a - 1 trains; computed at a's own start, the GPU
+        waited for them after every refresh. A run resumed past that point computes it now."""
+        awaiting = self.shards.awaiting
+        if not awaiting or self.step < (awaiting[0] - 1) * self.loader.batches_per_epoch:
             return
+        epoch = awaiting[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_seconds += time.perf_counter() - self._clock
@@ -645,7 +648,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.refresh_seconds += seconds
         self.train_seconds += seconds  # part of the run's wall-clock
-        record = {"step": self.step, "epoch": epoch, "train_seconds": self.train_seconds}
+        now = self.step // self.loader.batches_per_epoch  # the epoch whose time it takes
+        record = {"step": self.step, "epoch": now, "train_seconds": self.train_seconds}
         self._log(
             {
                 **record,
