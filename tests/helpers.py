@@ -1,5 +1,5 @@
 """Shared test helpers: running the tools, a tiny (untrained) codec checkpoint for a data file,
-an HTTP server."""
+an HTTP server, the loader stream's preparations."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import Counter
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
 from pipeline.sources.splits import DataConfig, NormStats
+from pipeline.stream import ShardStream
 from ups.models.codec import Codec, CodecConfig, save_codec
 from ups.models.decoder import DecoderConfig
 from ups.models.encoder import EncoderConfig
@@ -50,6 +52,32 @@ TINY_CODEC = CodecConfig(
     EncoderConfig(patch=8, dim=32, depth=1, num_tokens=8, latent_dim=16),
     DecoderConfig(dim=32, depth=1),
 )
+
+
+def record_preparations(monkeypatch) -> list[tuple[int, int, int]]:
+    """(shard, epoch, the epoch the stream was in) of every shard the loader's stream prepares
+    for an epoch from now on, in the order it asks; streams in this process (threads) only."""
+    prepared: list[tuple[int, int, int]] = []
+    original = ShardStream._prepare
+
+    def recording(self, shard, epoch):
+        prepared.append((shard, epoch, self.epoch))
+        return original(self, shard, epoch)
+
+    monkeypatch.setattr(ShardStream, "_prepare", recording)
+    return prepared
+
+
+def groups_of_shards(stream: ShardStream, epochs) -> Counter:
+    """How often each (shard, epoch) is in a group of the stream's partitions: once, or twice
+    where two partitions split the shard."""
+    return Counter(
+        (shard, epoch)
+        for epoch in epochs
+        for p in range(stream.partitions)
+        for group in stream._groups(epoch, p)
+        for shard, _, _ in group
+    )
 
 
 def tiny_codec_checkpoint(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, ROOT, run_tool
+from helpers import ENV, ROOT, groups_of_shards, record_preparations, run_tool
 from test_train import SMALL_MODEL, build, config, free_port, read_jsonl, run_train_cli
 
 from pipeline.config import ConfigError, from_dict
@@ -28,7 +28,6 @@ from pipeline.records import ShardError
 from pipeline.samplers import ErrorImportance
 from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
-from pipeline.stream import ShardStream
 from ups.adaptive import PointError, error_definition, model_entry
 from ups.models.checkpoint import load_checkpoint
 from ups.training.train import TrainConfig, Trainer, batch_spec, build_models, train
@@ -288,14 +287,7 @@ def test_a_layer_added_mid_epoch_is_read_ahead_before_its_epoch(flow, tmp_path, 
     epoch's batches come from the layer."""
     fields = copy_set(flow["fields"], tmp_path / "fields")
     layer = layer_id_of(refresh_cli(fields, flow["root"] / "codec" / "checkpoint.pt", "2:3"))
-    prepared = []  # (shard, epoch, the epoch the stream was in) of the stream's preparations
-    original = ShardStream._prepare
-
-    def recording(self, shard, epoch):
-        prepared.append((shard, epoch, self.epoch))
-        return original(self, shard, epoch)
-
-    monkeypatch.setattr(ShardStream, "_prepare", recording)  # the loader's threads, here
+    prepared = record_preparations(monkeypatch)  # the loader's threads, in this process
     shards = open_shards(str(fields), layer=None)  # as a run starts: the layer is to come
     shards.await_layers([2])
     spec = batch_spec(config("stage=codec"))
@@ -319,13 +311,7 @@ def test_a_layer_added_mid_epoch_is_read_ahead_before_its_epoch(flow, tmp_path, 
         assert np.array_equal(got, indices)
     stream = loader.graph.source
     loader.close()
-    groups = Counter(  # how often each shard is in a group of an epoch (partitions may split it)
-        (shard, epoch)
-        for epoch in {epoch for _, epoch, _ in prepared}
-        for p in range(stream.partitions)
-        for group in stream._groups(epoch, p)
-        for shard, _, _ in group
-    )
+    groups = groups_of_shards(stream, {epoch for _, epoch, _ in prepared})
     twice = Counter((shard, epoch) for shard, epoch, _ in prepared) - groups
     assert not twice, f"(shard, epoch) prepared more often than in a group: {dict(twice)}"
 

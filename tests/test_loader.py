@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, ROOT, tiny_codec_checkpoint
+from helpers import ENV, ROOT, groups_of_shards, record_preparations, tiny_codec_checkpoint
 
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import ConfigError
@@ -27,7 +27,6 @@ from pipeline.schedules import ScheduleConfig
 from pipeline.shards import ShardSet, gather_queries, open_shards
 from pipeline.sources.generate import generate
 from pipeline.sources.splits import DataConfig
-from pipeline.stream import ShardStream
 from ups.models.codec import load_encoder
 
 # real shard sets streamed by real loader processes: the fast lane (pytest -m "not slow") leaves them out
@@ -299,25 +298,11 @@ def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, m
 def test_every_shard_is_prepared_once_per_epoch(latent_shards, monkeypatch):
     """A group's query sets are gathered and its arrays prepared once: reading ahead for one
     partition does not prepare again the group another partition streams."""
-    prepared = []
-    original = ShardStream._prepare
-
-    def counting(self, shard, epoch):
-        prepared.append((shard, epoch))
-        return original(self, shard, epoch)
-
-    monkeypatch.setattr(ShardStream, "_prepare", counting)
+    prepared = record_preparations(monkeypatch)
     loader = make_loader(latent_shards, process=False, partitions=2)
     run_epochs(loader, 3)
-    stream = loader.graph.source
-    groups = Counter(  # a shard split between two partitions is in two groups of an epoch
-        (shard, epoch)
-        for epoch in range(3)
-        for p in range(stream.partitions)
-        for group in stream._groups(epoch, p)
-        for shard, _, _ in group
-    )
-    assert Counter(prepared) == groups
+    once = Counter((shard, epoch) for shard, epoch, _ in prepared)
+    assert once == groups_of_shards(loader.graph.source, range(3))
 
 
 def test_corrupt_shard_mid_run_is_named(latent_shards, tmp_path):
