@@ -107,6 +107,47 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header begins with ``header_start``, by first cell."""
+    lines = markdown[markdown.index(header_start) :].splitlines()[2:]  # past header and rule
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_readme_table_is_the_h200_report(tmp_path) -> None:
+    """The README's time-to-accuracy table, row by row, is what the report of the committed
+    H200 results gives: seeds, seconds to dense's final validation nRMSE, speed-up, and test
+    one-step and 16-step nRMSE, rounded as the README rounds them."""
+    results = tmp_path / "bench_time_to_accuracy.json"
+    shutil.copy(ROOT / "docs/bench/steps_24000_h200/bench_time_to_accuracy.json", results)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--report", str(results)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "bench_time_to_accuracy.md").read_text()
+    reached = table_rows(report, "| configuration | s to dense val")
+    final = table_rows(report, "| configuration | seeds | train s")
+    readme = table_rows((ROOT / "README.md").read_text(), "| configuration | seeds | seconds to")
+    assert len(readme) >= 6 and "dense" in readme
+    for name, (seeds, seconds, speed_up, test) in readme.items():
+        config = name.replace(" (UPT-style)", "").replace("k/N ", "")
+        config = config.replace("error-based", "error")
+        assert final[config][0] == seeds, name
+        assert f"{float(reached[config][0]):,.0f}" == seconds.split(" (")[0], name
+        assert f"{float(reached[config][1].rstrip('x')):.1f}x" == speed_up.strip("*"), name
+        one_step, h16 = (final[config][i].split(" ±")[0] for i in (10, 12))
+        assert test == f"{one_step} / {h16}", name
+
+
 def test_a_file_with_no_finished_run_still_says_what_its_runs_share(report, tmp_path) -> None:
     """A study's first sitting can end before any run finishes: its report still names the
     codec (and the GPU model it was trained on), the sets and the dense pace that the file
