@@ -75,14 +75,12 @@ def test_warm_up_left_out_and_seeds_averaged_per_validation_step(report) -> None
     assert [p["range"] for p in mean] == [(0.03, 0.05), (0.02, 0.02), (0.01, 0.03)]
 
 
-def test_report_renders_the_committed_results(tmp_path) -> None:
-    """Both data sets' sections, the numbers docs/benchmarks.md and the README quote, and the
-    plots, rendered again from docs/bench/bench_time_to_accuracy.json."""
-    results = tmp_path / RESULTS.name
-    shutil.copy(RESULTS, results)
-    script = BENCH / "bench_time_to_accuracy.py"
+def render_report(results: Path, tmp_path: Path) -> str:
+    """The report ``--report`` renders from a copy of a committed results file (and prints)."""
+    copy = tmp_path / results.name
+    shutil.copy(results, copy)
     done = subprocess.run(
-        [sys.executable, str(script), "--report", str(results)],
+        [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--report", str(copy)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -91,6 +89,13 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "bench_time_to_accuracy.md").read_text()
     assert report.strip() == done.stdout.strip()  # printed as written
+    return report
+
+
+def test_report_renders_the_committed_results(tmp_path) -> None:
+    """Both data sets' sections, the numbers docs/benchmarks.md and the README quote, and the
+    plots, rendered again from docs/bench/bench_time_to_accuracy.json."""
+    report = render_report(RESULTS, tmp_path)
     ns2d = report[report.index("## NS 2D, 6000 steps") :]
     burgers = report[report.index("## Burgers 1D, 6000 steps") : report.index("## NS 2D")]
     # NS 2D: gradient 0.1's mean curve reaches dense's final val nRMSE 7.15x sooner (README)
@@ -123,17 +128,9 @@ def test_the_readme_table_is_the_h200_report(tmp_path) -> None:
     """The README's time-to-accuracy table, row by row, is what the report of the committed
     H200 results gives: seeds, seconds to dense's final validation nRMSE, speed-up, and test
     one-step and 16-step nRMSE, rounded as the README rounds them."""
-    results = tmp_path / "bench_time_to_accuracy.json"
-    shutil.copy(ROOT / "docs/bench/steps_24000_h200/bench_time_to_accuracy.json", results)
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_time_to_accuracy.py"), "--report", str(results)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
+    report = render_report(
+        ROOT / "docs/bench/steps_24000_h200/bench_time_to_accuracy.json", tmp_path
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = (tmp_path / "bench_time_to_accuracy.md").read_text()
     reached = table_rows(report, "| configuration | s to dense val")
     final = table_rows(report, "| configuration | seeds | train s")
     readme = table_rows((ROOT / "README.md").read_text(), "| configuration | seeds | seconds to")
