@@ -290,7 +290,7 @@ def render_group(group: Group, results: dict, out: Path) -> list[str]:
         lines += time_table(group)
     plot = out / f"bench_time_to_accuracy_{group.pde}_{group.steps}.png"
     draw(group, title, plot)
-    lines += [f"![validation nRMSE against training seconds]({plot.name})", ""]
+    lines += [f"![validation nRMSE against training seconds and against steps]({plot.name})", ""]
     return lines
 
 
@@ -671,57 +671,60 @@ def time_table(group: Group) -> list[str]:
 
 
 def draw(group: Group, title: str, path: Path) -> None:
-    """Validation one-step nRMSE against training seconds: one line per configuration (the
-    mean over seeds, shaded from the lowest seed to the highest: on a log axis a mean - std
-    below zero would shade down to the axis), log y; the dense target and 1.05x of it dashed."""
+    """Validation one-step nRMSE against training seconds (left) and against steps (right):
+    one line per configuration (the mean over seeds, shaded from the lowest seed to the
+    highest: on a log axis a mean - std below zero would shade down to the axis), log y; the
+    dense target and 1.05x of it dashed. The steps panel shows how much each configuration
+    learns per step, so the seconds panel's gaps read as what each step costs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5.5))
+    fig = Figure(figsize=(14, 5.5))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for name, runs in group.runs.items():
-        curve = group.seed_mean_curve(name)
-        if not curve:
-            continue
-        seconds = [p["train_seconds"] for p in curve]
-        mean = np.array([p["model_h1"] for p in curve])
-        low, high = np.array([p["range"] for p in curve]).T
-        config = CONFIGS[name]
-        ax.plot(
-            seconds,
-            mean,
-            color=config.colour,
-            linestyle=config.style,
-            label=f"{name} ({len(runs)})",
-        )
-        ax.fill_between(seconds, low, high, color=config.colour, alpha=0.15, linewidth=0)
-    for run in group.unfinished:
-        ax.plot(
-            [p["train_seconds"] for p in run["curve"]],
-            [p["model_h1"] for p in run["curve"]],
-            color=CONFIGS[run["config"]].colour,
-            linestyle=":",
-            linewidth=1.0,
-            label=f"{run['config']} seed {run['seed']} (unfinished, "
-            f"step {run['curve'][-1]['step']})",
-        )
-    if group.dense_val is not None:
-        for factor in (1.0, 1.05):
-            ax.axhline(
-                group.dense_val * factor,
-                color="black",
-                linewidth=0.7,
-                linestyle=(0, (4, 4)),
-                label="dense final val, 1.05x" if factor == 1.0 else None,
+    by_seconds, by_steps = fig.subplots(1, 2, sharey=True)
+    xlabels = {
+        "train_seconds": "training seconds (refreshes included; validation and warm-up excluded)",
+        "step": "operator steps",
+    }
+    for ax, x_key in ((by_seconds, "train_seconds"), (by_steps, "step")):
+        for name, runs in group.runs.items():
+            curve = group.seed_mean_curve(name)
+            if not curve:
+                continue
+            x = [p[x_key] for p in curve]
+            mean = np.array([p["model_h1"] for p in curve])
+            low, high = np.array([p["range"] for p in curve]).T
+            config = CONFIGS[name]
+            ax.plot(
+                x, mean, color=config.colour, linestyle=config.style, label=f"{name} ({len(runs)})"
             )
-    ax.set(
-        yscale="log",
-        xlabel="training seconds (refreshes included; validation and warm-up excluded)",
-        ylabel="validation one-step nRMSE",
-        title=f"{title}, operator stage, {group.steps} steps (mean over seeds, shaded: their range)",
+            ax.fill_between(x, low, high, color=config.colour, alpha=0.15, linewidth=0)
+        for run in group.unfinished:
+            ax.plot(
+                [p[x_key] for p in run["curve"]],
+                [p["model_h1"] for p in run["curve"]],
+                color=CONFIGS[run["config"]].colour,
+                linestyle=":",
+                linewidth=1.0,
+                label=f"{run['config']} seed {run['seed']} (unfinished, "
+                f"step {run['curve'][-1]['step']})",
+            )
+        if group.dense_val is not None:
+            for factor in (1.0, 1.05):
+                ax.axhline(
+                    group.dense_val * factor,
+                    color="black",
+                    linewidth=0.7,
+                    linestyle=(0, (4, 4)),
+                    label="dense final val, 1.05x" if factor == 1.0 else None,
+                )
+        ax.set(yscale="log", xlabel=xlabels[x_key])
+        ax.grid(alpha=0.3, which="both")
+    by_seconds.set(ylabel="validation one-step nRMSE", title="against training seconds")
+    by_steps.set(title="against steps")
+    by_seconds.legend(fontsize=7, ncol=2)
+    fig.suptitle(
+        f"{title}, operator stage, {group.steps} steps (mean over seeds, shaded: their range)"
     )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
