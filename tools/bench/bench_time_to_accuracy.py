@@ -18,7 +18,8 @@ dense runs' final validation nRMSE: convergence across budgets, which the last-2
 show under a schedule that anneals over any run's last 20 %.
 
 Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 or Burgers 1D at
-PDEBench's 1024 points, generated), field-only shards, one codec (or ``--codec PATH``), and one
+PDEBench's 1024 points, generated; or ``--data FILE``, a PDEBench HDF5 file of your own, whose
+grid, trajectories and snapshots then set the study's, and ``--pde`` its models), field-only shards, one codec (or ``--codec PATH``), and one
 latent shard set per sampler configuration and run length from it, each holding exactly the
 epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored
 epochs' sets, and the cosine schedule's dense tail falls on the runs' last epochs). The codec
@@ -49,6 +50,7 @@ report of its results in time_to_accuracy_report.py.
 
     python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --time-limit 500  # 4 GPUs, rerun until done
     python tools/bench/bench_time_to_accuracy.py --smoke --out-dir /tmp/tta --work /tmp/tta_work  # tiny, CPU
+    python tools/bench/bench_time_to_accuracy.py --pde ns2d --data 2D_CFD_128.hdf5 --out-dir runs/mine  # your data
     python tools/bench/bench_time_to_accuracy.py --report docs/bench/bench_time_to_accuracy.json
     python tools/bench/bench_time_to_accuracy.py --out-dir docs/bench --merge host2/bench_time_to_accuracy.json
 """
@@ -93,6 +95,7 @@ from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.schedules import ScheduleConfig
 from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
+from pipeline.sources.pdebench import DataError, PDEBenchFile
 from pipeline.storage import file_sha256, write_atomic
 
 RESULTS = "bench_time_to_accuracy.json"
@@ -204,16 +207,25 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
     """Data -> field shards -> codec -> one latent shard set per sampler configuration; every
     step is skipped when its output is complete, and a stopped build or codec resumes."""
     pde = PDES[args.pde]
-    root = Path(args.work) / f"{args.pde}_{args.resolution}_{args.trajectories}x{args.snapshots}"
-    root.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    data = root / "data.h5"
+    if args.data:  # the user's file, read where it is; its content names the work folder
+        data = Path(args.data)
+        data_sha = file_sha256(data)
+        root = Path(args.work) / f"{args.pde}_{slug(data.stem)}_{data_sha[:12]}"
+    else:
+        root = (
+            Path(args.work) / f"{args.pde}_{args.resolution}_{args.trajectories}x{args.snapshots}"
+        )
+        data = root / "data.h5"
+    root.mkdir(parents=True, exist_ok=True)
     if not data.exists():
         print(f"generating {args.pde} data: {data}", flush=True)
         generate(
             args.pde, data, args.trajectories, args.snapshots, args.resolution, seed=0,
             device=device, progress=False,
         )  # fmt: skip
+    if not args.data:
+        data_sha = file_sha256(data)
     fields = root / "fields"
     if not (fields / "manifest.json").exists():
         print(f"building field shards: {fields}", flush=True)
@@ -240,6 +252,8 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
     longest = epochs[max(args.steps)]
     info = {
         "title": pde.title,
+        # a file of the user's: its name (not where it lies on their machine) and content
+        **({"data_file": {"name": data.name, "sha256": data_sha}} if args.data else {}),
         "resolution": args.resolution,
         "trajectories": args.trajectories,
         "snapshots": args.snapshots,
@@ -256,7 +270,7 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
             "k_per_epoch": list(shards.k_per_epoch),
             "num_points": shards.manifest.num_points,
         }
-    return Setup(data, file_sha256(data), codec, codec_sha, epochs, sets, info)
+    return Setup(data, data_sha, codec, codec_sha, epochs, sets, info)
 
 
 def remember_setup(results: dict, args: argparse.Namespace, shared: Setup) -> None:
@@ -1058,9 +1072,17 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on a CPU")
     parser.add_argument("--pde", default="ns2d", choices=list(PDES))
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="a PDEBench-layout HDF5 file to study instead of generated data: its grid, "
+        "trajectories and snapshots set the study's, --pde the models trained on it",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="default: the PDE's")
-    parser.add_argument("--trajectories", type=int, default=256)
-    parser.add_argument("--snapshots", type=int, default=20, help="per trajectory (> 16 for h16)")
+    parser.add_argument("--trajectories", type=int, default=None, help="default: 256")
+    parser.add_argument(
+        "--snapshots", type=int, default=None, help="per trajectory (> 16 for h16; default: 20)"
+    )
     parser.add_argument(
         "--field-epochs", type=int, default=20, help="query sets of the codec's shards"
     )
@@ -1138,9 +1160,18 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--dense-gpus: an integer >= 1 expected, got {args.dense_gpus}")
     if min(args.steps) < 1 or len(set(args.steps)) != len(args.steps):
         parser.error(f"--steps: distinct positive integers expected, got {args.steps}")
+    sizes = ("resolution", "trajectories", "snapshots")
+    if args.data and any(getattr(args, name) is not None for name in sizes):
+        parser.error("--resolution, --trajectories, --snapshots: not with --data (the file's)")
     if args.smoke:  # the smoke sizes, where an option does not say otherwise
         parser.set_defaults(**SMOKE)
         args = parser.parse_args()
+    if args.data:
+        data_sizes(parser, args)
+    if args.trajectories is None:
+        args.trajectories = 256
+    if args.snapshots is None:
+        args.snapshots = 20
     if args.compile is None:  # each configuration at its fastest correct step
         args.compile = torch.cuda.is_available() and not args.smoke
     pde = PDES[args.pde]
@@ -1149,6 +1180,30 @@ def parse_args() -> argparse.Namespace:
     if args.codec_steps is None:
         args.codec_steps = pde.codec_steps
     return args
+
+
+def data_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--data: the file's grid (of the --pde's rank, square), trajectories and snapshots become
+    the study's, checked before any work."""
+    try:
+        with PDEBenchFile(args.data) as source:
+            info = source.info
+    except DataError as err:
+        parser.error(f"--data: {err}")
+    pde = PDES[args.pde]
+    if info.ndim != pde.ndim or len(set(info.grid)) != 1:
+        shape = "1D" if pde.ndim == 1 else f"square {pde.ndim}D"
+        parser.error(
+            f"--data {args.data}: a grid of {'x'.join(map(str, info.grid))} points; --pde "
+            f"{args.pde} trains models on {shape} grids (--pde picks the models)"
+        )
+    if info.num_trajectories < 3:
+        parser.error(
+            f"--data {args.data}: {info.num_trajectories} trajectories; train, val and test "
+            "splits need at least 3"
+        )
+    args.resolution, args.trajectories = info.grid[0], info.num_trajectories
+    args.snapshots = info.num_steps
 
 
 def write_report(results: dict, out: Path) -> None:

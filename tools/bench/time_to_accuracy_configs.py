@@ -70,6 +70,7 @@ class Pde:
     """A data set of the study: its grid, k_e rounding, and the models trained on it."""
 
     title: str
+    ndim: int  # the grid's rank: a --data file must have it
     resolution: int
     smoke_resolution: int
     multiple: int  # schedule.multiple: k_e rounded to a multiple of it
@@ -80,7 +81,7 @@ class Pde:
 
 PDES = {
     # the shipped models: codec test reconstruction 0.0121 in 8,000 steps, operator 0.07x persistence
-    "ns2d": Pde("NS 2D", 128, 32, 64, 8000),
+    "ns2d": Pde("NS 2D", 2, 128, 32, 64, 8000),
     # Burgers 1D at 1024 points: models sized like the NS 2D ones but narrower (128 patches of 8
     # points -> 64 tokens of 32, width 128, a 4-block operator), the NS 2D codec batch, lr and
     # loader, all spelt out because the shipped burgers1d configs are tuned for the 2-core CPU
@@ -90,6 +91,7 @@ PDES = {
     # At 1024 points on one H100 the codec reaches test reconstruction 0.0062 in 5,000 steps (158 s).
     "burgers1d": Pde(
         "Burgers 1D",
+        1,
         1024,
         128,
         32,

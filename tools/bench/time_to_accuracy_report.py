@@ -316,8 +316,10 @@ def setup_lines(setup: dict, settings: dict, steps: int) -> list[str]:
         for name, s in setup["sets"].items()
     )
     tail = any(SHARD_SETS[name].dense_tail for name in setup["sets"])
+    given = setup.get("data_file")
+    source = f"{given['name']} (sha256 {given['sha256'][:12]})" if given else "generated"
     return [
-        f"- data: generated, {setup['trajectories']} trajectories x {setup['snapshots']} snapshots "
+        f"- data: {source}, {setup['trajectories']} trajectories x {setup['snapshots']} snapshots "
         f"at resolution {setup['resolution']}, trajectory-disjoint train/val/test splits",
         f"- codec: {trained}; sha256 {codec['sha256'][:12]}",
         f"- latent shard sets: {epochs} epochs of query sets each "
