@@ -19,13 +19,13 @@ show under a schedule that anneals over any run's last 20 %.
 
 Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 or Burgers 1D at
 PDEBench's 1024 points, generated; or ``--data FILE``, a PDEBench HDF5 file of your own, whose
-grid, trajectories and snapshots then set the study's, and ``--pde`` its models), field-only shards, one codec (or ``--codec PATH``), and one
-latent shard set per sampler configuration and run length from it, each holding exactly the
-epochs its runs need (``loader.wrap_epochs=false``: the error-based refreshes replace stored
-epochs' sets, and the cosine schedule's dense tail falls on the runs' last epochs). The codec
-the study trains comes out bit for bit the same on the same GPU model, not on another, so a
-sitting on a fresh machine of that model trains it again, and one on another model is refused
-before any work unless given the file with ``--codec``.
+grid, trajectories and snapshots then set the study's, and ``--pde`` its models), field-only
+shards, one codec (or ``--codec PATH``), and one latent shard set per sampler configuration and
+run length from it, each holding exactly the epochs its runs need (``loader.wrap_epochs=false``:
+the error-based refreshes replace stored epochs' sets, and the cosine schedule's dense tail falls
+on the runs' last epochs). The codec the study trains comes out bit for bit the same on the
+same GPU model, not on another, so a sitting on a fresh machine of that model trains it again,
+and one on another model is refused before any work unless given the file with ``--codec``.
 
 Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. With
 ``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, and are timed at the
