@@ -1,5 +1,5 @@
-"""Shared test helpers: running the tools, a tiny (untrained) codec checkpoint for a data file,
-an HTTP server, the loader stream's preparations."""
+"""Shared test helpers: running the tools, HDF5 files in PDEBench's three layouts, a tiny
+(untrained) codec checkpoint for a data file, an HTTP server, the loader stream's preparations."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from collections import Counter
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
 
 from pipeline.sources.splits import DataConfig, NormStats
@@ -46,6 +48,39 @@ def run_tool(script: Path, *args: str, timeout: float = 120) -> subprocess.Compl
 
 def manifest_of(root: Path) -> dict:
     return json.loads((Path(root) / "manifest.json").read_text())
+
+
+# HDF5 files in PDEBench's three layouts, of random values
+RNG = np.random.default_rng(0)
+
+
+def write_1d(path, n=3, t=5, x=16, t_entries=None):
+    with h5py.File(path, "w") as f:
+        f["tensor"] = RNG.normal(size=(n, t, x)).astype(np.float32)
+        f["x-coordinate"] = np.linspace(0, 1, x, dtype=np.float32)
+        f["t-coordinate"] = np.arange(t_entries or t + 1, dtype=np.float32) * 0.05
+    return path
+
+
+def write_cfd(path, n=2, t=4, h=8, w=6):
+    with h5py.File(path, "w") as f:
+        for key in ("density", "pressure", "Vx", "Vy"):
+            f[key] = RNG.normal(size=(n, t, h, w)).astype(np.float32)
+        f["x-coordinate"] = np.linspace(0, 1, h, dtype=np.float32)
+        f["y-coordinate"] = np.linspace(0, 1, w, dtype=np.float32)
+        f["t-coordinate"] = np.arange(t + 1, dtype=np.float32) * 0.01
+    return path
+
+
+def write_grouped(path, n=3, t=4, h=8, w=8, c=2):
+    with h5py.File(path, "w") as f:
+        for i in range(n):
+            g = f.create_group(f"{i:04d}")
+            g["data"] = RNG.normal(size=(t, h, w, c)).astype(np.float32)
+            g["grid/x"] = np.linspace(0, 1, h, dtype=np.float32)
+            g["grid/y"] = np.linspace(0, 1, w, dtype=np.float32)
+            g["grid/t"] = np.arange(t, dtype=np.float32) * 0.5
+    return path
 
 
 TINY_CODEC = CodecConfig(

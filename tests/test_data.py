@@ -6,42 +6,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import write_1d, write_cfd, write_grouped
 
 import pipeline.sources.splits as splits_module
 from pipeline.sources.generate import generate, ns_rhs
 from pipeline.sources.pdebench import DataError, PDEBenchFile
 from pipeline.sources.splits import NormStats, split_trajectories
-
-RNG = np.random.default_rng(0)
-
-
-def write_1d(path, n=3, t=5, x=16, t_entries=None):
-    with h5py.File(path, "w") as f:
-        f["tensor"] = RNG.normal(size=(n, t, x)).astype(np.float32)
-        f["x-coordinate"] = np.linspace(0, 1, x, dtype=np.float32)
-        f["t-coordinate"] = np.arange(t_entries or t + 1, dtype=np.float32) * 0.05
-    return path
-
-
-def write_cfd(path, n=2, t=4, h=8, w=6):
-    with h5py.File(path, "w") as f:
-        for key in ("density", "pressure", "Vx", "Vy"):
-            f[key] = RNG.normal(size=(n, t, h, w)).astype(np.float32)
-        f["x-coordinate"] = np.linspace(0, 1, h, dtype=np.float32)
-        f["y-coordinate"] = np.linspace(0, 1, w, dtype=np.float32)
-        f["t-coordinate"] = np.arange(t + 1, dtype=np.float32) * 0.01
-    return path
-
-
-def write_grouped(path, n=3, t=4, h=8, w=8, c=2):
-    with h5py.File(path, "w") as f:
-        for i in range(n):
-            g = f.create_group(f"{i:04d}")
-            g["data"] = RNG.normal(size=(t, h, w, c)).astype(np.float32)
-            g["grid/x"] = np.linspace(0, 1, h, dtype=np.float32)
-            g["grid/y"] = np.linspace(0, 1, w, dtype=np.float32)
-            g["grid/t"] = np.arange(t, dtype=np.float32) * 0.5
-    return path
 
 
 def test_1d_layout(tmp_path):

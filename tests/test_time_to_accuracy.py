@@ -16,10 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
+from helpers import write_1d, write_cfd
 
 from pipeline.storage import file_sha256
 
@@ -662,35 +661,13 @@ def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> N
     assert "Unfinished runs" not in (out / "bench_time_to_accuracy.md").read_text()
 
 
-def write_pdebench_cfd(path: Path, trajectories: int = 12, steps: int = 6, size: int = 32) -> Path:
-    """A PDEBench 2D CFD file (density, pressure, Vx, Vy; N x T x X x Y, coordinates beside):
-    smooth travelling waves, each trajectory its own phases."""
-    rng = np.random.default_rng(1)
-    x = np.linspace(0, 1, size, endpoint=False)
-    gx, gy = np.meshgrid(x, x, indexing="ij")
-    with h5py.File(path, "w") as f:
-        for channel, key in enumerate(("density", "pressure", "Vx", "Vy")):
-            values = np.empty((trajectories, steps, size, size), np.float32)
-            for n in range(trajectories):
-                px, py = rng.uniform(0, 2 * np.pi, 2)
-                for t in range(steps):
-                    values[n, t] = (
-                        1
-                        + channel
-                        + np.sin(2 * np.pi * gx + px + 0.1 * t) * np.cos(2 * np.pi * gy + py)
-                    )
-            f[key] = values
-        f["x-coordinate"] = f["y-coordinate"] = x.astype(np.float32)
-        f["t-coordinate"] = np.arange(steps + 1, dtype=np.float32) * 0.05
-    return path
-
-
 def test_a_study_on_a_pdebench_file_of_ones_own(tmp_path) -> None:
     """--data: a PDEBench 2D CFD file is studied in place of generated data. Its grid,
     trajectories and snapshots are the study's, every run records its sha256, and the report
     names it; a file the PDE's models cannot take, or sizes given beside it, are refused before
     any work."""
-    data = write_pdebench_cfd(tmp_path / "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_32_Train.hdf5")
+    name = "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_32_Train.hdf5"
+    data = write_cfd(tmp_path / name, n=12, t=6, h=32, w=32)
     script = BENCH / "bench_time_to_accuracy.py"
     out = tmp_path / "out"
     command = [sys.executable, str(script), "--smoke", "--data", str(data), "--work",
@@ -710,11 +687,7 @@ def test_a_study_on_a_pdebench_file_of_ones_own(tmp_path) -> None:
     report = (out / "bench_time_to_accuracy.md").read_text()
     assert f"- data: {data.name} (sha256 {sha[:12]}), 12 trajectories x 6 snapshots at " in report
 
-    line = tmp_path / "1D_Burgers_Sols_Nu0.01.hdf5"
-    with h5py.File(line, "w") as f:
-        f["tensor"] = np.ones((12, 6, 64), np.float32)
-        f["x-coordinate"] = np.linspace(0, 1, 64, dtype=np.float32)
-        f["t-coordinate"] = np.arange(7, dtype=np.float32)
+    line = write_1d(tmp_path / "1D_Burgers_Sols_Nu0.01.hdf5", n=12, t=6, x=64)
     for options, message in (
         (["--pde", "burgers1d"], f"--data {data}: a grid of 32x32 points; --pde burgers1d "
                                  "trains models on 1D grids"),
