@@ -217,15 +217,14 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
             Path(args.work) / f"{args.pde}_{args.resolution}_{args.trajectories}x{args.snapshots}"
         )
         data = root / "data.h5"
-    root.mkdir(parents=True, exist_ok=True)
-    if not data.exists():
-        print(f"generating {args.pde} data: {data}", flush=True)
-        generate(
-            args.pde, data, args.trajectories, args.snapshots, args.resolution, seed=0,
-            device=device, progress=False,
-        )  # fmt: skip
-    if not args.data:
+        if not data.exists():
+            print(f"generating {args.pde} data: {data}", flush=True)
+            generate(
+                args.pde, data, args.trajectories, args.snapshots, args.resolution, seed=0,
+                device=device, progress=False,
+            )  # fmt: skip
         data_sha = file_sha256(data)
+    root.mkdir(parents=True, exist_ok=True)
     fields = root / "fields"
     if not (fields / "manifest.json").exists():
         print(f"building field shards: {fields}", flush=True)
