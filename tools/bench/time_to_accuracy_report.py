@@ -688,9 +688,10 @@ def draw(group: Group, title: str, path: Path) -> None:
         "train_seconds": "training seconds (refreshes included; validation and warm-up excluded)",
         "step": "operator steps",
     }
+    curves = {name: group.seed_mean_curve(name) for name in group.runs}  # one for both panels
     for ax, x_key in ((by_seconds, "train_seconds"), (by_steps, "step")):
         for name, runs in group.runs.items():
-            curve = group.seed_mean_curve(name)
+            curve = curves[name]
             if not curve:
                 continue
             x = [p[x_key] for p in curve]
