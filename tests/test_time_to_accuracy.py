@@ -309,6 +309,40 @@ def test_time_left_for_a_configuration_never_finished_comes_from_its_unfinished_
     assert bench.seconds_to_go(study.Job("dense", 1, 400), tmp_path) == pytest.approx(1000 + 30)
 
 
+def test_time_left_for_a_configuration_never_run_comes_from_one_of_the_same_ratios(
+    study, tmp_path
+) -> None:
+    """A configuration with no history of its own is not started blind by --finish-in-time
+    when configurations of the same ratios and options have finished runs: the slowest of
+    their means, plus, for error-based sets, the refreshing runs' mean refresh seconds. Those
+    of other ratios or other options (dense, on-the-fly, the cosine schedule) lend nothing."""
+
+    def finished(config: str, wall: float, refresh: float = 0.0) -> dict:
+        return {"pde": "ns2d", "config": config, "steps": 400, "wall_seconds": wall,
+                "train_seconds": wall - 100, "refresh_seconds": refresh}  # fmt: skip
+
+    bench = study.Study.__new__(study.Study)  # its estimate needs no setup
+    bench.results = {
+        "runs": [
+            finished("uniform 0.3", 600), finished("uniform 0.3", 640),
+            finished("stratified 0.3", 610), finished("uniform 0.1", 370),
+            finished("error 0.1", 500, refresh=120), finished("error 0.1", 480, refresh=110),
+        ],
+    }  # fmt: skip
+    bench.args = argparse.Namespace(pde="ns2d", dense_gpus=1)
+
+    def estimate(config: str) -> float | None:
+        return bench.seconds_to_go(study.Job(config, 0, 400), tmp_path)
+
+    assert estimate("gradient 0.3") == pytest.approx(620)  # uniform 0.3's mean, the slower
+    assert estimate("error 0.3") == pytest.approx(620 + 115)
+    assert estimate("gradient 0.1") == pytest.approx(370)
+    for config in ("dense", "on-the-fly uniform 0.1", "cosine 1.0->0.2 + dense tail"):
+        assert estimate(config) is None, config
+    bench.results["runs"] = [r for r in bench.results["runs"] if r["config"] != "error 0.1"]
+    assert estimate("error 0.3") is None  # no refresh has been timed
+
+
 def test_an_unfinished_curve_gives_way_only_to_one_that_got_further(study, tmp_path) -> None:
     """A run that an earlier sitting left unfinished at step 800 and this sitting runs again
     from the start keeps the earlier curve in the results file until its own passes it."""

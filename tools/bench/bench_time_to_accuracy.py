@@ -88,6 +88,7 @@ from time_to_accuracy_configs import (
     SMOKE,
     SMOKE_MODEL,
     dense_tail_epochs,
+    step_kin,
 )
 from time_to_accuracy_report import pace_gpu, render, timed_on, warmup
 
@@ -579,7 +580,10 @@ class Study:
         the mean of the finished runs of its configuration on as many GPUs; failing those, for
         a one-GPU run, the pace of the furthest curve a sitting left unfinished (a run its time
         limit stopped, its checkpoint gone with that machine) plus the finished one-GPU runs'
-        mean seconds outside training; None when the file holds neither."""
+        mean seconds outside training; failing that too, the slowest mean of the finished
+        one-GPU runs of its ``step_kin`` (the same ratios and options), plus, for an
+        error-based configuration, the finished refreshing runs' mean refresh seconds; None
+        when the file holds none of these."""
         gpus = self.args.dense_gpus if self.wide(job) else 1
         finished = [
             r
@@ -603,11 +607,32 @@ class Study:
             outside = [r["wall_seconds"] - r["train_seconds"] for r in finished]
             whole = furthest["train_seconds"] / furthest["step"] * job.steps
             whole += statistics.mean(outside) if outside else 0.0
+        elif (kin := self.kin_seconds(job, finished)) is not None and gpus == 1:
+            whole = kin
         else:
             return None
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         share = 1 - last[-1] / job.steps if last and (run_dir / "checkpoint.pt").exists() else 1
         return whole * share
+
+    @staticmethod
+    def kin_seconds(job: Job, finished: list[dict]) -> float | None:
+        """A never-run configuration's whole wall-clock, borrowed from its ``step_kin``'s
+        finished runs (the slowest configuration's mean) and, if it refreshes, from the
+        refreshing runs' refresh seconds; None when they have not run."""
+        kin = {r["config"] for r in finished} & set(step_kin(job.config))
+        if not kin:
+            return None
+        whole = max(
+            statistics.mean(r["wall_seconds"] for r in finished if r["config"] == name)
+            for name in kin
+        )
+        if CONFIGS[job.config].refresh:
+            refreshes = [r["refresh_seconds"] for r in finished if CONFIGS[r["config"]].refresh]
+            if not refreshes:
+                return None
+            whole += statistics.mean(refreshes)
+        return whole
 
     def collect(self, job: Job, run_dir: Path, segments: list[dict]) -> dict:
         """A finished run's numbers, from its metrics.jsonl and test_metrics.json."""
@@ -1140,8 +1165,9 @@ def parse_args() -> argparse.Namespace:
         "--finish-in-time",
         action="store_true",
         help="start only runs that finished runs of their configuration (failing those, the "
-        "pace of a curve it left unfinished) say end before --time-limit (a sitting whose "
-        "machine is handed back after it: a run it stops starts again next time)",
+        "pace of a curve it left unfinished, or the finished runs of a configuration of the same "
+        "ratios) say end before --time-limit (a sitting whose machine is handed back after it: "
+        "a run it stops starts again next time)",
     )
     parser.add_argument(
         "--progress-every",

@@ -65,6 +65,26 @@ CONFIGS = {
 }
 
 
+def step_kin(config: str) -> list[str]:
+    """The configurations whose steps cost what ``config``'s do, refreshes aside: the same
+    ratio per epoch and the same train.py options (their samplers differ only in which points
+    they pick). --finish-in-time borrows their pace for a configuration with no history."""
+    own = CONFIGS[config]
+
+    def ratios(c: Config) -> tuple:
+        spec = SHARD_SETS[c.shards]
+        return spec.start_ratio, spec.end_ratio, spec.dense_tail
+
+    return [
+        name
+        for name, other in CONFIGS.items()
+        if name != config
+        and not other.refresh
+        and other.options == own.options
+        and ratios(other) == ratios(own)
+    ]
+
+
 @dataclass(frozen=True)
 class Pde:
     """A data set of the study: its grid, k_e rounding, and the models trained on it."""
