@@ -607,7 +607,7 @@ class Study:
             outside = [r["wall_seconds"] - r["train_seconds"] for r in finished]
             whole = furthest["train_seconds"] / furthest["step"] * job.steps
             whole += statistics.mean(outside) if outside else 0.0
-        elif (kin := self.kin_seconds(job, finished)) is not None and gpus == 1:
+        elif gpus == 1 and (kin := self.kin_seconds(job, finished)) is not None:
             whole = kin
         else:
             return None
