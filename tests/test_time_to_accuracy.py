@@ -701,8 +701,8 @@ def test_a_run_a_sitting_ends_leaves_its_curve_so_far_and_resumes(tmp_path) -> N
 def test_a_study_on_a_pdebench_file_of_ones_own(tmp_path) -> None:
     """--data: a PDEBench 2D CFD file is studied in place of generated data. Its grid,
     trajectories and snapshots are the study's, every run records its sha256, and the report
-    names it; a file the PDE's models cannot take, or sizes given beside it, are refused before
-    any work."""
+    names it; a file the PDE's models cannot take, one of fewer than 3 trajectories, or sizes
+    given beside it, are refused before any work."""
     name = "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_32_Train.hdf5"
     data = write_cfd(tmp_path / name, n=12, t=6, h=32, w=32)
     script = BENCH / "bench_time_to_accuracy.py"
@@ -725,6 +725,7 @@ def test_a_study_on_a_pdebench_file_of_ones_own(tmp_path) -> None:
     assert f"- data: {data.name} (sha256 {sha[:12]}), 12 trajectories x 6 snapshots at " in report
 
     line = write_1d(tmp_path / "1D_Burgers_Sols_Nu0.01.hdf5", n=12, t=6, x=64)
+    two = write_cfd(tmp_path / "2D_CFD_two.hdf5", n=2, t=6, h=32, w=32)
     for options, message in (
         (["--pde", "burgers1d"], f"--data {data}: a grid of 32x32 points; --pde burgers1d "
                                  "trains models on 1D grids"),
@@ -732,6 +733,8 @@ def test_a_study_on_a_pdebench_file_of_ones_own(tmp_path) -> None:
         (["--data", str(line)], f"--data {line}: a grid of 64 points; --pde ns2d trains "
                                 "models on square 2D grids"),
         (["--data", str(tmp_path / "none.h5")], f"--data: {tmp_path / 'none.h5'}: no such"),
+        (["--data", str(two)], f"--data {two}: 2 trajectories; train, val and test splits "
+                               "need at least 3"),
     ):  # fmt: skip
         refused = subprocess.run(
             [*command, *options, "--out-dir", str(tmp_path / "refused")],
