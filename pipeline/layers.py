@@ -47,7 +47,7 @@ from pipeline.manifest import (
     shard_name,
 )
 from pipeline.query_codec import Slot, query_slots
-from pipeline.records import LayerBlock, ShardBlock, ShardError, StoredRecords, layer_schema
+from pipeline.records import LayerBlock, ShardError, SnapshotFields, StoredRecords, layer_schema
 from pipeline.samplers import ErrorImportance, ErrorSampler
 from pipeline.stages import QueryPlanStage, StageClock
 from pipeline.storage import (
@@ -261,7 +261,8 @@ class LayerWriter:
     """Writes one layer of ``shards`` (a train ShardSet opened at the chain to extend): shards one
     by one (each rank of a distributed refresh its own), then :meth:`finalize` on one rank.
 
-    ``error_of(block)`` returns the per-point error (S, N) of a shard's snapshots on ``device``:
+    ``error_of(block)`` returns the per-point error (S, N) of a shard's snapshots (a
+    SnapshotFields) on ``device``:
     the model-specific part, handed in by the caller (ups/adaptive.py)."""
 
     def __init__(self, shards, request: LayerRequest, device: torch.device):
@@ -329,16 +330,17 @@ class LayerWriter:
 
     def write_shards(
         self,
-        error_of: Callable[[ShardBlock], torch.Tensor],
+        error_of: Callable[[SnapshotFields], torch.Tensor],
         indices: list[int],
         progress: Callable[[int], None] | None = None,
         workers: int = 4,
     ) -> None:
         """Compute and write shards ``indices`` (those a rerun finds whole are kept). The next
-        shard is read while one is on the device, and up to ``workers`` shards are written at
-        once behind it, in threads of a :class:`WritePool`: a refresh is short and runs inside
-        training, where starting worker processes (seconds, the first time) would cost more
-        than the interpreter lock they would free."""
+        shard's ids, fields and latent are read while one is on the device (not its query sets
+        of every epoch, most of its bytes: :meth:`ShardSet.read_fields`), and up to ``workers``
+        shards are written at once behind it, in threads of a :class:`WritePool`: a refresh is
+        short and runs inside training, where starting worker processes (seconds, the first
+        time) would cost more than the interpreter lock they would free."""
         todo = []
         for index in indices:
             if part_is_done(self.tmp, self._part(index), self.request_id):
@@ -349,7 +351,7 @@ class LayerWriter:
         if not todo:
             return
         with ThreadPoolExecutor(1) as reader, WritePool(workers, processes=False) as writers:
-            read = lambda i: self.shards.read_shard(i, cache=False)  # noqa: E731
+            read = self.shards.read_fields
             ahead = reader.submit(read, todo[0])
             pending: deque[Future[float]] = deque()
             for position, index in enumerate(todo):
@@ -388,7 +390,7 @@ class LayerWriter:
         )
 
     @torch.no_grad()
-    def plan_block(self, block: ShardBlock, error: torch.Tensor) -> LayerBlock:
+    def plan_block(self, block: SnapshotFields, error: torch.Tensor) -> LayerBlock:
         """A shard's layer records from its snapshots' per-point error (S, N)."""
         manifest = self.shards.manifest
         fields = None

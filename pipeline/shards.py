@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -24,9 +24,17 @@ from pipeline.formats import FORMATS
 from pipeline.layers import LayerReader, layer_chain, layer_location, read_layer_record
 from pipeline.manifest import ShardEntry, read_listed, read_manifest
 from pipeline.query_codec import Slot, decode_sets, query_slots
-from pipeline.records import LayerBlock, ShardBlock, ShardError, trajectory_ids
+from pipeline.records import (
+    LayerBlock,
+    ShardBlock,
+    ShardError,
+    SnapshotFields,
+    trajectory_ids,
+)
 from pipeline.samplers import weights_from_scale
 from pipeline.storage import RemoteConfig
+
+R = TypeVar("R", ShardBlock, SnapshotFields)
 
 
 @dataclass
@@ -239,19 +247,28 @@ class ShardSet:
         """
         if cache and self._cached is not None and self._cached[0] == index:
             return self._cached[1]
+        block = self._read(index, ShardBlock)
+        if cache:
+            self._cached = (index, block)
+        return block
+
+    def read_fields(self, index: int) -> SnapshotFields:
+        """Shard ``index``'s ids, fields and latent, checked as :meth:`read_shard`'s block: what
+        a refresh's error needs, without the query sets of every epoch (not cached)."""
+        return self._read(index, SnapshotFields)
+
+    def _read(self, index: int, record: type[R]) -> R:
         shard = self.shards[index]
-        block = self._reader.read(shard)
-        assert isinstance(block, ShardBlock)  # the reader of manifest.stored(split)
+        block = self._reader.read(shard, record)
+        assert isinstance(block, record)  # what the reader was asked for
         if len(block) != shard.count:
             raise ShardError(
                 f"{self.location}: shard {index} of '{self.split}' holds {len(block)} snapshots, manifest says {shard.count}"
             )
         self._check_ids(index, shard, block)
-        if cache:
-            self._cached = (index, block)
         return block
 
-    def _check_ids(self, index: int, shard: ShardEntry, block: ShardBlock) -> None:
+    def _check_ids(self, index: int, shard: ShardEntry, block: ShardBlock | SnapshotFields) -> None:
         """A shard must hold the snapshots the manifest says, in order: a listed, checksummed file
         copied over another shard's (or a manifest pointing at the wrong one) is refused here."""
         expected = trajectory_ids(shard.trajectories, self.steps)

@@ -24,7 +24,7 @@ from test_train import SMALL_MODEL, build, config, free_port, read_jsonl, run_tr
 from pipeline.config import ConfigError, from_dict
 from pipeline.layers import LAYERS, LayerRequest, LayerWriter
 from pipeline.loader import LoaderConfig, ShardLoader
-from pipeline.records import ShardError
+from pipeline.records import ShardError, SnapshotFields
 from pipeline.samplers import ErrorImportance
 from pipeline.shards import open_shards
 from pipeline.sources.generate import generate
@@ -159,6 +159,34 @@ def test_layer_sets_are_unbiased_for_their_stored_q(flow, tmp_path):
         print(f"{name}: {d.size} estimates, mean relative deviation {d.mean():+.2e}, z = {z:+.2f}")
         assert abs(z) < 4, f"{name}: the layer's weighted estimates are biased (z = {z:.1f})"
         assert d.std() > 0, "the estimates must vary: the sets are sparse"
+
+
+def test_a_refresh_reads_no_query_sets(flow, tmp_path):
+    """read_fields gives read_shard's ids, fields and latent in both formats. It reads no query
+    sets: with a zarr chunk of them edited, read_shard refuses the shard while read_fields and a
+    whole refresh (tools/refresh_queries.py, format=zarr) go on, to the layer a clean set gets."""
+    for fmt in ("zarr", "wds"):
+        shards = open_shards(str(flow["latents"]), "train", fmt)
+        for index in range(len(shards.shards)):
+            full, part = shards.read_shard(index, cache=False), shards.read_fields(index)
+            assert type(part) is SnapshotFields and part.latent is not None
+            for name in SnapshotFields.names():
+                np.testing.assert_array_equal(getattr(part, name), getattr(full, name))
+    ckpt = flow["root"] / "codec" / "checkpoint.pt"
+    clean = copy_set(flow["fields"], tmp_path / "clean")
+    expected = layer_id_of(refresh_cli(clean, ckpt, "1:3", "format=zarr"))
+    edited = copy_set(flow["fields"], tmp_path / "edited")
+    chunk = edited / "zarr/train/queries/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    shards = open_shards(str(edited), "train", "zarr")
+    with pytest.raises(ShardError, match=r"zarr/train/queries/c/0/0: checksum mismatch"):
+        shards.read_shard(0, cache=False)
+    np.testing.assert_array_equal(
+        shards.read_fields(0).fields, open_shards(str(clean), "train", "zarr").read_shard(0).fields
+    )
+    assert layer_id_of(refresh_cli(edited, ckpt, "1:3", "format=zarr")) == expected
 
 
 def test_killed_refresh_is_never_visible_and_reruns_to_the_same_bytes(flow, tmp_path):

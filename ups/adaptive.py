@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, check
 from pipeline.layers import LayerRequest, LayerWriter
-from pipeline.records import ShardBlock
+from pipeline.records import SnapshotFields
 from pipeline.samplers import ErrorImportance
 from pipeline.shards import ShardSet
 from ups.models.codec import Codec
@@ -136,7 +136,7 @@ class PointError:
         return torch.cat(out)
 
     @torch.no_grad()
-    def __call__(self, block: ShardBlock) -> torch.Tensor:
+    def __call__(self, block: SnapshotFields) -> torch.Tensor:
         fields = torch.from_numpy(block.fields).to(self.device)
         target = self.norm.normalize(fields)  # (S, C, *grid)
         if self.operator is None:
@@ -185,7 +185,7 @@ class Refreshed:
 
 def refresh(
     shards: ShardSet,
-    error_of: Callable[[ShardBlock], torch.Tensor],
+    error_of: Callable[[SnapshotFields], torch.Tensor],
     request: LayerRequest,
     device: torch.device,
     rank: int = 0,

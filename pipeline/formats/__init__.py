@@ -42,7 +42,9 @@ class ShardReader(Protocol):
 
     def __init__(self, location: str, split: str, stored: StoredRecords, remote=None) -> None: ...
 
-    def read(self, shard: ShardEntry) -> _Record: ...
+    def read(self, shard: ShardEntry, record: type[_Record] | None = None) -> _Record:
+        """Shard ``shard`` as a ``record`` (default: the stored record type), reading only the
+        arrays that record holds."""
 
 
 class ShardFormat(NamedTuple):

@@ -173,13 +173,16 @@ class WdsReader:
         arrays = [name for name in self.schema if name not in ID_ARRAYS]
         self.arrays, self.members = arrays, {"meta.json", *(f"{n}.npy" for n in arrays)}
 
-    def read(self, shard: ShardEntry) -> _Record:
+    def read(self, shard: ShardEntry, record: type[_Record] | None = None) -> _Record:
+        """The tar is read and checked whole; only ``record``'s members are decoded."""
+        record = record or self.stored.record
+        arrays = [name for name in self.arrays if name in record.names()]
         url = join(self.location, shard.tar)
         data = read_listed(self.stored.files, self.location, shard.tar, self.remote)
         samples = _samples(url, data, self.members)
         if not samples:
             raise ShardError(f"{url}: holds no samples")
-        columns: dict[str, list] = {name: [] for name in (*ID_ARRAYS, *self.arrays)}
+        columns: dict[str, list] = {name: [] for name in (*ID_ARRAYS, *arrays)}
         for key, sample in samples:
             missing = sorted(self.members - set(sample))
             if missing:
@@ -187,7 +190,7 @@ class WdsReader:
             meta = _meta(f"{url}: member '{key}.meta.json'", key, sample["meta.json"])
             for name in ID_ARRAYS:
                 columns[name].append(meta[name])
-            for name in self.arrays:
+            for name in arrays:
                 where = f"{url}: member '{key}.{name}.npy'"
                 array = _load_npy(sample[f"{name}.npy"], where)
                 shape, dtype = self.schema[name]
@@ -197,7 +200,7 @@ class WdsReader:
                         f"{shape} {np.dtype(dtype)}"
                     )
                 columns[name].append(array)
-        return self.stored.record(
+        return record(
             **{name: np.asarray(columns.pop(name), dtype=np.int64) for name in ID_ARRAYS},
             **{name: np.stack(values) for name, values in columns.items()},
         )

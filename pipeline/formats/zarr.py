@@ -256,7 +256,13 @@ class ZarrReader:
                 )
             self._arrays[name] = array
 
-    def read(self, shard: ShardEntry) -> _Record:
+    def read(self, shard: ShardEntry, record: type[_Record] | None = None) -> _Record:
+        record = record or self._record
+        wanted = record.names()  # the other arrays' chunks are not read
         stop = shard.start + shard.count
-        data = {name: np.asarray(arr[shard.start : stop]) for name, arr in self._arrays.items()}
-        return self._record(**data)
+        data = {
+            name: np.asarray(arr[shard.start : stop])
+            for name, arr in self._arrays.items()
+            if name in wanted
+        }
+        return record(**data)

@@ -402,7 +402,7 @@ class Bench:
         norm = shards.manifest.data.norm
         total, sq, m = None, 0.0, 0
         for index in range(len(shards.shards)):
-            fields = torch.from_numpy(shards.read_shard(index, cache=False).fields)
+            fields = torch.from_numpy(shards.read_fields(index).fields)
             x = norm.normalize(fields.to(self.device))
             for s in range(len(x)):
                 _, g_s, _ = self.loss_and_grad(x[s : s + 1], None, None)
@@ -580,7 +580,7 @@ class Bench:
         self.sync()
         clock = time.perf_counter()
         for index in range(len(shards.shards)):
-            block = shards.read_shard(index, cache=False)
+            block = shards.read_fields(index)
             lap("read")
             error = error_of(block).float()
             lap("error")
