@@ -189,6 +189,25 @@ def test_a_refresh_reads_no_query_sets(flow, tmp_path):
     assert layer_id_of(refresh_cli(edited, ckpt, "1:3", "format=zarr")) == expected
 
 
+def test_the_shard_read_benchmark_reads_less_for_a_refresh(tmp_path):
+    """tools/bench/bench_shard_reads.py on a small set: a row per ratio and format, and
+    read_fields returning fewer bytes than read_shard (no query sets) in every one."""
+    out = tmp_path / "reads.md"
+    result = run_tool(
+        ROOT / "tools" / "bench" / "bench_shard_reads.py", "--resolution", "32",
+        "--trajectories", "6", "--steps", "5", "--trajectories-per-shard", "2", "--epochs", "20",
+        "--ratios", "0.1", "0.3", "--repeats", "1", "--out", out, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench" / "reads.json").read_text())["results"]
+    assert {(r["ratio"], r["format"]) for r in rows} == {
+        (ratio, fmt) for ratio in (0.1, 0.3) for fmt in ("zarr", "wds")
+    }
+    for r in rows:
+        assert 0 < r["read_fields_bytes"] < r["read_shard_bytes"], r
+    assert out.read_text().count("| 0.3 | wds |") == 1
+
+
 def test_killed_refresh_is_never_visible_and_reruns_to_the_same_bytes(flow, tmp_path):
     clean = copy_set(flow["fields"], tmp_path / "clean")
     ckpt = flow["root"] / "codec" / "checkpoint.pt"

@@ -26,7 +26,10 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.samplers import SamplerConfig
 from pipeline.schedules import ScheduleConfig
 from pipeline.sources.generate import generate
-from pipeline.sources.splits import DataConfig
+from pipeline.sources.splits import DataConfig, NormStats
+from ups.models.codec import Codec, CodecConfig, load_encoder, save_codec
+from ups.models.decoder import DecoderConfig
+from ups.models.encoder import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 Item = TypeVar("Item")
@@ -174,6 +177,34 @@ def build_field_shards(
             device=device,
         )
     )
+
+
+def build_latent_shards(
+    data: Path, out: Path, epochs: int, ratio: float, trajectories_per_shard: int = 2
+) -> Path:
+    """Latent shards (both formats) of ``epochs`` gradient query sets of k/N ``ratio``, encoded
+    by a small untrained codec saved beside them: an operator-stage set's layout and bytes
+    without a codec to train (what the loader and read benchmarks measure)."""
+    source, splits = DataConfig(path=str(data)).open()
+    norm = NormStats.from_trajectories(source, splits["train"], progress=False)
+    cfg = CodecConfig(
+        EncoderConfig(patch=8, dim=64, depth=1, num_tokens=64, latent_dim=64),
+        DecoderConfig(dim=64, depth=1),
+    )
+    codec = out.parent / f"{out.name}.codec.pt"
+    save_codec(codec, Codec(cfg, source.info), norm)
+    build = BuildConfig(
+        data=DataConfig(path=str(data)),
+        out=str(out),
+        encoder=str(codec),
+        epochs=epochs,
+        sampler=SamplerConfig(kind="gradient"),
+        schedule=ScheduleConfig(start_ratio=ratio),
+        trajectories_per_shard=trajectories_per_shard,
+        progress=False,
+    )
+    run_build(build, load_encoder=load_encoder)
+    return out
 
 
 def read_jsonl(path: Path) -> list[dict]:

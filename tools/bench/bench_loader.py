@@ -18,45 +18,20 @@ from pathlib import Path
 
 import torch
 import zarr
-from bench_common import environment_lines, forever, markdown_table
+from bench_common import build_latent_shards, environment_lines, forever, markdown_table
 
-from pipeline.build import BuildConfig, run_build
 from pipeline.collate import BatchSpec, Collate
 from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.records import ShardBlock
-from pipeline.samplers import SamplerConfig
-from pipeline.schedules import ScheduleConfig
 from pipeline.shards import gather_queries, open_shards
 from pipeline.sources.generate import generate
-from pipeline.sources.splits import DataConfig, NormStats
-from ups.models.codec import Codec, CodecConfig, load_encoder, save_codec
-from ups.models.decoder import DecoderConfig
-from ups.models.encoder import EncoderConfig
 
 
 def build_set(root: Path, resolution: int, trajectories: int, steps: int) -> Path:
     data = generate(
         "ns2d", root / "ns.h5", trajectories, steps, resolution, seed=0, dt=0.5, progress=False
     )
-    source, splits = DataConfig(path=str(data)).open()
-    norm = NormStats.from_trajectories(source, splits["train"], progress=False)
-    cfg = CodecConfig(
-        EncoderConfig(patch=8, dim=64, depth=1, num_tokens=64, latent_dim=64),
-        DecoderConfig(dim=64, depth=1),
-    )
-    save_codec(root / "codec.pt", Codec(cfg, source.info), norm)
-    build = BuildConfig(
-        data=DataConfig(path=str(data)),
-        out=str(root / "shards"),
-        encoder=str(root / "codec.pt"),
-        epochs=2,
-        sampler=SamplerConfig(kind="gradient"),
-        schedule=ScheduleConfig(start_ratio=0.1),
-        trajectories_per_shard=2,
-        progress=False,
-    )
-    run_build(build, load_encoder=load_encoder)
-    return Path(build.out)
+    return build_latent_shards(data, root / "shards", epochs=2, ratio=0.1)
 
 
 # what every loader here produces: operator-stage pairs with latents and sparse terms for both
