@@ -16,14 +16,18 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_common import build_latent_shards, environment_lines, markdown_table, synthetic_data
 
+from pipeline.records import ShardBlock, SnapshotFields
 from pipeline.shards import ShardSet, open_shards
 
 
-def seconds_per_shard(shards: ShardSet, read, repeats: int) -> tuple[float, int]:
+def seconds_per_shard(
+    shards: ShardSet, read: Callable[[int], ShardBlock | SnapshotFields], repeats: int
+) -> tuple[float, int]:
     """(the median over ``repeats`` passes of a pass's seconds per shard, bytes per shard)."""
     passes, nbytes = [], 0
     for _ in range(repeats):
