@@ -3,7 +3,8 @@
 Every format holds the same logical records (pipeline/records.py) and is listed file by file in
 the manifest. A writer creates a set's files under a build's output directory, one shard at a
 time; a reader reads one shard of a split back as a record block (a ShardBlock, or a layer's
-LayerBlock), verified against the manifest.
+LayerBlock; or, asked for a narrower record such as SnapshotFields, only that record's arrays),
+verified against the manifest.
 Adding a format is a module with these two classes and a line here.
 """
 
