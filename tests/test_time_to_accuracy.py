@@ -129,7 +129,8 @@ def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
 
 def test_the_readme_table_is_the_h200_report(tmp_path) -> None:
     """The README's time-to-accuracy table, row by row, is what the report of the committed
-    H200 results gives: seeds, seconds to dense's final validation nRMSE, speed-up, and test
+    H200 results gives: seeds, seconds to dense's final validation nRMSE (or, where the mean
+    curve never reaches it, "not reached" and the seconds to 1.05x of it), speed-up, and test
     one-step and 16-step nRMSE, rounded as the README rounds them."""
     report = render_report(
         ROOT / "docs/bench/steps_24000_h200/bench_time_to_accuracy.json", tmp_path
@@ -145,8 +146,12 @@ def test_the_readme_table_is_the_h200_report(tmp_path) -> None:
     for name, (seeds, seconds, speed_up, test) in readme.items():
         config = configs[name]
         assert final[config][0] == seeds, name
-        assert f"{float(reached[config][0]):,.0f}" == seconds.split(" (")[0], name
-        assert f"{float(reached[config][1].rstrip('x')):.1f}x" == speed_up.strip("*"), name
+        if reached[config][0] == "not reached":  # the mean curve ends above the target
+            assert seconds.startswith("not reached") and speed_up == "-", name
+            assert f"1.05x of it: {float(reached[config][3]):,.0f}" in seconds, name
+        else:
+            assert f"{float(reached[config][0]):,.0f}" == seconds.split(" (")[0], name
+            assert f"{float(reached[config][1].rstrip('x')):.1f}x" == speed_up.strip("*"), name
         one_step, h16 = (final[config][i].split(" ±")[0] for i in (10, 12))
         assert test == f"{one_step} / {h16}", name
 
