@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.grid import grid_coordinates
-from pipeline.records import ShardBlock
+from pipeline.records import ShardBlock, SnapshotBlock
 from pipeline.shards import QuerySets, ShardSet
 from pipeline.sources.splits import NormStats
 
@@ -143,7 +143,9 @@ class Collate:
             pin_memory=pin_memory,
         )
 
-    def prepare(self, block: ShardBlock, queries: QuerySets | None) -> dict[str, np.ndarray]:
+    def prepare(
+        self, block: ShardBlock | SnapshotBlock, queries: QuerySets | None
+    ) -> dict[str, np.ndarray]:
         """A shard's arrays as batches hold them, for one epoch (S = snapshots in the shard)."""
         arrays = {"snapshot_id": block.snapshot_id}  # (S,)
         if self.spec.sparse_steps:

@@ -71,6 +71,21 @@ class ShardBlock(_Record):
 
 
 @dataclass
+class SnapshotBlock(_Record):
+    """A shard's snapshots without their query sets: what the training stream reads once and
+    keeps, reading each epoch's coded sets apart (ShardSet.read_codes) where the format stores
+    them in chunks of their own (zarr); the sets of all epochs are most of a shard's bytes."""
+
+    snapshot_id: np.ndarray  # (S,) int64
+    trajectory: np.ndarray  # (S,) int64
+    time: np.ndarray  # (S,) int64
+    fields: np.ndarray  # (S, C, *grid) float32, physical units
+    importance: np.ndarray  # (S, N) float32, q
+    pi_scale: np.ndarray  # (S, E, 2) int64, as ShardBlock's
+    latent: np.ndarray | None = None  # (S, T, D), absent in field-only shards
+
+
+@dataclass
 class SnapshotFields(_Record):
     """What a refresh needs of a shard's snapshots: ids, target fields and latent. Read alone
     (ShardSet.read_fields), it leaves the query sets of every epoch unread, most of a shard's

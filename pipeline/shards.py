@@ -28,13 +28,14 @@ from pipeline.records import (
     LayerBlock,
     ShardBlock,
     ShardError,
+    SnapshotBlock,
     SnapshotFields,
     trajectory_ids,
 )
 from pipeline.samplers import weights_from_scale
 from pipeline.storage import RemoteConfig
 
-R = TypeVar("R", ShardBlock, SnapshotFields)
+R = TypeVar("R", ShardBlock, SnapshotBlock, SnapshotFields)
 
 
 @dataclass
@@ -47,25 +48,27 @@ class QuerySets:
 
 
 def gather_queries(
-    block: ShardBlock,
+    block: ShardBlock | SnapshotBlock,
+    codes: np.ndarray,
     slot: Slot,
     k: int,
     beta: float,
     where: str = "shard",
     sets: LayerBlock | None = None,
 ) -> QuerySets:
-    """Decode a block's query sets of one stored epoch (its ``slot``) and gather the fields and
-    q there; the sets (q, codes, pi_scale) of a layer's block ``sets`` when given.
+    """Decode a block's coded query sets of one stored epoch (``codes``, (S, slot bytes), the
+    epoch's ``slot`` of the queries rows) and gather the fields and q there; q and pi_scale are
+    those of a layer's block ``sets`` when the codes came from it.
 
     Vectorised over the block, so the streaming loader does it once per shard and epoch in its
     read-ahead threads, not per example; in numpy, which stays on the calling thread (see
     :func:`weights_from_scale`). The weights follow from the stored q and the two integers of
     ``pi_scale``: only q at the k points is read.
     """
-    source: ShardBlock | LayerBlock = block if sets is None else sets
+    source: ShardBlock | SnapshotBlock | LayerBlock = block if sets is None else sets
     s, n = len(block), block.importance.shape[1]
     try:
-        indices = decode_sets(source.queries[:, slot.rows], n, k, slot, where)  # (S, k)
+        indices = decode_sets(codes, n, k, slot, where)  # (S, k)
     except ValueError as err:
         raise ShardError(str(err)) from None
     fields = block.fields.reshape(s, -1, n)  # (S, C, N)
@@ -201,17 +204,59 @@ class ShardSet:
         return layer.read(shard, trajectory_ids(shard.trajectories, self.steps))
 
     def epoch_queries(
-        self, block: ShardBlock, index: int, epoch: int, wrap: bool, sets: LayerBlock | None
+        self,
+        block: ShardBlock | SnapshotBlock,
+        index: int,
+        epoch: int,
+        wrap: bool,
+        sets: LayerBlock | None,
+        codes: np.ndarray | None = None,
     ) -> QuerySets:
         """Shard ``index``'s (``block``'s) query sets of ``epoch``: from ``sets``, the shard's
-        block of the epoch's layer (:meth:`layer_of`), where it has one."""
+        block of the epoch's layer (:meth:`layer_of`), where it has one; else from ``codes``
+        (:meth:`read_codes`), or from the block itself when it holds every epoch's."""
         stored, k = self.k_for_epoch(epoch, wrap)
         layer = self.layer_of(stored)
         slot = self.slots[stored] if layer is None else layer.record.slot(stored)
         where = f"{self.location}: shard {index} of '{self.split}', epoch {epoch}"
         if layer is not None:
             where += f" (layer {layer.record.id[:12]})"
-        return gather_queries(block, slot, k, self.beta, where, sets)
+            if sets is None:
+                raise ValueError(f"{where}: the epoch's sets are in a layer; pass its block")
+            codes = sets.queries[:, slot.rows]
+        elif codes is None:
+            if not isinstance(block, ShardBlock):
+                raise ValueError(f"{where}: a block without query sets needs read_codes' codes")
+            codes = block.queries[:, slot.rows]
+        return gather_queries(block, codes, slot, k, self.beta, where, sets)
+
+    @property
+    def sets_apart(self) -> bool:
+        """True where an epoch's coded query sets are read on their own (zarr chunks them apart),
+        so that a stream reads :meth:`read_block` once and :meth:`read_codes` each epoch; False
+        where a shard's file is read whole anyway (a tar) and its block carries every epoch's."""
+        return self._reader.sets_apart
+
+    def read_block(self, index: int) -> ShardBlock | SnapshotBlock:
+        """What a stream keeps of shard ``index``: its SnapshotBlock where :attr:`sets_apart`,
+        else its whole ShardBlock; checked as :meth:`read_shard`'s (not cached)."""
+        if self.sets_apart:
+            return self._read(index, SnapshotBlock)
+        return self._read(index, ShardBlock)
+
+    def read_codes(self, index: int, stored: int) -> np.ndarray:
+        """Shard ``index``'s coded query sets of stored epoch ``stored`` in the set's own sets:
+        (S, slot bytes) uint8, read from the chunks holding that slot only (zarr)."""
+        shard, slot = self.shards[index], self.slots[stored]
+        if slot.nbytes == 0:  # a dense epoch stores no set
+            return np.zeros((shard.count, 0), dtype=np.uint8)
+        codes = self._reader.read_columns(shard, "queries", slot.rows)
+        if codes.shape != (shard.count, slot.nbytes):
+            raise ShardError(
+                f"{self.location}: shard {index} of '{self.split}': query sets of epoch {stored} "
+                f"read as {codes.shape}, expected {(shard.count, slot.nbytes)}"
+            )
+        return codes
 
     @property
     def sample_set_id(self) -> str:
@@ -268,7 +313,9 @@ class ShardSet:
         self._check_ids(index, shard, block)
         return block
 
-    def _check_ids(self, index: int, shard: ShardEntry, block: ShardBlock | SnapshotFields) -> None:
+    def _check_ids(
+        self, index: int, shard: ShardEntry, block: ShardBlock | SnapshotBlock | SnapshotFields
+    ) -> None:
         """A shard must hold the snapshots the manifest says, in order: a listed, checksummed file
         copied over another shard's (or a manifest pointing at the wrong one) is refused here."""
         expected = trajectory_ids(shard.trajectories, self.steps)

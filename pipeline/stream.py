@@ -13,7 +13,9 @@ partitions, not on the number of ranks: a checkpoint resumes on any world size t
 ``partitions`` (as MosaicML Streaming's canonical nodes do).
 
 Decoded shards stay in a bounded RAM cache (``cache_mb``), so a split that fits is read and
-verified once, not every epoch. A shard's query sets of an epoch are decoded, gathered and
+verified once, not every epoch. Where the format stores each epoch's query sets in chunks of
+their own (zarr), the cache holds shards without them and an epoch reads only its own sets:
+those of all epochs are most of a shard's bytes. A shard's query sets of an epoch are decoded, gathered and
 normalised in one vectorised pass over the shard (``gather_queries``, ``Collate.prepare``), in
 threads ahead of the stream, so each snapshot is prepared once per epoch and the collate only
 cuts batches out of prepared arrays.
@@ -36,8 +38,10 @@ from torchdata.nodes import BaseNode
 from pipeline.collate import Collate
 from pipeline.config import check
 from pipeline.loader_config import LoaderConfig
-from pipeline.records import LayerBlock, ShardBlock, ShardError
+from pipeline.records import LayerBlock, ShardBlock, ShardError, SnapshotBlock
 from pipeline.shards import ShardSet
+
+Block = ShardBlock | SnapshotBlock | LayerBlock  # what a stream reads of a shard and keeps
 
 _ORDER_STREAM, _SHUFFLE_STREAM = 1, 2
 
@@ -138,9 +142,11 @@ class ShardStream(BaseNode[dict]):
         # (epoch, partition, group) -> per shard (its reads, decoded)
         self._ahead: dict[tuple[int, int, int], list[tuple[list[Future], Future]]] = {}
         # (shard, layer id or None) -> its block (or layer block), least recently used first
-        self._cache: OrderedDict[tuple[int, str | None], ShardBlock | LayerBlock] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str | None], Block] = OrderedDict()
         self._cache_bytes, self._cache_limit = 0, cfg.cache_mb * 2**20
-        self._reading: dict[tuple[int, str | None], Future] = {}  # reads in flight
+        # reads in flight: those of blocks by their cache key, those of an epoch's coded sets
+        # (ShardSet.read_codes, never cached) by (shard, "codes <stored epoch>")
+        self._reading: dict[tuple[int, str | None], Future] = {}
         self._layers_seen = 0  # layers in the chain at the last read-ahead
         self._plans: dict[tuple[int, int], list[list[tuple[int, int, int]]]] = {}
 
@@ -198,7 +204,9 @@ class ShardStream(BaseNode[dict]):
         }
         self._reading = {key: f for key, f in self._reading.items() if id(f) in pending}
 
-    def _blocks(self, cursor: _Cursor) -> list[tuple[ShardBlock, dict[str, np.ndarray]]]:
+    def _blocks(
+        self, cursor: _Cursor
+    ) -> list[tuple[ShardBlock | SnapshotBlock, dict[str, np.ndarray]]]:
         """The cursor's group's shard blocks with their arrays prepared for its epoch. Its shards
         are read and prepared in parallel, and the next ``read_ahead`` groups of every partition
         of this rank (of this epoch or the next) are already in flight while this one streams.
@@ -218,26 +226,30 @@ class ShardStream(BaseNode[dict]):
 
     def _prepare(self, shard: int, epoch: int) -> tuple[list[Future], Future]:
         """Futures of the shard's reads (its block, and its block of the epoch's layer if the
-        epoch has one) and of (block, its arrays prepared for ``epoch``)."""
+        epoch has one, else the epoch's coded sets where they are read apart) and of (block,
+        its arrays prepared for ``epoch``)."""
         reads = [self._read(shard, None)]
         if self.collate.spec.sparse_steps:
             stored, _ = self.shards.k_for_epoch(epoch, self.wrap_epochs)
             layer = self.shards.layer_of(stored)
             if layer is not None:
                 reads.append(self._read(shard, layer))
+            elif self.shards.sets_apart:
+                reads.append(self._read_codes(shard, stored))
         assert self._decode is not None, "reset() starts the decode threads"
         return reads, self._decode.submit(self._decoded, reads, shard, epoch)
 
     def _decoded(
         self, reads: list[Future], shard: int, epoch: int
-    ) -> tuple[ShardBlock, dict[str, np.ndarray]]:
+    ) -> tuple[ShardBlock | SnapshotBlock, dict[str, np.ndarray]]:
         """(block, its arrays for ``epoch``): the epoch's query sets decoded and gathered, then
         the collate's per-shard preparation. Runs in the ``_decode`` threads."""
-        blocks = [read.result()[1] for read in reads]
-        block, queries = blocks[0], None
+        block, *rest = [read.result()[1] for read in reads]
+        queries = None
         if self.collate.spec.sparse_steps:
-            sets = blocks[1] if len(blocks) > 1 else None
-            queries = self.shards.epoch_queries(block, shard, epoch, self.wrap_epochs, sets)
+            sets = next((r for r in rest if isinstance(r, LayerBlock)), None)
+            codes = next((r for r in rest if isinstance(r, np.ndarray)), None)
+            queries = self.shards.epoch_queries(block, shard, epoch, self.wrap_epochs, sets, codes)
         return block, self.collate.prepare(block, queries)
 
     def _read(self, shard: int, layer) -> Future:
@@ -251,17 +263,30 @@ class ShardStream(BaseNode[dict]):
             return done
         if key not in self._reading:
             assert self._pool is not None, "reset() starts the read threads"
-            read: Callable[[], tuple[tuple[int, str | None], ShardBlock | LayerBlock]]
+            read: Callable[[], tuple[tuple[int, str | None], Block]]
             if layer is None:
-                read = lambda: (key, self.shards.read_shard(shard, cache=False))  # noqa: E731
+                read = lambda: (key, self.shards.read_block(shard))  # noqa: E731
             else:
                 read = lambda: (key, self.shards.read_layer(layer, shard))  # noqa: E731
             self._reading[key] = self._pool.submit(read)
         return self._reading[key]
 
-    def _remember(self, key: tuple[int, str | None], block: ShardBlock | LayerBlock) -> None:
-        """Keep decoded blocks (least recently used out first) within ``cache_mb``."""
-        if key in self._cache or block.nbytes > self._cache_limit:
+    def _read_codes(self, shard: int, stored: int) -> Future:
+        """A future of (key, the shard's coded sets of stored epoch ``stored``): a read in
+        flight, or a new one. An epoch's sets are used once (unless epochs wrap), so unlike
+        blocks they are not cached."""
+        key = (shard, f"codes {stored}")
+        if key not in self._reading:
+            assert self._pool is not None, "reset() starts the read threads"
+            self._reading[key] = self._pool.submit(
+                lambda: (key, self.shards.read_codes(shard, stored))
+            )
+        return self._reading[key]
+
+    def _remember(self, key: tuple[int, str | None], block: Block | np.ndarray) -> None:
+        """Keep decoded blocks (least recently used out first) within ``cache_mb``; an epoch's
+        coded sets are not kept."""
+        if isinstance(block, np.ndarray) or key in self._cache or block.nbytes > self._cache_limit:
             return
         self._cache[key] = block
         self._cache_bytes += block.nbytes

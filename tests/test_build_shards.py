@@ -32,6 +32,7 @@ from helpers import (
     tiny_codec_checkpoint,
 )
 
+import pipeline.formats.zarr as zarr_format
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
 from pipeline.records import ShardError
@@ -297,6 +298,41 @@ def test_a_set_whose_every_epoch_is_dense_builds_and_reads(burgers, tmp_path):
             np.testing.assert_array_equal(iz, np.arange(n))
             np.testing.assert_array_equal(iw, np.arange(n))
             assert np.all(wz == 1.0) and np.all(ww == 1.0)
+
+
+def test_an_epoch_reads_only_the_chunks_of_its_query_sets(burgers, tmp_path, monkeypatch):
+    """zarr cuts the query sets' byte axis into chunks of their own (QUERY_CHUNK_BYTES, made
+    small here so that this small grid's 12 epochs span several, slots straddling chunk edges):
+    the manifest lists every chunk, an epoch's coded sets read apart are the whole record's slot
+    in both formats, and a read of one epoch does not touch another epoch's chunk, which a
+    missing chunk file shows."""
+    monkeypatch.setattr(zarr_format, "QUERY_CHUNK_BYTES", 16)
+    args = build_args(burgers, tmp_path / "chunked", encoder=None)
+    args = [a for a in args if not a.startswith("epochs=")]
+    args += ["epochs=12", "sampler.kind=gradient", "schedule.kind=linear"]
+    args += ["schedule.start_ratio=0.5", "schedule.end_ratio=0.2"]
+    root = build_here(args)
+    zs, ws = open_shards(root, "train", "zarr"), open_shards(root, "train", "wds")
+    assert zs.sets_apart and not ws.sets_apart
+    row = zs.manifest.record_schema()["queries"][0][0]  # bytes of a snapshot's 12 sets
+    chunks = -(-row // 16)
+    assert chunks > 3
+    files = manifest_of(root)["files"]
+    for index in range(len(zs.shards)):
+        listed = {n for n in files if n.startswith(f"zarr/train/queries/c/{index}/")}
+        assert listed == {f"zarr/train/queries/c/{index}/{j}" for j in range(chunks)}
+    for index in range(len(zs.shards)):
+        whole = zs.read_shard(index, cache=False).queries
+        for epoch, slot in enumerate(zs.slots):
+            np.testing.assert_array_equal(zs.read_codes(index, epoch), whole[:, slot.rows])
+            np.testing.assert_array_equal(ws.read_codes(index, epoch), whole[:, slot.rows])
+    first, last = zs.slots[0], zs.slots[-1]
+    assert (last.offset + last.nbytes - 1) // 16 == chunks - 1 and first.nbytes <= 16
+    (root / f"zarr/train/queries/c/0/{chunks - 1}").unlink()
+    zs = open_shards(root, "train", "zarr")
+    zs.read_codes(0, 0)  # epoch 0's slot lies in the first chunk
+    with pytest.raises(ShardError, match=rf"queries/c/0/{chunks - 1}: missing shard file"):
+        zs.read_codes(0, len(zs.slots) - 1)
 
 
 # ---------------------------------------------------------------- 2. determinism

@@ -189,9 +189,11 @@ def test_a_refresh_reads_no_query_sets(flow, tmp_path):
     assert layer_id_of(refresh_cli(edited, ckpt, "1:3", "format=zarr")) == expected
 
 
-def test_the_shard_read_benchmark_reads_less_for_a_refresh(tmp_path):
-    """tools/bench/bench_shard_reads.py on a small set: a row per ratio and format, and
-    read_fields returning fewer bytes than read_shard (no query sets) in every one."""
+def test_the_shard_read_benchmark_reads_less_for_a_refresh_and_an_epoch(tmp_path):
+    """tools/bench/bench_shard_reads.py on a small set: a result per ratio and format, a row
+    per read; read_fields returning fewer bytes than read_shard (no query sets) in every one,
+    and a stream's block and one epoch's sets fewer than the whole record where the format
+    reads them apart (zarr), a tar's block the whole record."""
     out = tmp_path / "reads.md"
     result = run_tool(
         ROOT / "tools" / "bench" / "bench_shard_reads.py", "--resolution", "32",
@@ -205,7 +207,12 @@ def test_the_shard_read_benchmark_reads_less_for_a_refresh(tmp_path):
     }
     for r in rows:
         assert 0 < r["read_fields_bytes"] < r["read_shard_bytes"], r
-    assert out.read_text().count("| 0.3 | wds |") == 1
+        assert 0 < r["read_codes_bytes"] < r["read_block_bytes"], r
+        if r["format"] == "zarr":
+            assert r["read_block_bytes"] + 20 * r["read_codes_bytes"] == r["read_shard_bytes"], r
+        else:
+            assert r["read_block_bytes"] == r["read_shard_bytes"], r
+    assert out.read_text().count("| 0.3 | wds |") == 4  # one row per read
 
 
 def test_killed_refresh_is_never_visible_and_reruns_to_the_same_bytes(flow, tmp_path):

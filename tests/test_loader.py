@@ -277,17 +277,25 @@ def test_windows_longer_than_the_trajectories(latent_shards):
 
 
 def test_shard_cache_reads_each_shard_once_and_changes_no_batch(latent_shards, monkeypatch):
-    reads = []
-    original = ShardSet.read_shard
+    """With the cache, a zarr shard's block (without its query sets) is read once, and each
+    epoch reads only that epoch's coded sets of each shard."""
+    reads, code_reads = [], []
+    read_block, read_codes = ShardSet.read_block, ShardSet.read_codes
 
-    def counting(self, index, cache=True):
+    def counting(self, index):
         reads.append(index)
-        return original(self, index, cache)
+        return read_block(self, index)
 
-    monkeypatch.setattr(ShardSet, "read_shard", counting)  # counts reads in this process
+    def counting_codes(self, index, stored):
+        code_reads.append((index, stored))
+        return read_codes(self, index, stored)
+
+    monkeypatch.setattr(ShardSet, "read_block", counting)  # counts reads in this process
+    monkeypatch.setattr(ShardSet, "read_codes", counting_codes)
     cached = run_epochs(make_loader(latent_shards, process=False), 3)
     shards = len(open_shards(str(latent_shards)).shards)
     assert sorted(reads) == list(range(shards)), "a split that fits the cache is read once"
+    assert sorted(code_reads) == sorted((i, e) for i in range(shards) for e in range(3))
     reads.clear()
     # (a read still in flight is shared: no read-ahead here, so none spans two epochs)
     uncached = run_epochs(make_loader(latent_shards, cache_mb=0, read_ahead=0, process=False), 3)
@@ -480,7 +488,8 @@ def test_query_sets_with_a_wrong_count_are_refused(latent_shards, moves):
     shards = open_shards(str(latent_shards))
     block = shards.read_shard(0, cache=False)
     k, slot = shards.k_per_epoch[0], shards.slots[0]
-    assert gather_queries(block, slot, k, shards.beta).indices.shape == (len(block), k)
+    codes = block.queries[:, slot.rows]
+    assert gather_queries(block, codes, slot, k, shards.beta).indices.shape == (len(block), k)
     held = shards.manifest.num_points - k if slot.complement else k
     first = held * slot.low_bits  # where the one-bit-per-point part starts
     bits = [np.unpackbits(block.queries[row, slot.rows]) for row in (0, 1)]
@@ -491,4 +500,4 @@ def test_query_sets_with_a_wrong_count_are_refused(latent_shards, moves):
     for row, row_bits in enumerate(bits):
         block.queries[row, slot.rows] = np.packbits(row_bits)
     with pytest.raises(ShardError, match=r"shard 0: .* hold \["):
-        gather_queries(block, slot, k, shards.beta, "shard 0")
+        gather_queries(block, block.queries[:, slot.rows], slot, k, shards.beta, "shard 0")

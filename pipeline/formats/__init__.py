@@ -3,8 +3,8 @@
 Every format holds the same logical records (pipeline/records.py) and is listed file by file in
 the manifest. A writer creates a set's files under a build's output directory, one shard at a
 time; a reader reads one shard of a split back as a record block (a ShardBlock, or a layer's
-LayerBlock; or, asked for a narrower record such as SnapshotFields, only that record's arrays),
-verified against the manifest.
+LayerBlock; or, asked for a narrower record such as SnapshotFields, only that record's arrays;
+or some columns of one array: an epoch's coded query sets), verified against the manifest.
 Adding a format is a module with these two classes and a line here.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple, Protocol
+
+import numpy as np
 
 from pipeline.formats.wds import WdsReader, WdsWriter
 from pipeline.formats.zarr import ZarrReader, ZarrWriter
@@ -41,11 +43,18 @@ class ShardWriter(Protocol):
 class ShardReader(Protocol):
     """Reads shards of one split, each verified against the manifest before it is used."""
 
+    sets_apart: bool  # True where read_columns reads an epoch's query sets without the rest
+
     def __init__(self, location: str, split: str, stored: StoredRecords, remote=None) -> None: ...
 
     def read(self, shard: ShardEntry, record: type[_Record] | None = None) -> _Record:
         """Shard ``shard`` as a ``record`` (default: the stored record type), reading only the
         arrays that record holds."""
+
+    def read_columns(self, shard: ShardEntry, name: str, columns: slice) -> np.ndarray:
+        """``columns`` (of the axis after the snapshot axis) of array ``name`` of the shard's
+        snapshots: one epoch's coded query sets, read apart from the rest where the format
+        stores them apart (zarr's chunks)."""
 
 
 class ShardFormat(NamedTuple):

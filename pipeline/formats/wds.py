@@ -161,6 +161,8 @@ class WdsReader:
     schema: a crafted tar (members missing, extra or of another dtype or shape, a pickle, a bad
     ``meta.json``) is refused with a ShardError naming the tar and the member."""
 
+    sets_apart = False  # a tar is read whole: its samples carry every epoch's query sets
+
     def __init__(
         self,
         location: str,
@@ -176,7 +178,16 @@ class WdsReader:
     def read(self, shard: ShardEntry, record: type[_Record] | None = None) -> _Record:
         """The tar is read and checked whole; only ``record``'s members are decoded."""
         record = record or self.stored.record
-        arrays = [name for name in self.arrays if name in record.names()]
+        columns = self._decode(shard, [name for name in self.arrays if name in record.names()])
+        return record(**columns)
+
+    def read_columns(self, shard: ShardEntry, name: str, columns: slice) -> np.ndarray:
+        """``columns`` of array ``name`` of the shard's snapshots: a tar is read and checked
+        whole all the same, so this saves only the other members' decoding."""
+        return self._decode(shard, [name])[name][:, columns]
+
+    def _decode(self, shard: ShardEntry, arrays: list[str]) -> dict[str, np.ndarray]:
+        """The ids and ``arrays`` of the shard's samples, each checked against the schema."""
         url = join(self.location, shard.tar)
         data = read_listed(self.stored.files, self.location, shard.tar, self.remote)
         samples = _samples(url, data, self.members)
@@ -200,7 +211,7 @@ class WdsReader:
                         f"{shape} {np.dtype(dtype)}"
                     )
                 columns[name].append(array)
-        return record(
+        return {
             **{name: np.asarray(columns.pop(name), dtype=np.int64) for name in ID_ARRAYS},
             **{name: np.stack(values) for name, values in columns.items()},
-        )
+        }

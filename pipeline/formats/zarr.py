@@ -3,6 +3,9 @@
 Arrays are chunked along the snapshot axis in blocks of ``chunk`` snapshots -- one block per
 output shard -- and zstd-compressed, so a reader request returns a contiguous block of
 snapshots and every writer owns whole chunks (no two processes ever touch one chunk file).
+The query sets are also chunked along their byte axis, every ``QUERY_CHUNK_BYTES``: an epoch's
+sets (one slot of that axis, pipeline/query_codec.py) are then read from the one or two chunk
+files holding its slot, not with the sets of every other epoch.
 
 The store describes itself: every array carries zarr v3 ``dimension_names`` and a build gives the
 root and split groups attributes (docs/shard-format.md, "Zarr store"), all written once at
@@ -12,6 +15,7 @@ creation and deterministic (no times, no paths), so a rebuild leaves every ``zar
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +40,28 @@ from pipeline.storage import (
 )
 
 ZSTD_LEVEL = 3  # fast; the query sets' codes are near their entropy bound already
+# bytes of a snapshot's query sets per chunk: NS 2D 128x128 holds 16-32 epochs' sets in one
+QUERY_CHUNK_BYTES = 32768
 
 
-def chunk_path(split: str, name: str, chunk_index: int, ndim: int) -> str:
-    """Relative path of the chunk file holding block ``chunk_index`` of ``split/name`` (v3 default keys)."""
-    return "/".join([split, name, "c", str(chunk_index), *["0"] * (ndim - 1)])
+def chunk_shape(name: str, chunk: int, tail: tuple[int, ...]) -> tuple[int, ...]:
+    """The chunk shape of array ``name`` whose snapshots are ``tail``-shaped: ``chunk`` snapshots
+    by every axis whole, but the query sets' bytes cut every ``QUERY_CHUNK_BYTES``."""
+    if name == "queries" and tail[0] > QUERY_CHUNK_BYTES:
+        return (chunk, QUERY_CHUNK_BYTES)
+    return (chunk, *tail)
+
+
+def chunk_paths(split: str, name: str, chunk_index: int, array: zarr.Array) -> list[str]:
+    """Relative paths of the chunk files holding snapshot block ``chunk_index`` of
+    ``split/name`` (v3 default keys): one per chunk of the axes after the snapshot axis."""
+    counts = [
+        -(-size // step) for size, step in zip(array.shape[1:], array.chunks[1:], strict=True)
+    ]
+    return [
+        "/".join([split, name, "c", str(chunk_index), *map(str, rest)])
+        for rest in itertools.product(*(range(count) for count in counts))
+    ]
 
 
 # names of the axes after the snapshot axis, by record name (zarr v3 ``dimension_names``)
@@ -96,7 +117,7 @@ class ZarrWriter:
                 split_group.create_array(
                     name,
                     shape=(num, *tail),
-                    chunks=(self.chunk, *tail),
+                    chunks=chunk_shape(name, self.chunk, tail),
                     dtype=dtype,
                     compressors=ZstdCodec(level=ZSTD_LEVEL),
                     fill_value=0,
@@ -117,7 +138,9 @@ class ZarrWriter:
             # must still leave its chunk file, which the shard record and the manifest list.
             array = array.with_config({"write_empty_chunks": True})
             array[start : start + len(values)] = values
-            written.append("zarr/" + chunk_path(split, array_name, index, values.ndim))
+            # the chunks the store's own metadata says (a build resumed from an older layout
+            # keeps writing that layout, which its readers follow)
+            written += ["zarr/" + p for p in chunk_paths(split, array_name, index, array)]
         return written
 
     def leftovers(self, split: str, index: int, name: str) -> list[str]:
@@ -228,6 +251,8 @@ class ZarrReader:
     Arrays are opened by name from the manifest's record schema, never by listing the store
     (a web server need not list directories), and checked against that schema."""
 
+    sets_apart = True  # an epoch's query sets are read from their own chunks (read_columns)
+
     def __init__(
         self,
         location: str,
@@ -255,6 +280,11 @@ class ZarrReader:
                     f"{(num, *tail)} {np.dtype(dtype)}"
                 )
             self._arrays[name] = array
+
+    def read_columns(self, shard: ShardEntry, name: str, columns: slice) -> np.ndarray:
+        """``columns`` of array ``name`` (the axis after the snapshot axis) of the shard's
+        snapshots, from the chunk files holding them only."""
+        return np.asarray(self._arrays[name][shard.start : shard.start + shard.count, columns])
 
     def read(self, shard: ShardEntry, record: type[_Record] | None = None) -> _Record:
         record = record or self._record

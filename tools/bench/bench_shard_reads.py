@@ -1,10 +1,13 @@
-"""What a refresh reads of a shard: the whole record (``ShardSet.read_shard``) against its ids,
-fields and latent only (``ShardSet.read_fields``, what the error needs), for both formats and
-query sets of a few k/N ratios over many epochs, on the CPU.
+"""What a refresh and a training epoch read of a shard, for both formats and query sets of a
+few k/N ratios over many epochs, on the CPU: the whole record (``ShardSet.read_shard``) against
+what each needs. A refresh's error needs the ids, fields and latent (``read_fields``); a
+training stream keeps a shard without its query sets (``read_block``, read once while the split
+fits its cache) and reads each epoch's coded sets (``read_codes``), apart where the format
+stores them apart (zarr chunks them every ``QUERY_CHUNK_BYTES`` of a snapshot's sets).
 
 A shard's query sets of every epoch are most of its bytes once there are many epochs (the
-study's sets hold 199), and a refresh reads every train shard each time it runs. Prints a
-markdown table and writes it to docs/bench_shard_reads.md (numbers in docs/bench/).
+study's sets hold 199). Prints a markdown table and writes it to docs/bench_shard_reads.md
+(numbers in docs/bench/).
 
     python tools/bench/bench_shard_reads.py [--epochs 199] [--ratios 0.1 0.3] [--repeats 3]
 """
@@ -19,20 +22,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from bench_common import build_latent_shards, environment_lines, markdown_table, synthetic_data
 
-from pipeline.records import ShardBlock, SnapshotFields
+from pipeline.records import _Record
 from pipeline.shards import ShardSet, open_shards
+
+# the reads compared: name -> (what it returns, the read of shard i)
+READS: dict[str, tuple[str, Callable[[ShardSet, int], _Record | np.ndarray]]] = {
+    "read_shard": ("the whole record", lambda s, i: s.read_shard(i, cache=False)),
+    "read_fields": ("ids, fields, latent (a refresh)", lambda s, i: s.read_fields(i)),
+    "read_block": ("all but the query sets (a stream, once)", lambda s, i: s.read_block(i)),
+    "read_codes": (
+        "one epoch's coded sets (a stream, each epoch)",
+        lambda s, i: s.read_codes(i, s.epochs // 2),
+    ),
+}
 
 
 def seconds_per_shard(
-    shards: ShardSet, read: Callable[[int], ShardBlock | SnapshotFields], repeats: int
+    shards: ShardSet, read: Callable[[ShardSet, int], _Record | np.ndarray], repeats: int
 ) -> tuple[float, int]:
     """(the median over ``repeats`` passes of a pass's seconds per shard, bytes per shard)."""
     passes, nbytes = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
-        nbytes = sum(read(index).nbytes for index in range(len(shards.shards)))
+        nbytes = sum(read(shards, index).nbytes for index in range(len(shards.shards)))
         passes.append((time.perf_counter() - start) / len(shards.shards))
     return statistics.median(passes), nbytes // len(shards.shards)
 
@@ -68,53 +83,39 @@ def main() -> None:
             print(f"built k/N {ratio} in {time.perf_counter() - start:.0f} s", flush=True)
             for fmt in ("zarr", "wds"):
                 shards = open_shards(str(location), "train", fmt)
-                whole, whole_bytes = seconds_per_shard(
-                    shards, lambda i, s=shards: s.read_shard(i, cache=False), args.repeats
-                )
-                part, part_bytes = seconds_per_shard(shards, shards.read_fields, args.repeats)
                 snapshots = len(shards) // len(shards.shards)
-                results.append(
-                    {
-                        "ratio": ratio,
-                        "format": fmt,
-                        "epochs": args.epochs,
-                        "snapshots_per_shard": snapshots,
-                        "read_shard_bytes": whole_bytes,
-                        "read_fields_bytes": part_bytes,
-                        "read_shard_seconds": whole,
-                        "read_fields_seconds": part,
-                    }
-                )
-                rows.append(
-                    [
-                        f"{ratio:g}",
-                        fmt,
-                        str(snapshots),
-                        f"{whole_bytes / 2**20:.1f}",
-                        f"{part_bytes / 2**20:.1f}",
-                        f"{whole * 1e3:.0f}",
-                        f"{part * 1e3:.0f}",
-                        f"{whole / part:.1f}x",
-                    ]
-                )
-                print(
-                    f"k/N {ratio:g} {fmt}: read_shard {whole * 1e3:.0f} ms, read_fields "
-                    f"{part * 1e3:.0f} ms a shard",
-                    flush=True,
-                )
+                result = {"ratio": ratio, "format": fmt, "epochs": args.epochs}
+                result |= {"snapshots_per_shard": snapshots, "codes_epoch": shards.epochs // 2}
+                for name, (what, read) in READS.items():
+                    seconds, nbytes = seconds_per_shard(shards, read, args.repeats)
+                    result |= {f"{name}_bytes": nbytes, f"{name}_seconds": seconds}
+                    rows.append(
+                        [
+                            f"{ratio:g}",
+                            fmt,
+                            str(snapshots),
+                            f"`{name}`",
+                            what,
+                            f"{nbytes / 2**20:.2f}",
+                            f"{seconds * 1e3:.1f}",
+                            f"{seconds / result['read_shard_seconds']:.2f}",
+                        ]
+                    )
+                    print(f"k/N {ratio:g} {fmt}: {name} {seconds * 1e3:.1f} ms a shard", flush=True)
+                results.append(result)
 
     header = [
         "k/N",
         "format",
         "snapshots a shard (mean)",
-        "read_shard MiB",
-        "read_fields MiB",
-        "read_shard ms",
-        "read_fields ms",
-        "faster",
+        "read",
+        "returns",
+        "MiB",
+        "ms",
+        "of read_shard's time",
     ]
     lines = [
-        "# Shard reads: the whole record against what a refresh needs (CPU)",
+        "# Shard reads: the whole record against what a refresh and an epoch need (CPU)",
         "",
         *environment_lines(),
         f"- data: generated NS 2D {args.resolution}x{args.resolution}, {args.trajectories} "
@@ -124,9 +125,13 @@ def main() -> None:
         "MiB: the arrays a read returns, per shard",
         "",
         "`read_shard` returns every array of the record, the query sets of every epoch among "
-        "them; `read_fields` returns the ids, fields and latent, what a refresh's error needs "
-        "(zarr reads only those arrays' chunk files; a tar is read and checked whole, and only "
-        "those members are decoded).",
+        "them; `read_fields` the ids, fields and latent, what a refresh's error needs; "
+        "`read_block` what a training stream keeps of a shard in its cache (zarr: all but the "
+        "query sets; a tar: the whole record, since its file is read whole anyway); "
+        "`read_codes` one epoch's coded query sets (the middle epoch's), what a stream reads "
+        "each epoch besides (zarr: from the chunks of the query sets' byte axis that hold that "
+        "epoch's slot; a tar is read and checked whole, and only that member is decoded). "
+        "zarr reads only the chunk files of what it returns.",
         "",
         *markdown_table(header, rows),
         "",
