@@ -35,6 +35,7 @@ from helpers import (
 import pipeline.formats.zarr as zarr_format
 from pipeline.build import BuildConfig, run_build
 from pipeline.config import load_config
+from pipeline.loader import BatchSpec, LoaderConfig, ShardLoader
 from pipeline.records import ShardError
 from pipeline.schedules import k_per_epoch
 from pipeline.shards import open_shards
@@ -305,7 +306,8 @@ def test_an_epoch_reads_only_the_chunks_of_its_query_sets(burgers, tmp_path, mon
     small here so that this small grid's 12 epochs span several, slots straddling chunk edges):
     the manifest lists every chunk, an epoch's coded sets read apart are the whole record's slot
     in both formats, and a read of one epoch does not touch another epoch's chunk, which a
-    missing chunk file shows."""
+    missing chunk file shows; a stream reading them gives the batches a stream over the tars
+    gives."""
     monkeypatch.setattr(zarr_format, "QUERY_CHUNK_BYTES", 16)
     args = build_args(burgers, tmp_path / "chunked", encoder=None)
     args = [a for a in args if not a.startswith("epochs=")]
@@ -326,6 +328,19 @@ def test_an_epoch_reads_only_the_chunks_of_its_query_sets(burgers, tmp_path, mon
         for epoch, slot in enumerate(zs.slots):
             np.testing.assert_array_equal(zs.read_codes(index, epoch), whole[:, slot.rows])
             np.testing.assert_array_equal(ws.read_codes(index, epoch), whole[:, slot.rows])
+    # a stream over those chunks gives the batches a stream over the tars gives, every epoch
+    streams = []
+    for fmt in ("zarr", "wds"):
+        cfg = LoaderConfig(format=fmt, partitions=2, shuffle_shards=2, process=False)
+        spec = BatchSpec(window=0, sparse_steps=(0,), latents=False)
+        loader = ShardLoader(open_shards(root, "train", fmt), cfg, batch_size=4, spec=spec)
+        batches = [(b.snapshot_id, b.coords, b.targets) for _ in range(12) for b in loader]
+        loader.close()
+        streams.append(batches)
+    assert len(streams[0]) == len(streams[1]) > 12
+    for one, other in zip(*streams, strict=True):
+        for x, y in zip(one, other, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
     first, last = zs.slots[0], zs.slots[-1]
     assert (last.offset + last.nbytes - 1) // 16 == chunks - 1 and first.nbytes <= 16
     (root / f"zarr/train/queries/c/0/{chunks - 1}").unlink()
