@@ -66,7 +66,9 @@ class ZarrPairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rows = slice(self.starts[i], self.starts[i] + 2)
         block = ShardBlock(**{name: self.group[name][rows] for name in self.names})
-        queries = gather_queries(block, self.shards.slots[0], self.k, self.shards.beta)
+        slot = self.shards.slots[0]
+        codes = block.queries[:, slot.rows]  # (2, slot bytes): epoch 0's coded sets
+        queries = gather_queries(block, codes, slot, self.k, self.shards.beta)
         return {"arrays": self.collate.prepare(block, queries), "row": 0, "epoch": 0}
 
 
