@@ -15,10 +15,10 @@ partitions, not on the number of ranks: a checkpoint resumes on any world size t
 Decoded shards stay in a bounded RAM cache (``cache_mb``), so a split that fits is read and
 verified once, not every epoch. Where the format stores each epoch's query sets in chunks of
 their own (zarr), the cache holds shards without them and an epoch reads only its own sets:
-those of all epochs are most of a shard's bytes. A shard's query sets of an epoch are decoded, gathered and
-normalised in one vectorised pass over the shard (``gather_queries``, ``Collate.prepare``), in
-threads ahead of the stream, so each snapshot is prepared once per epoch and the collate only
-cuts batches out of prepared arrays.
+those of all epochs are most of a shard's bytes. A shard's query sets of an epoch are decoded,
+gathered and normalised in one vectorised pass over the shard (``gather_queries``,
+``Collate.prepare``), in threads ahead of the stream, so each snapshot is prepared once per
+epoch and the collate only cuts batches out of prepared arrays.
 
 The state is (epoch, examples emitted): resuming seeks every partition to its place, re-reads one
 group each and skips within it; it never replays the epoch (docs/design.md, section 7).
@@ -261,26 +261,26 @@ class ShardStream(BaseNode[dict]):
             done: Future = Future()
             done.set_result((key, self._cache[key]))
             return done
-        if key not in self._reading:
-            assert self._pool is not None, "reset() starts the read threads"
-            read: Callable[[], tuple[tuple[int, str | None], Block]]
-            if layer is None:
-                read = lambda: (key, self.shards.read_block(shard))  # noqa: E731
-            else:
-                read = lambda: (key, self.shards.read_layer(layer, shard))  # noqa: E731
-            self._reading[key] = self._pool.submit(read)
-        return self._reading[key]
+        if layer is None:
+            return self._submit(key, lambda: self.shards.read_block(shard))
+        return self._submit(key, lambda: self.shards.read_layer(layer, shard))
 
     def _read_codes(self, shard: int, stored: int) -> Future:
         """A future of (key, the shard's coded sets of stored epoch ``stored``): a read in
         flight, or a new one. An epoch's sets are used once (unless epochs wrap), so unlike
         blocks they are not cached."""
-        key = (shard, f"codes {stored}")
+        return self._submit(
+            (shard, f"codes {stored}"), lambda: self.shards.read_codes(shard, stored)
+        )
+
+    def _submit(
+        self, key: tuple[int, str | None], read: Callable[[], Block | np.ndarray]
+    ) -> Future:
+        """The read in flight under ``key``, or ``read`` started in the read threads: a future of
+        (key, what it returns)."""
         if key not in self._reading:
             assert self._pool is not None, "reset() starts the read threads"
-            self._reading[key] = self._pool.submit(
-                lambda: (key, self.shards.read_codes(shard, stored))
-            )
+            self._reading[key] = self._pool.submit(lambda: (key, read()))
         return self._reading[key]
 
     def _remember(self, key: tuple[int, str | None], block: Block | np.ndarray) -> None:
