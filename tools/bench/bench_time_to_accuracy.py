@@ -476,6 +476,12 @@ class Study:
                     flush=True,
                 )
                 return None
+            if needed is None:  # no finished run of its kind: the time limit may stop it
+                print(
+                    f"starting {job} with no estimate of its time (--finish-in-time: no run "
+                    f"of its kind has finished); {left:.0f} s are left",
+                    flush=True,
+                )
         if not resumed:  # a fresh start: nothing of an earlier attempt counts
             segments.unlink(missing_ok=True)
             (run_dir / "train.log").unlink(missing_ok=True)
@@ -1167,7 +1173,8 @@ def parse_args() -> argparse.Namespace:
         help="start only runs that finished runs of their configuration (failing those, the "
         "pace of a curve it left unfinished, or the finished runs of a configuration of the same "
         "ratios) say end before --time-limit (a sitting whose machine is handed back after it: "
-        "a run it stops starts again next time)",
+        "a run it stops starts again next time); a run with none of these (the first of the "
+        "cosine schedule or of dense) starts, with a warning",
     )
     parser.add_argument(
         "--progress-every",
