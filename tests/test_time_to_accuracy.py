@@ -418,7 +418,10 @@ def test_studies_on_other_gpus_or_hosts_merge_into_one_results_file(study, tmp_p
     assert "| uniform 0.1 | not reached | - | 1/3 (253.8 ± 0.0 s) | 240.1 | 6.23x |" in report
     assert "uniform 0.3: 475 s (one seed) to the dense final val nRMSE 0.0055" in report
     assert "against dense's 1762 s (0.27x)" in report
-    assert "(1.005x) in 1209 s vs 1762 s | missed |" in report  # goal (c), README
+    # goal (c), README: the mean misses by 0.5 %, one of the three seeds alone meets it
+    assert (
+        "(1.005x; 1 of 3 seeds at or under dense's mean) in 1209 s vs 1762 s | missed |" in report
+    )
     assert "runs on different devices" not in report  # dense seeds 1-2: 2 H200s, H100 pace
 
     def refused(other: dict, match: str) -> None:

@@ -498,12 +498,14 @@ def goal_cosine(group: Group) -> list[str] | None:
     if name not in group.runs:
         return None
     cos, dense = group.runs[name], group.dense
-    test_c = statistics.mean(r["test"]["model_h1"] for r in cos)
-    test_d = statistics.mean(r["test"]["model_h1"] for r in dense)
+    test_c, spread_c = mean_std([r["test"]["model_h1"] for r in cos])
+    test_d, spread_d = mean_std([r["test"]["model_h1"] for r in dense])
+    level = sum(r["test"]["model_h1"] <= test_d for r in cos)  # seeds at or under dense's mean
     secs_c = statistics.mean(r["train_seconds"] for r in cos)
     secs_d = group.dense_seconds or 0.0
     measured = (
-        f"test one-step {test_c:.4f} vs dense {test_d:.4f} ({test_c / test_d:.3f}x) in "
+        f"test one-step {test_c:.4f} ± {spread_c:.4f} vs dense {test_d:.4f} ± {spread_d:.4f} "
+        f"({test_c / test_d:.3f}x; {level} of {len(cos)} seeds at or under dense's mean) in "
         f"{secs_c:.0f} s vs {secs_d:.0f} s"
     )
     met = test_c <= test_d and secs_c < secs_d
