@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 from bench_common import build_latent_shards, environment_lines, markdown_table, synthetic_data
 
-from pipeline.records import _Record
+from pipeline.records import ShardBlock, SnapshotBlock, SnapshotFields
 from pipeline.shards import ShardSet, open_shards
 
+Read = Callable[[ShardSet, int], ShardBlock | SnapshotBlock | SnapshotFields | np.ndarray]
 # the reads compared: name -> (what it returns, the read of shard i)
-READS: dict[str, tuple[str, Callable[[ShardSet, int], _Record | np.ndarray]]] = {
+READS: dict[str, tuple[str, Read]] = {
     "read_shard": ("the whole record", lambda s, i: s.read_shard(i, cache=False)),
     "read_fields": ("ids, fields, latent (a refresh)", lambda s, i: s.read_fields(i)),
     "read_block": ("all but the query sets (a stream, once)", lambda s, i: s.read_block(i)),
@@ -40,9 +41,7 @@ READS: dict[str, tuple[str, Callable[[ShardSet, int], _Record | np.ndarray]]] = 
 }
 
 
-def seconds_per_shard(
-    shards: ShardSet, read: Callable[[ShardSet, int], _Record | np.ndarray], repeats: int
-) -> tuple[float, int]:
+def seconds_per_shard(shards: ShardSet, read: Read, repeats: int) -> tuple[float, int]:
     """(the median over ``repeats`` passes of a pass's seconds per shard, bytes per shard)."""
     passes, nbytes = [], 0
     for _ in range(repeats):
