@@ -23,9 +23,12 @@ grid, trajectories and snapshots then set the study's, and ``--pde`` its models)
 shards, one codec (or ``--codec PATH``), and one latent shard set per sampler configuration and
 run length from it, each holding exactly the epochs its runs need (``loader.wrap_epochs=false``:
 the error-based refreshes replace stored epochs' sets, and the cosine schedule's dense tail falls
-on the runs' last epochs). The codec the study trains comes out bit for bit the same on the
-same GPU model, not on another, so a sitting on a fresh machine of that model trains it again,
-and one on another model is refused before any work unless given the file with ``--codec``.
+on the runs' last epochs). The codec the study trains usually comes out bit for bit the same
+on the same GPU model, but not always (likely since the compiler picks some reductions'
+kernels by timing them, which can change their summation order), and never on another model:
+keep its file and pass it with ``--codec`` to every later sitting. A sitting on another model
+without it is refused before any work, and a codec trained again that differs is refused once
+its setup is done.
 
 Runs go one per GPU (on a CPU one at a time), each a ``tools/train.py`` process. With
 ``--dense-gpus N`` the dense runs go first, each under torchrun on N GPUs, and are timed at the
@@ -900,9 +903,11 @@ def check_inputs(results: dict, args: argparse.Namespace, shared: Setup, path: P
 
 def check_codec_card(results: dict, args: argparse.Namespace, path: Path) -> None:
     """Refuse, before any work, to train the codec of a results file's runs again on another
-    GPU model. The study trains its codec bit for bit again on the same model (two fresh H200
-    hosts trained the same one from the same data), not on another (an H100 and an H200
-    trained different ones), and runs of another codec do not compare (check_inputs)."""
+    GPU model. Trained again on the same model, the codec mostly came out bit for bit the same
+    (H200 hosts of one and four GPUs trained one from the same data), but not always (2-GPU
+    H200 hosts trained another, twice, likely since the compiler picks some reductions'
+    configurations by timing them); on another model it never did (an H100 and an H200 trained different ones).
+    Runs of another codec do not compare (check_inputs refuses them after the setup)."""
     codec = results.get("setup", {}).get(args.pde, {}).get("codec", {})
     if args.codec or "gpu" not in codec or not inputs(results, args.pde, "codec_sha256"):
         return
@@ -911,7 +916,7 @@ def check_codec_card(results: dict, args: argparse.Namespace, path: Path) -> Non
         raise SystemExit(
             f"{path}: its {args.pde} runs' codec (sha256 {codec['sha256'][:12]}) was trained "
             f"on {codec['gpu']}, this machine's is {here}: a codec trained here would be "
-            "another (its training repeats bit for bit on the same GPU model only). Pass "
+            "another (its training repeats bit for bit, if at all, on the same GPU model). Pass "
             "that codec with --codec, or use another --out-dir"
         )
 
