@@ -115,6 +115,24 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_burgers_24000_report_is_what_the_docs_quote(tmp_path) -> None:
+    """The committed Burgers 1D runs at 24,000 steps (dense and uniform 0.1, three seeds each)
+    render the numbers docs/benchmarks.md and the README quote: no speed-up, a level end."""
+    report = render_report(
+        ROOT / "docs/bench/burgers1d_24000_h200/bench_time_to_accuracy.json", tmp_path
+    )
+    assert "## Burgers 1D, 24000 steps" in report and "## NS 2D" not in report
+    assert "| dense | 116.6 | 1.00x | 3/3 (97.5 ± 9.9 s) | 106.8 |" in report
+    assert "| uniform 0.1 | 136.6 | 0.85x | 3/3 (117.0 ± 12.9 s) | 107.8 | 0.99x |" in report
+    assert "against dense's 140 s (0.97x)" in report and "| met |" not in report
+    final = table_rows(report, "| configuration | seeds | train s")
+    assert final["dense"][0] == final["uniform 0.1"][0] == "3"
+    assert (final["dense"][10], final["uniform 0.1"][10]) == ("0.0059 ± 0.0005", "0.0056 ± 0.0005")
+    assert (final["dense"][9], final["uniform 0.1"][9]) == ("5493", "5333")  # samples/s
+    png = tmp_path / "bench_time_to_accuracy_burgers1d_24000.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
     """The rows of the markdown table whose header begins with ``header_start``, by first cell."""
     lines = markdown[markdown.index(header_start) :].splitlines()[2:]  # past header and rule
