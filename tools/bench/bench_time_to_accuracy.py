@@ -906,8 +906,9 @@ def check_codec_card(results: dict, args: argparse.Namespace, path: Path) -> Non
     GPU model. Trained again on the same model, the codec mostly came out bit for bit the same
     (H200 hosts of one and four GPUs trained one from the same data), but not always (2-GPU
     H200 hosts trained another, twice, likely since the compiler picks some reductions'
-    configurations by timing them); on another model it never did (an H100 and an H200 trained different ones).
-    Runs of another codec do not compare (check_inputs refuses them after the setup)."""
+    configurations by timing them); on another model it never did (an H100 and an H200
+    trained different ones). Runs of another codec do not compare (check_inputs refuses them
+    after the setup)."""
     codec = results.get("setup", {}).get(args.pde, {}).get("codec", {})
     if args.codec or "gpu" not in codec or not inputs(results, args.pde, "codec_sha256"):
         return
