@@ -205,7 +205,8 @@ def render(results: dict, out: Path) -> str:
         "the first validation less its steps at the pace of the next interval; mostly the "
         "first step's compilation, ~10 s on a warm compiler cache and ~45 s on a cold one, so "
         "it depends on the sitting, not on the configuration). ± is the "
-        "standard deviation over seeds (a value without it is one seed's). Convergence: a run converged when its one-step "
+        "standard deviation over seeds (a value without it is one seed's). Convergence: a run "
+        "converged when its one-step "
         f"validation nRMSE improved by less than {CONVERGED_GAIN:.0%} over its last "
         f"{CONVERGED_TAIL:.0%} of steps.",
         "",
@@ -484,7 +485,10 @@ def goal_error(group: Group, ratio: str) -> list[str] | None:
         return [goal, f"no wall-clock every run's validation curve covers ({seconds:.0f} s)", "-"]
     (me, se), (mu, su) = mean_std(e), mean_std(u)
     gap = mu - me
-    measured = f"val one-step at {seconds:.0f} s: error {fmt(e)}, uniform {fmt(u)} ({gap / mu:+.1%} for error)"
+    measured = (
+        f"val one-step at {seconds:.0f} s: error {fmt(e)}, uniform {fmt(u)} "
+        f"({gap / mu:+.1%} for error)"
+    )
     if gap < 0.05 * mu:
         return [goal, measured, "missed"]
     if min(len(e), len(u)) < 2:  # one seed has no spread to set against the gap
