@@ -25,17 +25,18 @@ def values_at(curve: list[dict], x_key: str, x: float, key: str = "model_h1") ->
     return float(np.interp(x, xs, [p[key] for p in curve]))
 
 
-def time_to(curve: list[dict], target: float) -> float | None:
-    """Training seconds at which the validation nRMSE first reaches ``target`` (linear between
-    the evaluation before and the one that reaches it); None if it never does."""
+def time_to(curve: list[dict], target: float, x_key: str = "train_seconds") -> float | None:
+    """Training seconds (or, with ``x_key="step"``, steps) at which the validation nRMSE first
+    reaches ``target`` (linear between the evaluation before and the one that reaches it); None
+    if it never does."""
     previous = None
     for point in curve:
-        value, seconds = point["model_h1"], point["train_seconds"]
+        value, x = point["model_h1"], point[x_key]
         if value <= target:
             if previous is None:
-                return seconds
-            v0, s0 = previous["model_h1"], previous["train_seconds"]
-            return s0 + (seconds - s0) * (v0 - target) / (v0 - value)
+                return x
+            v0, x0 = previous["model_h1"], previous[x_key]
+            return x0 + (x - x0) * (v0 - target) / (v0 - value)
         previous = point
     return None
 
@@ -121,12 +122,12 @@ class Group:
             )
         return curve
 
-    def mean_time(self, config: str, factor: float) -> float | None:
-        """Training seconds at which the seeds' mean curve first reaches factor x the dense
-        final validation nRMSE (the mean of the dense runs' last points, which the dense mean
-        curve ends at): one seed's noise can leave it short of a mean it is level with, the
-        mean curve cannot."""
-        return time_to(self.seed_mean_curve(config), (self.dense_val or 0.0) * factor)
+    def mean_time(self, config: str, factor: float, x_key: str = "train_seconds") -> float | None:
+        """Training seconds (or steps) at which the seeds' mean curve first reaches factor x the
+        dense final validation nRMSE (the mean of the dense runs' last points, which the dense
+        mean curve ends at): one seed's noise can leave it short of a mean it is level with,
+        the mean curve cannot."""
+        return time_to(self.seed_mean_curve(config), (self.dense_val or 0.0) * factor, x_key)
 
     def val_at(self, config: str, seconds: float) -> list[float | None]:
         return [values_at(r["curve"], "train_seconds", seconds) for r in self.runs.get(config, [])]
@@ -637,6 +638,7 @@ def time_table(group: Group) -> list[str]:
         "speed-up (1.05x)",
         "seeds reaching 1.05x",
         f"val one-step at dense's {dense_s:.0f} s",
+        "steps to dense val",
     ]
     dense_to = {factor: group.mean_time("dense", factor) for factor in (1.0, 1.05)}
     rows = []
@@ -658,6 +660,8 @@ def time_table(group: Group) -> list[str]:
             ends = statistics.mean(r["curve"][-1]["train_seconds"] for r in runs)
             final = fmt([r["curve"][-1]["model_h1"] for r in runs])
             row.append(f"- (ends at {ends:.0f} s, at {final})")
+        steps = group.mean_time(name, 1.0, "step")
+        row.append("not reached" if steps is None else f"{steps:,.0f}")
         rows.append(row)
     return [
         "### Time to the dense runs' final validation nRMSE",
@@ -672,7 +676,11 @@ def time_table(group: Group) -> list[str]:
         "first reaches its own final value: at its end, or before it where the curve was flat). "
         "The validation nRMSE at dense's wall-clock is interpolated; a run that ended sooner "
         "has none, and its own final value is given instead (it reached that in less time; a "
-        "longer run, with its learning rate decayed over more steps, is what would say more).",
+        "longer run, with its learning rate decayed over more steps, is what would say more). "
+        "Steps to dense val: the step at which the same mean curve first reaches the 1.0x "
+        "target. It is the half of the time a host does not set: the time is those steps at "
+        "the run's pace, and where the step is bound by the host (Burgers 1D) that pace differs "
+        "from host to host and from sitting to sitting.",
         "",
         *markdown_table(head, rows),
         "",
