@@ -117,8 +117,7 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
 
 
 def test_the_burgers_24000_report_is_what_the_docs_quote(tmp_path) -> None:
-    """The committed Burgers 1D runs at 24,000 steps (three seeds each, on-the-fly uniform 0.1
-    two) render the numbers docs/benchmarks.md and the README quote: the docs' table row by row
+    """The committed Burgers 1D runs at 24,000 steps (three seeds each) render the numbers docs/benchmarks.md and the README quote: the docs' table row by row
     (seeds, training seconds, ms a step from the examples per second, time, speed-up and steps
     to dense's final validation, test one-step and h16), no speed-up, and the goals' lines."""
     results = ROOT / "docs/bench/burgers1d_24000_h200/bench_time_to_accuracy.json"
@@ -147,16 +146,38 @@ def test_the_burgers_24000_report_is_what_the_docs_quote(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
-    """The rows of the markdown table whose header begins with ``header_start``, by first cell."""
+def test_the_ns2d_ladder_report_is_what_the_docs_quote(tmp_path) -> None:
+    """The committed NS 2D budget ladder (uniform and gradient 0.1 at 24,000 and 48,000 steps,
+    no dense runs yet) renders the docs' ladder table: seeds, training seconds, final
+    validation, gain over 24,000 steps and test one-step, row by row."""
+    results = ROOT / "docs/bench/ns2d_ladder_h200/bench_time_to_accuracy.json"
+    report = render_report(results, tmp_path)
+    assert "No dense runs yet: no time-to-accuracy numbers." in report
+    ladder = table_lines(report, "| configuration | steps | seeds | train s")
+    rungs = {(cells[0], cells[1]): cells[2:] for cells in ladder}
+    docs = (ROOT / "docs/benchmarks.md").read_text()
+    quoted = table_lines(docs, "| configuration | steps | seeds | training s | final val")
+    assert len(quoted) == len(rungs) == 4, "the docs table lacks a rung"
+    for name, steps, seeds, seconds, final, gain, test, *_ in quoted:
+        mine = rungs[(name, steps.replace(",", ""))]
+        assert [seeds, seconds, final, test] == [mine[0], mine[1], mine[2], mine[4]], name
+        assert mine[3] == gain == "-" or mine[3] == f"{gain.replace(' %', '%')} (vs 24000)"
+
+
+def table_lines(markdown: str, header_start: str) -> list[list[str]]:
+    """The cells of each row of the markdown table whose header begins with ``header_start``."""
     lines = markdown[markdown.index(header_start) :].splitlines()[2:]  # past header and rule
-    rows = {}
+    rows = []
     for line in lines:
         if not line.startswith("|"):
             break
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows[cells[0]] = cells[1:]
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return rows
+
+
+def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header begins with ``header_start``, by first cell."""
+    return {cells[0]: cells[1:] for cells in table_lines(markdown, header_start)}
 
 
 def test_the_readme_table_is_the_h200_report(tmp_path) -> None:
@@ -275,6 +296,10 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(report) -> 
     assert "| 0.0090 | 25.0% (vs 200) |" in rows[2]
     assert rows[2].endswith(f"| {4 + 4 * (0.02 - 0.01) / (0.02 - 0.009):.1f} |")
     assert report.ladder({}, rungs[:1]) == []  # one length: no ladder
+    sparse = report.groups({"runs": runs[1:]})  # no dense runs yet: no time column
+    head, *_ = [line for line in report.ladder({}, sparse) if line.startswith("| configuration")]
+    assert head.endswith("| gain over the run before | test one-step |")
+    assert "no dense runs yet" in "".join(report.ladder({}, sparse))
 
 
 def test_goal_b_needs_a_seed_spread_to_call_a_gap_met(report) -> None:
