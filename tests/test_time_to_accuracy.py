@@ -117,9 +117,10 @@ def test_report_renders_the_committed_results(tmp_path) -> None:
 
 
 def test_the_burgers_24000_report_is_what_the_docs_quote(tmp_path) -> None:
-    """The committed Burgers 1D runs at 24,000 steps (three seeds each) render the numbers docs/benchmarks.md and the README quote: the docs' table row by row
-    (seeds, training seconds, ms a step from the examples per second, time, speed-up and steps
-    to dense's final validation, test one-step and h16), no speed-up, and the goals' lines."""
+    """The committed Burgers 1D runs at 24,000 steps (three seeds each) render the numbers
+    docs/benchmarks.md and the README quote: the docs' table row by row (seeds, training
+    seconds, ms a step from the examples per second, time, speed-up and steps to dense's final
+    validation, test one-step and h16), no speed-up, and the goals' lines."""
     results = ROOT / "docs/bench/burgers1d_24000_h200/bench_time_to_accuracy.json"
     report = render_report(results, tmp_path)
     assert "## Burgers 1D, 24000 steps" in report and "## NS 2D" not in report

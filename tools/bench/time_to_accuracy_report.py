@@ -561,7 +561,7 @@ def ladder(results: dict, rungs: list[Group]) -> list[str]:
     target = reference.dense_val if reference else None
     head = ["configuration", "steps", "seeds", "train s", "final val one-step",
             "gain over the run before", "test one-step"]  # fmt: skip
-    if reference:
+    if target is not None:
         head.append(f"s to dense {reference.steps}-step val ({target:.4f})")
     rows = []
     for name in CONFIGS:
@@ -573,14 +573,14 @@ def ladder(results: dict, rungs: list[Group]) -> list[str]:
                 before, earlier = runs_of[i - 1]
                 was = statistics.mean(r["curve"][-1]["model_h1"] for r in earlier)
                 gain = f"{(was - final) / was:.1%} (vs {before})"
-            group = next(g for g in rungs if g.steps == steps)
-            reached = time_to(group.seed_mean_curve(name), target) if target else None
             row = [
                 name, steps, len(runs), fmt([r["train_seconds"] for r in runs], 1),
                 fmt([r["curve"][-1]["model_h1"] for r in runs]), gain,
                 fmt([r["test"]["model_h1"] for r in runs]),
             ]  # fmt: skip
             if target is not None:
+                group = next(g for g in rungs if g.steps == steps)
+                reached = time_to(group.seed_mean_curve(name), target)
                 row.append("not reached" if reached is None else f"{reached:.1f}")
             rows.append(row)
     return [
@@ -591,7 +591,7 @@ def ladder(results: dict, rungs: list[Group]) -> list[str]:
         "than at the next smaller step count (seed means); "
         + (
             "the last column reads the seeds' mean curve, as the time table does."
-            if reference
+            if target is not None
             else "no dense runs yet, so no times to dense's accuracy."
         ),
         "",
