@@ -126,6 +126,13 @@ def run_in_slots(
         raise errors[0]
 
 
+def say(line: str) -> None:
+    """Print one line in a single write, so lines that threads print at once (a study's runs
+    side by side) never run into each other, as print's separate text and newline writes can."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def run_section(sections: dict, name: str, fn: Callable[[], dict]) -> None:
     """One section of a benchmark: ``sections[name]`` is its result or, when it raised, the
     error and traceback (so one broken section does not lose the others), with its seconds."""

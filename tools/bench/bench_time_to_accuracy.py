@@ -83,6 +83,7 @@ from bench_common import (
     read_jsonl,
     repo_relative,
     run_in_slots,
+    say,
 )
 from time_to_accuracy_configs import (
     CONFIGS,
@@ -147,7 +148,7 @@ class Children:
                 return
             self.stopping.set()
             procs = list(self._procs)
-        print(f"{reason}: stopping {len(procs)} running process(es)", flush=True)
+        say(f"{reason}: stopping {len(procs)} running process(es)")
         for proc in procs:
             proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + grace
@@ -222,7 +223,7 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
         )
         data = root / "data.h5"
         if not data.exists():
-            print(f"generating {args.pde} data: {data}", flush=True)
+            say(f"generating {args.pde} data: {data}")
             generate(
                 args.pde, data, args.trajectories, args.snapshots, args.resolution, seed=0,
                 device=device, progress=False,
@@ -231,7 +232,7 @@ def setup(args: argparse.Namespace, children: Children, slots: int) -> Setup:
     root.mkdir(parents=True, exist_ok=True)
     fields = root / "fields"
     if not (fields / "manifest.json").exists():
-        print(f"building field shards: {fields}", flush=True)
+        say(f"building field shards: {fields}")
         schedule = ScheduleConfig(start_ratio=args.field_ratio, multiple=multiple(args))
         build_field_shards(data, fields, args.field_epochs, schedule, device)
     if device == "cuda":
@@ -310,7 +311,7 @@ def train_codec(
     if not codec.exists():
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / "checkpoint.pt"
-        print(f"training the codec ({args.codec_steps} steps): {out}", flush=True)
+        say(f"training the codec ({args.codec_steps} steps): {out}")
         command = tool(
             "train.py", "--config", f"{args.pde}_codec", f"shards={fields}", f"out={out}",
             f"max_steps={args.codec_steps}", "epochs=1000000", "loader.wrap_epochs=true",
@@ -363,7 +364,7 @@ def build_latents(
             schedule += ["schedule.kind=cosine", f"schedule.end_ratio={spec.end_ratio}"]
         if spec.dense_tail:
             schedule.append(f"schedule.dense_tail_epochs={dense_tail_epochs(epochs)}")
-        print(f"building latent shards '{name}' on GPU {slot}: {sets[name]}", flush=True)
+        say(f"building latent shards '{name}' on GPU {slot}: {sets[name]}")
         return children.call(
             tool(
                 "build_shards.py", f"data.path={data}", f"out={sets[name]}", f"encoder={codec}",
@@ -473,17 +474,15 @@ class Study:
         if self.args.finish_in_time and self.deadline is not None:
             needed, left = self.seconds_to_go(job, run_dir), self.deadline - time.monotonic()
             if needed is not None and needed > left:
-                print(
+                say(
                     f"not starting {job}: it needs about {needed:.0f} s, "
                     f"{left:.0f} s are left (--finish-in-time)",
-                    flush=True,
                 )
                 return None
             if needed is None:  # no finished run of its kind: the time limit may stop it
-                print(
+                say(
                     f"starting {job} with no estimate of its time (--finish-in-time: no run "
                     f"of its kind has finished); {left:.0f} s are left",
-                    flush=True,
                 )
         if not resumed:  # a fresh start: nothing of an earlier attempt counts
             segments.unlink(missing_ok=True)
@@ -492,7 +491,7 @@ class Study:
         last = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "val/model_h1" in m]
         where = f"resuming after step {last[-1]}" if resumed and last else "from the start"
         gpus = f"GPUs 0-{self.args.dense_gpus - 1}" if self.wide(job) else f"GPU {slot}"
-        print(f"start {job} on {gpus} ({where})", flush=True)
+        say(f"start {job} on {gpus} ({where})")
         # each start of the run (a sitting), kept beside it: the record sums them at the end.
         # Written before the start, its wall-clock after: a sitting killed before it could log
         # that leaves a segment without one, and the run's wall-clock is then unknown
@@ -511,7 +510,7 @@ class Study:
         done[-1].update(wall_seconds=time.perf_counter() - started, code=code)
         write_atomic(segments, json.dumps(done).encode())
         if code is None:
-            print(f"stopped {job}: it resumes on the next run", flush=True)
+            say(f"stopped {job}: it resumes on the next run")
             return None
         record = {
             "pde": self.args.pde,
@@ -548,10 +547,9 @@ class Study:
         the steps after its first third (compilation). False when it was stopped."""
         stored = self.results.get("dense_pace", {}).get(self.args.pde)
         if stored is not None:
-            print(
+            say(
                 f"timing the data-parallel dense runs at the results file's one-GPU dense pace, "
                 f"{stored['seconds_per_step'] * 1000:.1f} ms a step, measured on {stored['gpu']}",
-                flush=True,
             )
             return True
         run_dir = self.runs_root / "dense_pace"
@@ -561,7 +559,7 @@ class Study:
         options = self.options(Job("dense", 0, longest), run_dir, fresh=True)
         # the runs' own log_every: a log line costs a host sync, which the pace should include
         options += [f"max_steps={steps}", f"eval_every={steps}", f"checkpoint_every={steps}"]
-        print(f"measuring the one-GPU dense pace on GPU 0 ({steps} steps)", flush=True)
+        say(f"measuring the one-GPU dense pace on GPU 0 ({steps} steps)")
         code = self.children.call(tool("train.py", *options), slot_env(0, self.slots),
                                   run_dir / "train.log")  # fmt: skip
         if code is None:
@@ -581,7 +579,7 @@ class Study:
                 "gpu": gpu_name(0),
             }
             save(self.out / RESULTS, self.results)
-        print(f"one-GPU dense pace: {pace * 1000:.1f} ms a step", flush=True)
+        say(f"one-GPU dense pace: {pace * 1000:.1f} ms a step")
         return True
 
     def seconds_to_go(self, job: Job, run_dir: Path) -> float | None:
@@ -704,7 +702,7 @@ class Study:
                 r for r in self.results.get("unfinished", []) if run_key(r) != key
             ]
             save(self.out / RESULTS, self.results)
-        print(f"done {job}: {summary(record)}", flush=True)
+        say(f"done {job}: {summary(record)}")
 
     def note_unfinished(self, job: Job, run_dir: Path, metrics: list[dict]) -> None:
         """Keep a running run's validation curve so far in the results file ('unfinished'), so
@@ -751,20 +749,20 @@ class Study:
                 steps = [m for m in metrics if "train_seconds" in m and "step" in m]
                 val = [m for m in metrics if "val/model_h1" in m]
                 if not steps:
-                    print(f"  GPU {slot} {job}: starting", flush=True)
+                    say(f"  GPU {slot} {job}: starting")
                     continue
                 text = f"step {steps[-1]['step']}/{job.steps}, "
                 text += f"{steps[-1]['train_seconds']:.0f} s training"
                 if val:
                     text += f", val h1 {val[-1]['val/model_h1']:.4f} at step {val[-1]['step']}"
-                print(f"  GPU {slot} {job}: {text}", flush=True)
+                say(f"  GPU {slot} {job}: {text}")
                 self.note_unfinished(job, run_dir, metrics)
 
     def run(self) -> None:
         """Every run left, one per GPU slot, with progress lines, until done or stopped."""
         jobs = todo(self.args, self.results)
         wanted = self.args.seeds * len(self.args.configs) * len(self.args.steps)
-        print(f"{len(jobs)} of {wanted} run(s) to do, on {self.slots} GPU slot(s)", flush=True)
+        say(f"{len(jobs)} of {wanted} run(s) to do, on {self.slots} GPU slot(s)")
         stop = threading.Event()
         monitor = threading.Thread(target=self.report_progress, args=(stop,), daemon=True)
         monitor.start()
@@ -1287,24 +1285,24 @@ def main() -> None:
     started = time.perf_counter()
     try:
         shared = setup(args, children, slots)
-        print(f"setup {time.perf_counter() - started:.0f} s", flush=True)
+        say(f"setup {time.perf_counter() - started:.0f} s")
         if args.setup_only:  # the results file stays as it was
-            print(f"codec: {shared.codec}", flush=True)
+            say(f"codec: {shared.codec}")
             for (name, epochs), where in shared.sets.items():
-                print(f"shard set {name} ({epochs} epochs): {where}", flush=True)
+                say(f"shard set {name} ({epochs} epochs): {where}")
             return
         check_inputs(results, args, shared, path)
         remember_setup(results, args, shared)
         save(path, results)
         Study(args, shared, results, out, children, slots, deadline).run()
     except Stopped as stopped:
-        print(f"stopped during {stopped}: rerun the same command to go on", flush=True)
+        say(f"stopped during {stopped}: rerun the same command to go on")
     except KeyboardInterrupt:
         children.stop("interrupted")
         raise SystemExit(130) from None
     left = len(todo(args, results))
     write_report(results, out)
-    print(f"{left} run(s) left" + (": rerun the same command to go on" if left else ""), flush=True)
+    say(f"{left} run(s) left" + (": rerun the same command to go on" if left else ""))
 
 
 if __name__ == "__main__":
