@@ -127,8 +127,8 @@ def run_in_slots(
 
 
 def say(line: str) -> None:
-    """Print one line in a single write, so lines that threads print at once (a study's runs
-    side by side) never run into each other, as print's separate text and newline writes can."""
+    """Print one line in a single write: print writes the text and the newline separately, so
+    two threads printing at once (a study's runs side by side) could join their lines."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 

@@ -476,13 +476,13 @@ class Study:
             if needed is not None and needed > left:
                 say(
                     f"not starting {job}: it needs about {needed:.0f} s, "
-                    f"{left:.0f} s are left (--finish-in-time)",
+                    f"{left:.0f} s are left (--finish-in-time)"
                 )
                 return None
             if needed is None:  # no finished run of its kind: the time limit may stop it
                 say(
                     f"starting {job} with no estimate of its time (--finish-in-time: no run "
-                    f"of its kind has finished); {left:.0f} s are left",
+                    f"of its kind has finished); {left:.0f} s are left"
                 )
         if not resumed:  # a fresh start: nothing of an earlier attempt counts
             segments.unlink(missing_ok=True)
@@ -549,7 +549,7 @@ class Study:
         if stored is not None:
             say(
                 f"timing the data-parallel dense runs at the results file's one-GPU dense pace, "
-                f"{stored['seconds_per_step'] * 1000:.1f} ms a step, measured on {stored['gpu']}",
+                f"{stored['seconds_per_step'] * 1000:.1f} ms a step, measured on {stored['gpu']}"
             )
             return True
         run_dir = self.runs_root / "dense_pace"
