@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,18 @@ class Group:
             )
         return curve
 
+    @cached_property
+    def mean_curves(self) -> dict[str, list[dict]]:
+        """Each configuration's ``seed_mean_curve``, built once: the time table, the goals, the
+        ladder and the plot all read them (the runs do not change once grouped)."""
+        return {name: self.seed_mean_curve(name) for name in self.runs}
+
     def mean_time(self, config: str, factor: float, x_key: str = "train_seconds") -> float | None:
         """Training seconds (or steps) at which the seeds' mean curve first reaches factor x the
         dense final validation nRMSE (the mean of the dense runs' last points, which the dense
         mean curve ends at): one seed's noise can leave it short of a mean it is level with,
         the mean curve cannot."""
-        return time_to(self.seed_mean_curve(config), (self.dense_val or 0.0) * factor, x_key)
+        return time_to(self.mean_curves.get(config, []), (self.dense_val or 0.0) * factor, x_key)
 
     def val_at(self, config: str, seconds: float) -> list[float | None]:
         return [values_at(r["curve"], "train_seconds", seconds) for r in self.runs.get(config, [])]
@@ -580,7 +587,7 @@ def ladder(results: dict, rungs: list[Group]) -> list[str]:
             ]  # fmt: skip
             if target is not None:
                 group = next(g for g in rungs if g.steps == steps)
-                reached = time_to(group.seed_mean_curve(name), target)
+                reached = time_to(group.mean_curves[name], target)
                 row.append("not reached" if reached is None else f"{reached:.1f}")
             rows.append(row)
     return [
@@ -710,10 +717,9 @@ def draw(group: Group, title: str, path: Path) -> None:
         "train_seconds": "training seconds (refreshes included; validation and warm-up excluded)",
         "step": "operator steps",
     }
-    curves = {name: group.seed_mean_curve(name) for name in group.runs}  # one for both panels
     for ax, x_key in ((by_seconds, "train_seconds"), (by_steps, "step")):
         for name, runs in group.runs.items():
-            curve = curves[name]
+            curve = group.mean_curves[name]
             if not curve:
                 continue
             x = [p[x_key] for p in curve]
