@@ -572,21 +572,21 @@ def ladder(results: dict, rungs: list[Group]) -> list[str]:
         head.append(f"s to dense {reference.steps}-step val ({target:.4f})")
     rows = []
     for name in CONFIGS:
-        runs_of = [(g.steps, g.runs[name]) for g in rungs if name in g.runs]  # ascending steps
-        for i, (steps, runs) in enumerate(runs_of):
+        before: tuple[int, float] | None = None  # the previous rung's steps and mean final val
+        for group in (g for g in rungs if name in g.runs):  # ascending steps
+            runs = group.runs[name]
             final = statistics.mean(r["curve"][-1]["model_h1"] for r in runs)
             gain = "-"
-            if i:
-                before, earlier = runs_of[i - 1]
-                was = statistics.mean(r["curve"][-1]["model_h1"] for r in earlier)
-                gain = f"{(was - final) / was:.1%} (vs {before})"
+            if before is not None:
+                steps, was = before
+                gain = f"{(was - final) / was:.1%} (vs {steps})"
+            before = group.steps, final
             row = [
-                name, steps, len(runs), fmt([r["train_seconds"] for r in runs], 1),
+                name, group.steps, len(runs), fmt([r["train_seconds"] for r in runs], 1),
                 fmt([r["curve"][-1]["model_h1"] for r in runs]), gain,
                 fmt([r["test"]["model_h1"] for r in runs]),
             ]  # fmt: skip
             if target is not None:
-                group = next(g for g in rungs if g.steps == steps)
                 reached = time_to(group.mean_curves[name], target)
                 row.append("not reached" if reached is None else f"{reached:.1f}")
             rows.append(row)
