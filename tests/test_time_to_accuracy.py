@@ -151,7 +151,8 @@ def test_the_ns2d_ladder_report_is_what_the_docs_quote(tmp_path) -> None:
     """The committed NS 2D budget ladder (dense at 24,000 steps; uniform 0.1 at 24,000, 36,000
     and 48,000, gradient 0.1 at 24,000 and 48,000, with no dense run at 36,000 or 48,000 yet)
     renders the docs' ladder table: seeds, training seconds, final validation, gain over the
-    rung before, test one-step and the seconds to dense's final validation, row by row."""
+    rung before, test one-step and the seconds to dense's final validation, row by row; and
+    the ladder's plot beneath it."""
     results = ROOT / "docs/bench/ns2d_ladder_h200/bench_time_to_accuracy.json"
     report = render_report(results, tmp_path)
     assert report.count("No dense runs yet: no time-to-accuracy numbers.") == 2  # 36k, 48k
@@ -165,6 +166,9 @@ def test_the_ns2d_ladder_report_is_what_the_docs_quote(tmp_path) -> None:
         mine = rungs[(name, steps.replace(",", ""))]
         assert [seeds, seconds, final, test, to_dense] == [mine[i] for i in (0, 1, 2, 4, 5)], name
         assert mine[3] == gain.replace(" %", "%").replace(",", ""), (name, steps)
+    plot = tmp_path / "bench_time_to_accuracy_ns2d_ladder.png"  # every rung on one time axis
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.rstrip().endswith(f"({plot.name})")
 
 
 def table_lines(markdown: str, header_start: str) -> list[list[str]]:
@@ -273,9 +277,10 @@ def test_a_ladder_runs_the_longest_first_and_refuses_other_codecs(study, tmp_pat
         study.check_inputs({"runs": [mine, other]}, args, shared, tmp_path)
 
 
-def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(report) -> None:
+def test_the_ladder_reads_each_rung_and_the_longest_dense_target(report, tmp_path) -> None:
     """The budget ladder's rows: each length's final validation nRMSE, its gain over the next
-    shorter length, and the time to the final validation nRMSE of the longest dense runs."""
+    shorter length, and the time to the final validation nRMSE of the longest dense runs; its
+    plot, linked last."""
 
     def run(config: str, steps: int, points: list[tuple[int, float, float]]) -> dict:
         test = {"model_h1": points[-1][2]}
@@ -288,8 +293,10 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(report) -> 
         run("uniform 0.1", 400, [(200, 4, 0.02), (400, 8, 0.009)]),
     ]
     rungs = report.groups({"runs": runs})
-    lines = report.ladder({"setup": {"ns2d": {"title": "NS 2D"}}}, rungs)
+    lines = report.ladder({"setup": {"ns2d": {"title": "NS 2D"}}}, rungs, tmp_path)
     assert lines[0] == "## NS 2D: the budget ladder"
+    assert lines[-2].endswith("(bench_time_to_accuracy_ns2d_ladder.png)")
+    assert (tmp_path / "bench_time_to_accuracy_ns2d_ladder.png").read_bytes()[:4] == b"\x89PNG"
     rows = [line for line in lines if line.startswith("| uniform") or line.startswith("| dense")]
     assert rows[0].startswith("| dense | 200 | 1 | 20.0 | 0.0100 | - |")  # one seed: no ±
     assert rows[0].endswith("| 20.0 |")  # dense reaches its own final value at its end
@@ -298,11 +305,12 @@ def test_the_ladder_reads_each_doubling_and_the_longest_dense_target(report) -> 
     # 0.012 -> 0.009: 25 % lower; reaches 0.010 between 4 s (0.02) and 8 s (0.009)
     assert "| 0.0090 | 25.0% (vs 200) |" in rows[2]
     assert rows[2].endswith(f"| {4 + 4 * (0.02 - 0.01) / (0.02 - 0.009):.1f} |")
-    assert report.ladder({}, rungs[:1]) == []  # one length: no ladder
+    assert report.ladder({}, rungs[:1], tmp_path) == []  # one length: no ladder
     sparse = report.groups({"runs": runs[1:]})  # no dense runs yet: no time column
-    head, *_ = [line for line in report.ladder({}, sparse) if line.startswith("| configuration")]
+    lines = report.ladder({}, sparse, tmp_path)
+    head, *_ = [line for line in lines if line.startswith("| configuration")]
     assert head.endswith("| gain over the run before | test one-step |")
-    assert "no dense runs yet" in "".join(report.ladder({}, sparse))
+    assert "no dense runs yet" in "".join(lines)
 
 
 def test_goal_b_needs_a_seed_spread_to_call_a_gap_met(report) -> None:

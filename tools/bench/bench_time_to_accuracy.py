@@ -13,9 +13,10 @@ steps; the study reads each run's validation nRMSE against its training wall-clo
   target, and the times to reach it are lower bounds.
 
 ``--steps A B ...`` (a budget ladder) trains every configuration at each length; the report then
-adds, per PDE, what each doubling of the steps gains and how soon each run reaches the longest
-dense runs' final validation nRMSE: convergence across budgets, which the last-20 % rule cannot
-show under a schedule that anneals over any run's last 20 %.
+adds, per PDE, what each longer run gains and how soon each run reaches the longest dense
+runs' final validation nRMSE, in a table and a plot of every rung on one time axis: convergence
+across budgets, which the last-20 % rule cannot show under a schedule that anneals over any
+run's last 20 %.
 
 Setup, in ``--work`` and reused by a rerun: the data (``--pde``: NS 2D 128x128 or Burgers 1D at
 PDEBench's 1024 points, generated; or ``--data FILE``, a PDEBench HDF5 file of your own, whose
@@ -1132,7 +1133,7 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=[6000],
         help="operator steps of every run; several (a budget ladder) train each configuration at "
-        "each, and the report reads how much each doubling of the steps gains",
+        "each, and the report reads how much each longer run gains",
     )
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-trajectories", type=int, default=32, help="validation trajectories")

@@ -229,7 +229,7 @@ def render(results: dict, out: Path) -> str:
         lines += render_group(group, results, out)
     finished = dict.fromkeys(g.pde for g in every)  # the PDEs with finished runs, in order
     for pde in finished:
-        lines += ladder(results, [g for g in every if g.pde == pde])
+        lines += ladder(results, [g for g in every if g.pde == pde], out)
     for pde in results.get("setup", {}):
         if pde not in finished:
             lines += no_runs_yet(results, pde)
@@ -556,11 +556,11 @@ def accuracy_table(group: Group) -> list[str]:
     return ["### Final accuracy (test split)", "", *markdown_table(head, rows), ""]
 
 
-def ladder(results: dict, rungs: list[Group]) -> list[str]:
-    """One PDE's runs at several step counts (``--steps A B ...``): what each doubling of the
-    steps gains (convergence across budgets, which a cosine schedule's last 20 % alone cannot
-    show: its learning rate anneals there at any length), and how soon each run reaches the
-    final validation nRMSE of the longest dense runs."""
+def ladder(results: dict, rungs: list[Group], out: Path) -> list[str]:
+    """One PDE's runs at several step counts (``--steps A B ...``): what each longer run gains
+    (convergence across budgets, which a cosine schedule's last 20 % alone cannot show: its
+    learning rate anneals there at any length), and how soon each run reaches the final
+    validation nRMSE of the longest dense runs; plotted on one time axis."""
     if len(rungs) < 2:
         return []
     title = results.get("setup", {}).get(rungs[0].pde, {}).get("title", rungs[0].pde)
@@ -604,6 +604,7 @@ def ladder(results: dict, rungs: list[Group]) -> list[str]:
         "",
         *markdown_table(head, rows),
         "",
+        *draw_ladder(rungs, reference, title, out),
     ]
 
 
@@ -699,6 +700,61 @@ def time_table(group: Group) -> list[str]:
         *markdown_table(head, rows),
         "",
     ]
+
+
+def draw_ladder(rungs: list[Group], reference: Group | None, title: str, out: Path) -> list[str]:
+    """Every rung's mean validation curve on one training-seconds axis (a configuration's
+    colour, its longer rungs bolder, each end marked), with the reference dense runs' final
+    validation nRMSE dashed: where a longer sparse budget crosses it, and how soon."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    lengths = sorted({g.steps for g in rungs})
+    for name in CONFIGS:
+        for group in (g for g in rungs if name in g.runs):
+            curve = group.mean_curves[name]
+            if not curve:
+                continue
+            bold = (lengths.index(group.steps) + 1) / len(lengths)  # (0, 1]: the longest 1
+            x = [p["train_seconds"] for p in curve]
+            y = [p["model_h1"] for p in curve]
+            label = f"{name}, {group.steps} steps ({len(group.runs[name])})"
+            line = ax.plot(
+                x,
+                y,
+                color=CONFIGS[name].colour,
+                linestyle=CONFIGS[name].style,
+                linewidth=0.6 + 1.4 * bold,
+                alpha=0.35 + 0.65 * bold,
+                label=label,
+            )
+            ax.plot(
+                x[-1:], y[-1:], marker="o", color=line[0].get_color(), alpha=line[0].get_alpha()
+            )
+    if reference is not None and reference.dense_val is not None:
+        ax.axhline(
+            reference.dense_val,
+            color="black",
+            linewidth=0.7,
+            linestyle=(0, (4, 4)),
+            label=f"dense {reference.steps}-step final val",
+        )
+    ax.set(
+        yscale="log",
+        xscale="log",
+        ylabel="validation one-step nRMSE (mean over seeds)",
+        xlabel="training seconds (refreshes included; validation and warm-up excluded)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{title}, operator stage: the budget ladder")
+    fig.tight_layout()
+    path = out / f"bench_time_to_accuracy_{rungs[0].pde}_ladder.png"
+    fig.savefig(path, dpi=120)
+    return [f"![every rung's validation nRMSE against training seconds]({path.name})", ""]
 
 
 def draw(group: Group, title: str, path: Path) -> None:
