@@ -16,6 +16,9 @@ from time_to_accuracy_configs import CONFIGS, SHARD_SETS, dense_tail_epochs
 
 CONVERGED_TAIL = 0.2  # convergence: over the last 20 % of a run's steps ...
 CONVERGED_GAIN = 0.01  # ... its validation nRMSE improved by less than 1 %
+# the plots' shared pieces: the seconds axis and the dense target's dashed line
+SECONDS_LABEL = "training seconds (refreshes included; validation and warm-up excluded)"
+TARGET_LINE = {"color": "black", "linewidth": 0.7, "linestyle": (0, (4, 4))}
 
 
 def values_at(curve: list[dict], x_key: str, x: float, key: str = "model_h1") -> float | None:
@@ -722,31 +725,26 @@ def draw_ladder(rungs: list[Group], reference: Group | None, title: str, out: Pa
             x = [p["train_seconds"] for p in curve]
             y = [p["model_h1"] for p in curve]
             label = f"{name}, {group.steps} steps ({len(group.runs[name])})"
-            line = ax.plot(
+            ax.plot(
                 x,
                 y,
                 color=CONFIGS[name].colour,
                 linestyle=CONFIGS[name].style,
                 linewidth=0.6 + 1.4 * bold,
                 alpha=0.35 + 0.65 * bold,
+                marker="o",
+                markevery=[len(x) - 1],  # the run's end
                 label=label,
-            )
-            ax.plot(
-                x[-1:], y[-1:], marker="o", color=line[0].get_color(), alpha=line[0].get_alpha()
             )
     if reference is not None and reference.dense_val is not None:
         ax.axhline(
-            reference.dense_val,
-            color="black",
-            linewidth=0.7,
-            linestyle=(0, (4, 4)),
-            label=f"dense {reference.steps}-step final val",
+            reference.dense_val, **TARGET_LINE, label=f"dense {reference.steps}-step final val"
         )
     ax.set(
         yscale="log",
         xscale="log",
         ylabel="validation one-step nRMSE (mean over seeds)",
-        xlabel="training seconds (refreshes included; validation and warm-up excluded)",
+        xlabel=SECONDS_LABEL,
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -770,7 +768,7 @@ def draw(group: Group, title: str, path: Path) -> None:
     FigureCanvasAgg(fig)
     by_seconds, by_steps = fig.subplots(1, 2, sharey=True)
     xlabels = {
-        "train_seconds": "training seconds (refreshes included; validation and warm-up excluded)",
+        "train_seconds": SECONDS_LABEL,
         "step": "operator steps",
     }
     for ax, x_key in ((by_seconds, "train_seconds"), (by_steps, "step")):
@@ -800,9 +798,7 @@ def draw(group: Group, title: str, path: Path) -> None:
             for factor in (1.0, 1.05):
                 ax.axhline(
                     group.dense_val * factor,
-                    color="black",
-                    linewidth=0.7,
-                    linestyle=(0, (4, 4)),
+                    **TARGET_LINE,
                     label="dense final val, 1.05x" if factor == 1.0 else None,
                 )
         ax.set(yscale="log", xlabel=xlabels[x_key])
